@@ -25,7 +25,7 @@ if [ "$before" != "$after" ]; then
 fi
 
 step "notebook lessons (nbdev-test; slow, cuda and data cells skipped)"
-nbdev-test --n_workers 2 --timing
+nbdev-test --n-workers 2 --timing
 
 step "pytest"
 python -m pytest -n 2 -q -p no:cacheprovider tests
