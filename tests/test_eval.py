@@ -1,0 +1,179 @@
+"Tests of fsmis.eval: 3D Dice, aggregation, Wilcoxon, EP1/EP2 plans, Setting 2, volume inference, the runner."
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fsmis.core import Case
+from fsmis.eval.metrics import dice, dice_counts, dice_from_counts, summarize, paired_wilcoxon, to_markdown
+from fsmis.eval.protocols import (ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks,
+                                  labelled_slices, setting2_keep, setting_keep, IntensityPrototype, evaluate,
+                                  evaluate_case, segment_volume, threshold_override, learned_threshold)
+
+
+# ---------------------------------------------------------------- metrics
+def test_dice_hand_made():
+    t = np.zeros((2, 3, 3), bool); p = np.zeros_like(t)
+    t[0, :2, :2] = True                    # 4 voxels
+    p[0, :2, :1] = True; p[1, 2, 2] = True  # 2 hits, 1 false positive, 2 misses
+    assert dice_counts(p, t) == (2, 1, 2)
+    assert dice(p, t) == pytest.approx(4 / 7)
+    assert dice(t, t) == 1.0 and dice(~t, t) == 0.0
+    assert np.isnan(dice(np.zeros_like(t), np.zeros_like(t)))
+    assert dice_from_counts(0, 3, 0) == 0.0
+
+
+def test_dice_is_3d_not_mean_of_slices():
+    t = np.zeros((2, 10, 10), bool); p = t.copy()
+    t[0] = True; p[0] = True               # big slice perfect
+    t[1, 0, 0] = True                      # tiny slice missed
+    assert dice(p, t) == pytest.approx(200 / 201)
+    assert np.mean([dice(p[i], t[i]) for i in range(2)]) == pytest.approx(0.5)
+
+
+def test_dice_shape_mismatch():
+    with pytest.raises(ValueError, match='shape'): dice(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_summarize_matches_paper_mean_std():
+    # ADNet Table 2, CHAOS EP2: L kid 62.33, R kid 86.46, spleen 63.73, liver 77.12 -> 72.41 +- 9.96
+    vals = {'L kid.': 0.6233, 'R kid.': 0.8646, 'Spleen': 0.6373, 'Liver': 0.7712}
+    df = pd.DataFrame([{'method': 'm', 'fold': 0, 'run': 0, 'case': 'q', 'class': c, 'dice': v} for c, v in vals.items()])
+    s = summarize(df)
+    assert s.loc['m', 'Mean'] == pytest.approx(72.41, abs=0.01)
+    assert s.loc['m', 'Mean std'] == pytest.approx(9.96, abs=0.01)
+    assert '72.41 ± 9.96' in to_markdown(s)
+
+
+def test_summarize_std_over_runs():
+    # class mean per (fold, run) averages the volumes; std is over the fold-run means
+    rows = [dict(method='m', fold=f, run=r, case=q, **{'class': 'a'}, dice=d)
+            for f, r, q, d in [(0, 0, 'x', .5), (0, 0, 'y', .7), (0, 1, 'x', .8), (0, 1, 'y', .8)]]
+    s = summarize(pd.DataFrame(rows))
+    assert s.loc['m', 'a'] == pytest.approx(70.0)
+    assert s.loc['m', 'a std'] == pytest.approx(10.0)
+
+
+def test_wilcoxon_one_sided():
+    rng = np.random.default_rng(1)
+    keys = pd.DataFrame([dict(fold=0, run=0, case=str(i), **{'class': 'c'}) for i in range(20)])
+    b = keys.assign(dice=rng.uniform(.3, .7, 20))
+    a = keys.assign(dice=b.dice + rng.uniform(.01, .05, 20))
+    assert paired_wilcoxon(a, b)['pvalue'] < 0.001
+    assert paired_wilcoxon(b, a)['pvalue'] > 0.99
+    with pytest.raises(ValueError, match='paired'): paired_wilcoxon(a.iloc[:1], b.iloc[:1])
+
+
+# ---------------------------------------------------------------- protocol index logic
+def _vol(z, lo, hi, cls=1):
+    v = np.zeros((z, 3, 3), np.int64); v[lo:hi, 1, 1] = cls; return v
+
+
+@pytest.mark.parametrize('n', range(1, 14))
+def test_ep1_indices_odd_and_even(n):
+    sup, qry = _vol(30, 4, 4 + n), _vol(25, 2, 2 + n)
+    s = support_slice_indices(sup, 1)
+    assert s == [4 + min(n - 1, int(f * n)) for f in (1 / 6, 1 / 2, 5 / 6)]
+    assert s == sorted(s) and all(4 <= i < 4 + n for i in s)
+    ch = query_chunks(qry, 1)
+    assert np.concatenate(ch).tolist() == list(range(2, 2 + n))          # every labelled slice once, in order
+    sizes = [len(c) for c in ch]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    tasks = ep1_tasks(sup, qry, 1)
+    assert [t.sup_slices[0] for t in tasks] == [s[t.chunk] for t in tasks]   # chunk i uses support slice i
+    assert all(len(t.sup_slices) == 1 for t in tasks)
+
+
+def test_ep1_examples():
+    # 6 labelled slices 10..15: support at 11, 13, 15; query of 6: chunks (0,1) (2,3) (4,5)
+    assert support_slice_indices(_vol(20, 10, 16), 1) == [11, 13, 15]
+    assert [c.tolist() for c in query_chunks(_vol(6, 0, 6), 1)] == [[0, 1], [2, 3], [4, 5]]
+    # 7 labelled: 1/6*7=1, 3.5->3, 5.83->5; chunks 3,2,2
+    assert support_slice_indices(_vol(7, 0, 7), 1) == [1, 3, 5]
+    assert [len(c) for c in query_chunks(_vol(7, 0, 7), 1)] == [3, 2, 2]
+
+
+def test_ep1_only_slices_with_class():
+    qry = np.zeros((10, 3, 3), np.int64); qry[[1, 2, 5, 6, 8], 0, 0] = 2
+    assert labelled_slices(qry, 2).tolist() == [1, 2, 5, 6, 8]
+    tasks = ep1_tasks(_vol(10, 0, 9, 2), qry, 2)
+    assert sorted(np.concatenate([t.qry_slices for t in tasks]).tolist()) == [1, 2, 5, 6, 8]
+
+
+@pytest.mark.parametrize('n', [1, 2, 5, 6])
+def test_ep2_exactly_one_support_slice(n):
+    sup, qry = _vol(20, 3, 3 + n), _vol(17, 4, 9)
+    tasks = ep2_tasks(sup, qry, 1)
+    assert len(tasks) == 1 and len(tasks[0].sup_slices) == 1
+    assert tasks[0].sup_slices[0] == 3 + n // 2
+    assert tasks[0].qry_slices.tolist() == list(range(17))                # the whole query volume
+
+
+def test_protocol_errors():
+    with pytest.raises(ValueError, match='protocol'): protocol_tasks('EP3', _vol(4, 0, 2), _vol(4, 0, 2), 1)
+    with pytest.raises(ValueError, match='no slice with class 3'): ep2_tasks(_vol(4, 0, 2), _vol(4, 0, 2), 3)
+
+
+def test_setting2_excludes_any_test_class():
+    lab = np.zeros((6, 2, 2), np.int64)
+    lab[0, 0, 0] = 1; lab[1, 0, 0] = 4; lab[2, 0, 0] = 1; lab[2, 0, 1] = 4; lab[3, 0, 0] = 2  # slice 4, 5 empty
+    keep = setting2_keep(lab, [1, 4])
+    assert keep.tolist() == [False, False, False, True, True, True]
+    assert setting_keep(lab, [1, 4], 1).all()
+    with pytest.raises(ValueError, match='setting'): setting_keep(lab, [1], 3)
+    with pytest.raises(ValueError, match='empty'): setting2_keep(lab, [])
+
+
+# ---------------------------------------------------------------- volume inference
+def _toy(seed, z=9, n=24):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((z, n, n), np.int64)
+    lab[1:8, 4:10, 4:10] = 1; lab[3:9, 14:20, 14:18] = 2
+    img = np.where(lab == 1, 2., np.where(lab == 2, -2., 0.)).astype(np.float32) + rng.normal(0, .2, lab.shape).astype(np.float32)
+    return Case(img, lab, case_id=str(seed), classes={1: 'a', 2: 'b'})
+
+
+class CountingModel(IntensityPrototype):
+    "Intensity baseline that counts slices encoded."
+    def __init__(self):
+        super().__init__(); self.n_encoded = 0; self.threshold = torch.nn.Parameter(torch.tensor(-10.))
+    def encode(self, imgs):
+        self.n_encoded += len(imgs); return super().encode(imgs)
+
+
+def test_query_encoded_once_for_all_classes():
+    m = CountingModel(); sup, qry = _toy(0), _toy(1)
+    rows = evaluate_case(m, sup, qry, protocol='EP2')
+    # 9 query slices + one support slice per class (EP2), not 2 x 9
+    assert m.n_encoded == 9 + 2
+    assert {r['class'] for r in rows} == {'a', 'b'} and all(r['dice'] > .95 for r in rows)
+    assert all(r['n_slices'] == 9 for r in rows)
+
+
+def test_ep1_scores_only_labelled_slices():
+    rows = evaluate_case(IntensityPrototype(), _toy(0), _toy(1), protocol='EP1')
+    assert {r['class']: r['n_slices'] for r in rows} == {'a': 7, 'b': 6}
+
+
+def test_segment_volume_label_geometry():
+    sup, qry = _toy(0), _toy(2)
+    lv = segment_volume(IntensityPrototype(), qry.image, sup.image[4], sup.label[4])
+    assert lv.shape == qry.image.shape and set(np.unique(lv)) <= {0, 1, 2}
+    assert dice(lv == 1, qry.label == 1) > .95 and dice(lv == 2, qry.label == 2) > .95
+    with pytest.raises(ValueError, match='must match'): segment_volume(IntensityPrototype(), qry.image, sup.image[4][:5], sup.label[4][:5])
+
+
+def test_threshold_override_restores():
+    m = CountingModel()
+    with threshold_override(m, -17.):
+        assert learned_threshold(m) == -17.
+    assert learned_threshold(m) == -10.
+    with pytest.raises(ValueError, match='threshold'):
+        with threshold_override(IntensityPrototype(), -1.): pass
+
+
+def test_evaluate_dataframe_and_sweep():
+    cases = {str(i): _toy(i) for i in range(3)}
+    df = evaluate(CountingModel(), cases, '0', ['1', '2'], protocol='EP2', thresholds=[-15., -10.])
+    assert len(df) == 2 * 2 * 2 and set(df.threshold) == {-15., -10.}
+    with pytest.raises(ValueError, match='also in query_ids'): evaluate(IntensityPrototype(), cases, '0', ['0'])
