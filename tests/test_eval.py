@@ -177,3 +177,16 @@ def test_evaluate_dataframe_and_sweep():
     df = evaluate(CountingModel(), cases, '0', ['1', '2'], protocol='EP2', thresholds=[-15., -10.])
     assert len(df) == 2 * 2 * 2 and set(df.threshold) == {-15., -10.}
     with pytest.raises(ValueError, match='also in query_ids'): evaluate(IntensityPrototype(), cases, '0', ['0'])
+
+
+def test_line_search_with_fsmis_adnet():
+    adnet = pytest.importorskip('fsmis.models.adnet')
+    torch.manual_seed(0)
+    m = adnet.ADNet('small')
+    cases = {str(i): _toy(i, n=32) for i in range(2)}
+    t0 = learned_threshold(m)
+    df = evaluate(m, cases, '0', ['1'], protocol='EP2', thresholds=[-18., -12.])
+    assert learned_threshold(m) == t0 and sorted(set(df.threshold)) == [-18., -12.]
+    # a lower threshold can only shrink the foreground: p_fg = 1 - sigmoid(k (S - T)) falls as T falls
+    fg = df.assign(npred=df.tp + df.fp).groupby('threshold').npred.sum()
+    assert fg[-18.] <= fg[-12.]
