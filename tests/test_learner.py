@@ -1,0 +1,119 @@
+"Tests of fsmis.learner: iteration training, loss decrease, schedule, checkpoints, exact resume, safe loading (CPU)."
+import pickle, argparse
+import pytest, torch, pandas as pd
+from fsmis.learner import (toy_dls, adnet_learner, alpnet_learner, panet_learner, fit_iters, save_checkpoint,
+                           load_checkpoint, read_checkpoint, list_checkpoints, load_model, IterTrainer)
+from fsmis.models.adnet import ADNet
+
+torch.set_num_threads(1)
+
+
+def make(fac=adnet_learner, size=64, seed=0, path=None, **kw):
+    torch.manual_seed(seed)
+    return fac(toy_dls(1000, size), 'small', path=path, **kw)
+
+
+def test_loss_falls_over_100_iterations(tmp_path):
+    learn = make(path=tmp_path)
+    fit_iters(learn, 100, show_progress=False)
+    log = pd.DataFrame(learn.iter_log)
+    assert learn.iteration == 100 and len(log) == 100 and list(log.iter) == list(range(1, 101))
+    first, last = log.loss[:20].mean(), log.loss[-20:].mean()
+    print(f"ADNet small 64px loss {first:.3f} -> {last:.3f}, dice {log.dice[:20].mean():.3f} -> {log.dice[-20:].mean():.3f}")
+    assert last < first - 0.1
+    assert {'seg', 'thresh', 'par', 'T', 'dice'} <= set(log.columns)
+    assert log['T'].iloc[-1] != -10.0  # T is learned
+
+
+@pytest.mark.parametrize('fac', [alpnet_learner, panet_learner])
+def test_baselines_train(fac, tmp_path):
+    learn = make(fac, size=48, path=tmp_path)
+    fit_iters(learn, 60, show_progress=False)
+    log = pd.DataFrame(learn.iter_log)
+    assert log.loss[-15:].mean() < log.loss[:15].mean()
+
+
+def test_resume_is_exact(tmp_path):
+    "Interrupted at 50 and resumed == uninterrupted at 100 (weights and optimizer state, CPU, fixed seed)."
+    a = make(size=32, path=tmp_path/'a'); fit_iters(a, 50, ckpt_every=25, keep=None, show_progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path/'a'/'checkpoints')] == ['iter_0000025.pth', 'iter_0000050.pth']
+    b = make(size=32, seed=123, path=tmp_path/'a')  # a fresh process would build everything anew
+    fit_iters(b, 100, resume='last', show_progress=False)
+    c = make(size=32, path=tmp_path/'c'); fit_iters(c, 100, show_progress=False)
+    assert b.iteration == c.iteration == 100
+    for (k, p), q in zip(b.model.state_dict().items(), c.model.state_dict().values()): assert torch.equal(p, q), k
+    sb, sc = b.opt.state_dict()['state'], c.opt.state_dict()['state']
+    assert all(torch.equal(sb[i]['momentum_buffer'], sc[i]['momentum_buffer']) for i in sc)
+    # and the logged losses of iterations 51..100 agree
+    assert [r['loss'] for r in b.iter_log] == [r['loss'] for r in c.iter_log[50:]]
+
+
+def test_fit_iters_continues(tmp_path):
+    a = make(size=32, path=tmp_path); fit_iters(a, 10, show_progress=False); fit_iters(a, 15, show_progress=False)
+    assert a.iteration == 15 and len(a.iter_log) == 15
+    fit_iters(a, 15, show_progress=False); assert a.iteration == 15
+
+
+def test_step_decay_schedule(tmp_path):
+    for decay in (0.98, 0.95):
+        learn = make(size=32, path=tmp_path, decay=decay, decay_every=4)
+        fit_iters(learn, 9, show_progress=False)
+        assert learn.opt.hypers[0]['lr'] == pytest.approx(1e-3 * decay ** 2)  # lr of iteration 9 (index 8)
+    cb = IterTrainer(50000, lr=1e-3, decay=0.98, decay_every=1000)
+    assert cb.lr_at(999) == 1e-3 and cb.lr_at(49999) == pytest.approx(1e-3 * 0.98 ** 49)
+    assert make(size=32).fsmis_schedule == {'lr': 1e-3, 'decay': 0.98, 'decay_every': 1000}  # paper default
+
+
+def test_optimizer_is_papers_sgd():
+    learn = make(size=32); learn.create_opt()
+    g = learn.opt.opt.param_groups[0]
+    assert isinstance(learn.opt.opt, torch.optim.SGD)
+    assert (g['lr'], g['momentum'], g['weight_decay']) == (1e-3, 0.9, 5e-4)
+
+
+def test_checkpoint_contents_weights_only(tmp_path):
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 3, show_progress=False)
+    p = save_checkpoint(learn, tmp_path/'ck.pth')
+    ck = torch.load(p, weights_only=True)
+    assert ck['iteration'] == 3 and ck['model_kind'] == 'adnet' and set(ck['rng']) >= {'python', 'numpy', 'torch'}
+    assert ck['schedule'] == {} or ck['schedule']['lr'] == 1e-3
+    m = load_model(p, device='cpu')
+    assert isinstance(m, ADNet) and not m.training and m.threshold == learn.model.threshold
+
+
+class Evil:
+    "An arbitrary picklable object."
+    def __reduce__(self): return (print, ('this would run code',))
+
+
+def test_pickled_objects_refused(tmp_path):
+    learn = make(size=32, path=tmp_path)
+    p = save_checkpoint(learn, tmp_path/'ok.pth')
+    ck = torch.load(p, weights_only=True); ck['extra'] = argparse.Namespace(a=1)
+    torch.save(ck, tmp_path/'bad.pth')
+    with pytest.raises(ValueError, match='weights_only=False'): read_checkpoint(tmp_path/'bad.pth')
+    with pytest.raises(ValueError, match='weights_only=False'): load_checkpoint(learn, tmp_path/'bad.pth')
+    with pytest.raises(ValueError, match='weights_only=False'): load_model(tmp_path/'bad.pth')
+    torch.save({'model': Evil()}, tmp_path/'evil.pth')
+    with pytest.raises(ValueError): read_checkpoint(tmp_path/'evil.pth')
+    # explicit opt-in for a trusted file
+    assert read_checkpoint(tmp_path/'bad.pth', weights_only=False)['extra'].a == 1
+    with pytest.raises(FileNotFoundError): read_checkpoint(tmp_path/'missing.pth')
+
+
+def test_ablation_learner_switches():
+    learn = make(size=32, par=False, thresh=False)
+    assert learn.model.par is False and learn.loss_func.par is False and learn.loss_func.thresh is False
+    fit_iters(learn, 3, show_progress=False)
+    assert set(learn.iter_log[-1]) >= {'seg'} and 'par' not in learn.iter_log[-1]
+
+
+def test_amp_needs_cuda():
+    with pytest.raises(ValueError, match='CUDA'): make(size=32, amp=True)
+    learn = make(size=32)
+    assert not any(type(c).__name__ == 'MixedPrecision' for c in learn.cbs)
+
+
+def test_progress_bar_runs(tmp_path, capsys):
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 5, show_progress=True)
+    assert learn.iteration == 5
