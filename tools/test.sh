@@ -27,6 +27,17 @@ fi
 step "notebook lessons (nbdev-test; slow, cuda and data cells skipped)"
 nbdev-test --n-workers 2 --timing
 
+step "docs site (tools/build_docs.py -> _site/, checked by tests/test_docs.py in headless chromium)"
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium (apt-get) for the docs screenshots"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "warning: could not install chromium: the browser checks in tests/test_docs.py skip (and fail when CI is set)"
+fi
+python tools/build_docs.py
+export FSMIS_DOCS_SITE="$PWD/_site"
+
 step "pytest"
 python -m pytest -n 2 -q -p no:cacheprovider tests
 
