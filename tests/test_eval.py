@@ -190,3 +190,77 @@ def test_line_search_with_fsmis_adnet():
     # a lower threshold can only shrink the foreground: p_fg = 1 - sigmoid(k (S - T)) falls as T falls
     fg = df.assign(npred=df.tp + df.fp).groupby('threshold').npred.sum()
     assert fg[-18.] <= fg[-12.]
+
+
+# ---------------------------------------------------------------- experiment runner
+from fsmis.eval import experiments as X
+
+
+class _ToyDS:
+    "Six tiny synthetic cases with the Dataset interface."
+    classes = {1: 'a', 2: 'b'}
+    case_ids = [str(i) for i in range(1, 7)]
+    def load(self, cid, normalize=True): return _toy(int(cid))
+
+
+def test_config_roundtrip_and_validation(tmp_path):
+    cfg = X.cpu_budget_config('ms_cmrseg_bssfp', minutes=5)
+    assert X.ExperimentConfig.load(cfg.save(tmp_path / 'c.yaml')) == cfg
+    assert X.ExperimentConfig.load(cfg.save(tmp_path / 'c.json')) == cfg
+    assert cfg.time_budget_min == 5 and cfg.checkpoint == 'final'
+    with pytest.raises(ValueError, match='setting'): X.ExperimentConfig(setting=3)
+    with pytest.raises(ValueError, match='checkpoint'): X.ExperimentConfig(checkpoint='best_test')
+    (tmp_path / 'bad.json').write_text('{"nope": 1}')
+    with pytest.raises(ValueError, match='unknown config keys'): X.ExperimentConfig.load(tmp_path / 'bad.json')
+
+
+def test_runner_same_seed_same_numbers(tmp_path):
+    cfg = X.ExperimentConfig(name='t', dataset='toy', method='intensity', folds=[0, 1], n_folds=2, runs=2, baselines=[])
+    a = X.run_experiment(cfg, tmp_path / 'a', dataset=_ToyDS(), progress=False)
+    b = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
+    pd.testing.assert_frame_equal(a.results, b.results)
+    assert {'config.yaml', 'results.csv', 'runs.csv', 'tables.md', 'dice.png'} <= {p.name for p in (tmp_path / 'a').iterdir()}
+    assert X.ExperimentConfig.load(tmp_path / 'a' / 'config.yaml') == cfg
+    csv = pd.read_csv(tmp_path / 'a' / 'results.csv')
+    assert {'method', 'protocol', 'fold', 'run', 'case', 'class', 'tp', 'fp', 'fn', 'dice'} <= set(csv.columns)
+    assert len(csv) == 2 * 2 * 2 * 3 * 2  # folds x runs x protocols x queries (fold of 4 cases: 1 support + 3) x classes
+    assert '| Method |' in (tmp_path / 'a' / 'tables.md').read_text()
+
+
+def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
+    seen = []
+    def fake_train(cfg, ds, train_ids, seed, test_classes=None, store=None):
+        seen.append((list(train_ids), seed))
+        m = IntensityPrototype(); return m, dict(train_s=0., steps=0, checkpoint=cfg.checkpoint)
+    monkeypatch.setattr(X, 'train_model', fake_train)
+    cfg = X.ExperimentConfig(name='t', dataset='toy', method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=['intensity'])
+    res = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
+    from fsmis.data.io import fold_split
+    for (train_ids, seed), fold in zip(seen, [0, 1]):
+        sp = fold_split(_ToyDS.case_ids, fold, 2)
+        assert not set(train_ids) & {sp.support_id, *sp.query_ids}
+        assert set(res.results[res.results.fold == fold].case) == set(sp.query_ids)
+    assert (res.runs.checkpoint == 'final').all()
+
+
+def test_validation_split_only_from_training_cases():
+    train = ['3', '4', '5', '6', '7', '8']
+    fit, val = X.validation_split(train, 2, seed=1)
+    assert len(val) == 2 and set(val) <= set(train) and not set(fit) & set(val) and set(fit) | set(val) == set(train)
+    assert X.validation_split(train, 0) == (train, [])
+    with pytest.raises(ValueError, match='n_val'): X.validation_split(train, 6)
+
+
+def test_trained_adnet_run_is_reproducible(tmp_path):
+    pytest.importorskip('fsmis.learner'); pytest.importorskip('fsmis.data.episodes')
+    from fsmis.data.io import open_dataset
+    torch.set_num_threads(1)
+    ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
+    cfg = X.ExperimentConfig(name='p', dataset='phantom', method='adnet', encoder='small', folds=[0], n_folds=2, runs=1,
+                             n_steps=8, rho=100, protocols=['EP2'], baselines=['untrained'], thresholds=[-12., -8.])
+    a = X.run_experiment(cfg, tmp_path, dataset=ds, progress=False)
+    b = X.run_experiment(cfg, None, dataset=ds, progress=False)
+    pd.testing.assert_frame_equal(a.results, b.results)
+    assert int(a.runs.steps.iloc[0]) == 8 and (tmp_path / 'model_fold0_run0.pth').is_file()
+    assert set(a.results.method) == {'adnet', 'untrained'} and a.results.threshold_sweep.any()
+    assert (tmp_path / 'threshold_sweep.png').is_file()
