@@ -121,7 +121,8 @@ def mini_nbs(tmp_path):
     nbs = tmp_path/'nbs'
     _nb(nbs/'index.ipynb', '# Mini\n> a small site', 'See [the second page](02_b.ipynb) and [a tutorial](tutorials/t.ipynb).')
     _nb(nbs/'02_b.ipynb', '# Bee\n> second', '## Part', 'code:#| hide\nsecret = 1', 'code:x = 1\nx',
-        'code:#| echo: false\nprint("only output")\n->only output\n', 'Math stays $a_i + b_i$ and `code_x`.')
+        'code:#| echo: false\nprint("only output")\n->only output\n', 'Math stays $a_i + b_i$ and `code_x`.',
+        '::: {.callout-note}\nA *quarto* callout.\n:::')
     _nb(nbs/'01_a.ipynb', '# Ay')
     _nb(nbs/'tutorials'/'t.ipynb', '# Tut', 'Back [home](../index.ipynb).')
     _nb(nbs/'_private.ipynb', '# hidden from the site')
@@ -142,6 +143,7 @@ def test_sidebar_rules(mini_nbs, tmp_path):
     b = BeautifulSoup((site/'b.html').read_text(), 'html.parser').select_one('main').get_text()
     assert 'secret' not in b and 'x = 1' in b and 'only output' in b and 'print(' not in b
     assert '$a_i + b_i$' in b, 'math kept verbatim'
+    assert ':::' not in b and '<div class="callout-note">' in (site/'b.html').read_text(), 'quarto callouts become divs'
     t = (site/'tutorials'/'t.html').read_text()
     assert 'href="../index.html"' in t and 'href="../site.css"' in t
 

@@ -19,7 +19,7 @@ Usage: python tools/build_docs.py [--out _site] [--nbs nbs] [-q]. Exits 1 with a
 one cannot be rendered (unreadable notebook, exported name missing from its module, module that fails to import).
 """
 from __future__ import annotations
-import argparse, ast, base64, html, importlib, inspect, json, os, re, shutil, sys, tempfile, time
+import argparse, ast, base64, html, importlib, inspect, json, os, re, shutil, sys, tempfile, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +219,16 @@ def make_md() -> MarkdownIt:
     md.add_render_rule('math_inline', _render_math)
     return md
 
+def _fenced_divs(text: str) -> str:
+    "Quarto fenced divs (`::: {.callout-note}` ... `:::`) -> HTML divs around the markdown they hold."
+    if ':::' not in text: return text
+    def open_div(m):
+        classes = ' '.join(c.lstrip('.') for c in m.group(1).split() if c.startswith('.'))
+        return f'\n<div class="{html.escape(classes)}">\n\n'
+    text = re.sub(r'^:::+[ \t]*\{([^}]*)\}[ \t]*$', open_div, text, flags=re.M)
+    text = re.sub(r'^:::+[ \t]*(\w[\w-]*)[ \t]*$', lambda m: f'\n<div class="{m.group(1)}">\n\n', text, flags=re.M)
+    return re.sub(r'^:::+[ \t]*$', '\n</div>\n', text, flags=re.M)
+
 def slugify(text: str) -> str:
     s = re.sub(r'<[^>]+>', '', text).strip().lower()
     s = re.sub(r'[^\w\s.-]', '', s)
@@ -247,7 +257,10 @@ class Ctx:
         "Namespace of the exported module `mod` (imported once), the source of the API entries of notebook `nb`."
         name = _modname(mod)
         if name not in self.mods:
-            try: self.mods[name] = vars(importlib.import_module(name))
+            try:
+                with warnings.catch_warnings():   # deprecation chatter of third-party imports is not the docs' business
+                    warnings.simplefilter('ignore')
+                    self.mods[name] = vars(importlib.import_module(name))
             except Exception as e:
                 raise BuildError(f'{self.nbs/nb}: cannot import {name} (needed for its API reference): {type(e).__name__}: {e}') from e
         return self.mods[name]
@@ -287,6 +300,7 @@ class PageRenderer:
     # -- markdown
     def markdown(self, text: str, attachments=None, toc=True, linkify=True) -> str:
         md, env = self.ctx.md, {}
+        text = _fenced_divs(text)
         tokens = md.parse(text, env)
         for i, t in enumerate(tokens):
             if t.type == 'heading_open':
@@ -574,6 +588,10 @@ nav.pager { display:flex; justify-content:space-between; gap:1rem; margin-top:3r
 nav.pager a { display:block; border:1px solid var(--border); border-radius:6px; padding:.5rem .9rem; max-width:48%; }
 nav.pager .lbl { display:block; font-size:.75rem; color:var(--muted); }
 footer { color:var(--muted); font-size:.8rem; padding:1rem 2rem; border-top:1px solid var(--border); }
+.callout-note, .callout-tip, .callout-warning, .callout-important, .callout-caution { border-left:4px solid var(--accent);
+  background:#f3f7fc; padding:.2rem 1rem; margin:1rem 0; border-radius:4px; }
+.callout-warning, .callout-caution { border-left-color:#e0a800; background:#fdf8e8; }
+.callout-important { border-left-color:#d9534f; background:#fcf1f0; }
 blockquote { border-left:3px solid var(--border); margin-left:0; padding-left:1rem; color:var(--muted); }
 @media (max-width: 1100px) { aside.toc { display:none; } }
 @media (max-width: 760px) { .layout { display:block; } nav.sidebar { position:static; width:auto; max-height:none; border-right:0; } }
