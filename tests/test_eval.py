@@ -264,3 +264,21 @@ def test_trained_adnet_run_is_reproducible(tmp_path):
     assert int(a.runs.steps.iloc[0]) == 8 and (tmp_path / 'model_fold0_run0.pth').is_file()
     assert set(a.results.method) == {'adnet', 'untrained'} and a.results.threshold_sweep.any()
     assert (tmp_path / 'threshold_sweep.png').is_file()
+
+
+def test_setting2_reaches_the_episode_sampler(monkeypatch):
+    eps = pytest.importorskip('fsmis.data.episodes')
+    from fsmis.data.io import open_dataset
+    seen = {}
+    class Stop(Exception): pass
+    def fake_dls(source, **kw):
+        seen.update(kw); raise Stop()
+    monkeypatch.setattr(eps, 'episode_dls', fake_dls)
+    ds = open_dataset('phantom', n_cases=4, shape=(16, 64, 64))
+    cfg = X.ouyang_config('chaos_t2', setting=2, group='lower', method='adnet', pseudo_labels='supervoxels', rho=200)
+    assert cfg.classes == ['right kidney', 'left kidney'] and cfg.protocols == ['ouyang'] and cfg.fold_variant == 'ouyang'
+    with pytest.raises(Stop): X.train_model(cfg, ds, ['1', '2'], 0, [2, 3])
+    assert seen['exclude_classes'] == [2, 3] and seen['case_ids'] == ['1', '2']
+    seen.clear()
+    with pytest.raises(Stop): X.train_model(X.ExperimentConfig(dataset='phantom', rho=200), ds, ['1', '2'], 0, [2, 3])
+    assert 'exclude_classes' not in seen                                   # Setting 1: nothing excluded
