@@ -117,3 +117,29 @@ def test_amp_needs_cuda():
 def test_progress_bar_runs(tmp_path, capsys):
     learn = make(size=32, path=tmp_path); fit_iters(learn, 5, show_progress=True)
     assert learn.iteration == 5
+
+
+def test_resume_exact_with_episode_dls(tmp_path):
+    "With fsmis.data.episodes (episode i of pass e seeded by (seed, e, i)): resume mid-pass, across a pass boundary."
+    episodes = pytest.importorskip('fsmis.data.episodes'); io = pytest.importorskip('fsmis.data.io')
+    ds = io.open_dataset('phantom', n_cases=2, seed=0, shape=(16, 64, 64))
+    def mk(path):
+        dls = episodes.episode_dls(ds, sampler='supervised', classes=[1, 4], size=48, n_episodes=7, seed=0, device='cpu')
+        torch.manual_seed(0)
+        return adnet_learner(dls, 'small', path=path)
+    a = mk(tmp_path/'a'); fit_iters(a, 10, ckpt_every=10, show_progress=False)  # pass 2, 3 batches in
+    ck = torch.load(list_checkpoints(tmp_path/'a'/'checkpoints')[-1], weights_only=True)
+    assert ck['data']['pos'] == 3 and ck['data']['n_passes'] == 1
+    b = mk(tmp_path/'a'); fit_iters(b, 20, resume='last', show_progress=False)
+    c = mk(tmp_path/'c'); fit_iters(c, 20, show_progress=False)
+    for (k, p), q in zip(b.model.state_dict().items(), c.model.state_dict().values()): assert torch.equal(p, q), k
+    assert [r['loss'] for r in b.iter_log] == [r['loss'] for r in c.iter_log[10:]]
+
+
+def test_get_preds():
+    learn = make(size=32)
+    probs, targs, dec = learn.get_preds(with_decoded=True)  # activation applied: query probabilities
+    assert probs.shape == (8, 1, 2, 32, 32) and targs.shape == dec.shape == (8, 1, 32, 32)
+    torch.testing.assert_close(probs.sum(2), torch.ones(8, 1, 32, 32))
+    out, _, losses = learn.get_preds(with_loss=True)  # with_loss: fastai leaves the raw output dicts
+    assert losses.shape == (8,) and out['qry'].shape == (8, 1, 2, 32, 32) and out['T'].shape == (8,)

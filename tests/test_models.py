@@ -123,7 +123,7 @@ def test_adnet_loss_values():
     "L_S is the 0.1/1.0-weighted NLL of the probabilities; L_T = T/alpha; L_PAR unweighted NLL on the supports."
     q = torch.rand(1, 1, 2, 8, 8); q = q / q.sum(2, keepdim=True); s = torch.rand(1, 1, 2, 8, 8); s = s / s.sum(2, keepdim=True)
     y = (torch.rand(1, 1, 8, 8) > 0.5).long(); sm = (torch.rand(1, 1, 8, 8) > 0.5).float()
-    out = {'qry': q, 'sup': s, 'sup_masks': sm, 'T': torch.tensor(-10.), 'alpha': torch.tensor(20.)}
+    out = {'qry': q, 'sup': s, 'sup_masks': sm, 'T': torch.tensor([-10.]), 'alpha': torch.tensor([20.])}
     l = ADNetLoss(); l(out, y)
     lp = q[0, 0].log().gather(0, y[0])[0]; w = torch.where(y[0, 0] == 1, 1.0, 0.1)
     assert l.last['seg'] == pytest.approx(float(-(lp * w).sum() / w.sum()), rel=1e-5)
@@ -177,3 +177,13 @@ def test_softmax_models_inference_api(cls):
 
 def test_bad_batch_shapes():
     with pytest.raises(ValueError, match='sup_imgs'): ADNet('small')(torch.randn(1, 1, 8, 8), torch.zeros(1, 8, 8), torch.randn(1, 1, 8, 8))
+
+
+def test_head_float32_under_autocast():
+    "Under autocast the encoder may run in low precision; the prototype head and the outputs stay float32."
+    si, sm, qi, qm = episode(size=32)
+    net = ADNet('small')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net(si, sm, qi); loss = ADNetLoss()(out, qm)
+    assert out['qry'].dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward(); assert net.T.grad is not None
