@@ -7,7 +7,7 @@ For each encoder and image size, on the same 1-episode batch (1 support + 1 quer
 and prints step/enc (min over interleaved repetitions; target <= 1.10) and learn/enc (mean over mean).
 Usage: python bench/bench_models.py [--threads 1] [--reps 5] [--configs small:128,small:256,resnet18:256,resnet50:256]
 """
-import argparse, time, tempfile
+import argparse, os, time, tempfile
 import torch
 from fsmis.models.adnet import ADNet
 from fsmis.models.alpnet import ALPNet
@@ -65,7 +65,8 @@ def main():
     ap.add_argument('--alpnet', action='store_true', help='also time ALPNet steps')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} CPU thread(s), min of {a.reps} interleaved repetitions")
+    print(f"torch {torch.__version__}, {a.threads} CPU thread(s), min of {a.reps} interleaved repetitions, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (memory-bound head ops suffer most under load)")
     print(f"{'model':7} {'encoder':9} {'size':>4} {'enc f+b ms':>10} {'step ms':>9} {'step/enc':>8} {'fit_iters ms':>12} {'fit/enc':>7}")
     for cfg in a.configs.split(','):
         name, size = cfg.split(':'); size = int(size)

@@ -48,6 +48,11 @@ def test_resume_is_exact(tmp_path):
     assert [r['loss'] for r in b.iter_log] == [r['loss'] for r in c.iter_log[50:]]
 
 
+def test_final_checkpoint(tmp_path):
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 7, ckpt_every=5, keep=None, show_progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path/'checkpoints')] == ['iter_0000005.pth', 'iter_0000007.pth']
+
+
 def test_fit_iters_continues(tmp_path):
     a = make(size=32, path=tmp_path); fit_iters(a, 10, show_progress=False); fit_iters(a, 15, show_progress=False)
     assert a.iteration == 15 and len(a.iter_log) == 15
