@@ -7,7 +7,7 @@ first; numba caches compiled code between processes), the peak resident-memory i
 SSL-ALPNet's superpixel settings (scale 1, sigma 1, min_size 400): ratio = ours / skimage (per-volume medians).
 It also recomputes the faithfulness figures (ARI and counts against reference_supervoxels/).
 
-Usage: python bench/bench_supervoxels.py [--sets chaos_t2,ms_cmrseg_bssfp] [--limit N]
+Usage: python bench/bench_supervoxels.py [--sets chaos_t2,ms_cmrseg_bssfp] [--limit N] [--tie-order stable|numpy1]
 The machine load (1-minute load average) is printed before and after: other processes inflate the timings; the ratio
 to the skimage baseline, measured interleaved on the same volumes, is the fairer figure.
 """
@@ -44,11 +44,12 @@ def skimage_slices(vol):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--sets', default='chaos_t2,ms_cmrseg_bssfp')
+    ap.add_argument('--tie-order', default='stable', choices=['stable', 'numpy1'])
     ap.add_argument('--limit', type=int, default=0, help='only the first N volumes of each set (0: all)')
     args = ap.parse_args()
     if data_root() is None: sys.exit('real data not found: set FSMIS_DATA to the folder holding chaos_t2/ and ms_cmrseg_bssfp/')
-    print(f'load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores')
-    t = time.time(); supervoxels(np.random.default_rng(0).normal(size=(4, 32, 32)), (5., 1., 1.), rho=50)
+    print(f'tie_order={args.tie_order}; load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores')
+    t = time.time(); supervoxels(np.random.default_rng(0).normal(size=(4, 32, 32)), (5., 1., 1.), rho=50, tie_order=args.tie_order)
     print(f'warm-up (numba compile or cache load): {time.time() - t:.2f} s')
     for name in args.sets.split(','):
         ds = open_dataset(name); rho = ds.spec.rho
@@ -59,7 +60,7 @@ def main():
             gc_vol = c.image
             with PeakRSS() as m:
                 t0, p0 = time.perf_counter(), time.process_time()
-                sv = supervoxels(gc_vol, c.spacing, rho=rho)
+                sv = supervoxels(gc_vol, c.spacing, rho=rho, tie_order=args.tie_order)
                 t1, p1 = time.perf_counter(), time.process_time()
             t2 = time.perf_counter(); skimage_slices(gc_vol); t3 = time.perf_counter()
             ref, _, _ = read_nifti(ds.image_path(cid).parent/'reference_supervoxels'/f'superpix-MIDDLE_{cid}.nii.gz', dtype=None)
