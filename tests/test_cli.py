@@ -195,3 +195,16 @@ def test_supervoxels_chaos(data_root, tmp_path):
     img, _, aff0 = read_nifti(data_root/'chaos_t2'/'image_1.nii.gz')
     assert sv.shape == img.shape and np.allclose(aff, aff0)
     assert 10 <= len(np.unique(sv)) - 1 <= 60  # CHAOS at rho 5000: 20-39 supervoxels in the reference
+
+
+def test_preprocess_folder(phantom_folder, tmp_path):
+    out = tmp_path/'pre'
+    r = fsmis('preprocess', phantom_folder, out, '--size', 64, '--quiet')
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out/'manifest.json').read_text())
+    assert man['settings']['dataset'] == 'chaos_t2' and len(man['cases']) == 6
+    img, sp, _ = read_nifti(out/'image_1.nii.gz')
+    assert img.shape[1:] == (64, 64) and sp[1:] == (1.25, 1.25)
+    r = fsmis('preprocess', phantom_folder, out, '--dataset', 'no_such_dataset')
+    assert r.returncode == 2
+    one_line_error(r.stderr, 'preprocess')
