@@ -92,7 +92,7 @@ def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
                     q = base + x
                     d = v[q + off] - v[q]
                     c = np.sqrt(w * (d * d))
-                    b = min(int(c * inv_width), nb - 1)
+                    b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
                     counts[b + 1] += 1
                     mn[b] = min(mn[b], c)
     return counts, mn
@@ -113,7 +113,7 @@ def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, starts, lob, code
                     q = base + x
                     d = v[q + off] - v[q]
                     c = np.sqrt(w * (d * d))
-                    b = min(int(c * inv_width), nb - 1)
+                    b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
                     i = pos[b]; pos[b] = i + 1
                     codes[i] = q * 16 + k
                     cb[0] = c
