@@ -82,6 +82,11 @@ def cache_dir(sub: str = '' # optional sub-folder
     return p
 
 # %% ../nbs/00_core.ipynb #58f8fd2b
+def _default_mode():
+    "File mode an ordinary `open` would give (0o666 less the umask); mkstemp alone gives 0o600."
+    um = os.umask(0); os.umask(um)
+    return 0o666 & ~um
+
 @contextlib.contextmanager
 def atomic_write(path, # destination file
                  mode: str = 'wb', # 'wb' or 'w'
@@ -89,6 +94,7 @@ def atomic_write(path, # destination file
     "Context manager yielding a temporary file object that replaces `path` only on success."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.'+path.name+'.', suffix='.tmp', dir=path.parent)
+    os.chmod(tmp, _default_mode())
     try:
         with os.fdopen(fd, mode) as f: yield f
         os.replace(tmp, path)
@@ -102,7 +108,7 @@ def atomic_path(path # destination file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ''.join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix='.'+path.name.split('.')[0]+'.', suffix='.tmp'+suffix, dir=path.parent)
-    os.close(fd)
+    os.close(fd); os.chmod(tmp, _default_mode())
     @contextlib.contextmanager
     def _cm():
         try:
