@@ -184,7 +184,7 @@ _fmt = HtmlFormatter(nowrap=True)
 
 def highlight_code(code: str, lang: str = 'python') -> str:
     "Syntax-highlighted `<pre>` block."
-    try: lexer = PythonLexer() if lang in ('python', 'py', '') else get_lexer_by_name(lang)
+    try: lexer = PythonLexer() if lang in ('python', 'py', '') else None if lang == 'text' else get_lexer_by_name(lang)
     except ClassNotFound: lexer = None
     inner = highlight(code, lexer, _fmt) if lexer else html.escape(code)
     return f'<pre class="sourceCode {html.escape(lang or "")}"><code>{inner}</code></pre>'
@@ -213,7 +213,7 @@ def _render_math(self, tokens, idx, options, env):
     return f'<span class="{cls}">{html.escape(t.markup + t.content + t.markup)}</span>'
 
 def make_md() -> MarkdownIt:
-    md = MarkdownIt('commonmark', {'html': True, 'highlight': lambda code, lang, attrs: highlight_code(code, lang or '')})
+    md = MarkdownIt('commonmark', {'html': True, 'highlight': lambda code, lang, attrs: highlight_code(code, lang or 'text')})
     md.enable(['table', 'strikethrough'])
     md.inline.ruler.before('escape', 'math', _math_rule)
     md.add_render_rule('math_inline', _render_math)
@@ -477,6 +477,8 @@ class PageRenderer:
         res = []
         exp = next((k for k in ('export', 'exports', 'exporti') if k in d), None)
         if exp or 'default_exp' in d:
+            # the code is not shown, so neither is its stderr chatter (import-time warnings)
+            outs = [o for o in outs if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
             if exp in ('export', 'exports'):
                 mod = d[exp].split()[0] if d[exp].split() else default_exp
                 names = [n for n in exported_names(src) if n not in shown]
@@ -575,8 +577,8 @@ p code, li code, td code { background:var(--bg-code); padding:.05rem .25rem; bor
 .output-image img { max-width:100%; height:auto; }
 .output-html, .output-markdown { overflow-x:auto; margin-left:.8rem; }
 table { border-collapse:collapse; margin:.6rem 0; font-size:.88rem; }
-th, td { border:1px solid var(--border); padding:.25rem .55rem; text-align:right; }
-th { background:#f1f3f5; } td:first-child, th:first-child { text-align:left; }
+th, td { border:1px solid var(--border); padding:.25rem .55rem; text-align:left; vertical-align:top; }
+th { background:#f1f3f5; } table.dataframe td { text-align:right; }
 .api-entry { border:1px solid var(--border); border-radius:6px; padding:.2rem 1rem .4rem; margin:1.2rem 0;
              box-shadow:0 1px 2px rgba(0,0,0,.05); }
 .api-entry h3.api-name { margin:.6rem 0 .3rem; font-size:1.15rem; } .api-entry h3.api-name code { background:none; }
