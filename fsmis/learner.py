@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/learner.html.md"""
 
 # %% ../nbs/14_learner.ipynb #515fb1a2
 from __future__ import annotations
-import math, random, pickle, re
+import math, random, pickle, re, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -186,16 +186,18 @@ def read_checkpoint(path, # checkpoint file
 
 def save_checkpoint(learn: Learner, # learner to save
                     path, # destination file (written atomically)
+                    scaler=None, # mixed-precision gradient scaler to save (default: `learn.scaler`, if any)
                    ):
     "Save model, optimizer, iteration, schedule, scaler and RNG states to `path`."
     if learn.opt is None: learn.create_opt()
     it = [c for c in learn.cbs if isinstance(c, IterTrainer)]
-    sched = {'lr': it[0].base_lr, 'decay': it[0].decay, 'decay_every': it[0].decay_every} if it else {}
+    sched = ({'lr': it[0].base_lr, 'decay': it[0].decay, 'decay_every': it[0].decay_every} if it
+             else dict(getattr(learn, 'fsmis_schedule', {})))
     data = it[0].data_state() if it and hasattr(it[0], 'pos') else None
     ck = {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(), 'iteration': int(getattr(learn, 'iteration', 0)),
           'schedule': sched, 'rng': _rng_state(), 'model_kind': getattr(learn, 'model_kind', type(learn.model).__name__),
           'model_config': getattr(learn, 'model_config', {})}
-    sc = getattr(learn, 'scaler', None)
+    sc = scaler if scaler is not None else getattr(learn, 'scaler', None)
     if sc is not None: ck['scaler'] = sc.state_dict()
     if data is not None: ck['data'] = data
     with atomic_write(path) as f: torch.save(ck, f)
@@ -214,6 +216,10 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
     if learn.opt is None: learn.create_opt()
     learn.opt.load_state_dict(ck['opt'])
     learn.iteration = int(ck['iteration'])
+    if ck.get('schedule'):  # continue with the schedule that was running (lr, decay), not the new learner's defaults
+        if getattr(learn, 'fsmis_schedule', None) not in (None, ck['schedule']):
+            warnings.warn(f"{path}: resuming with the checkpoint's schedule {ck['schedule']}, not {learn.fsmis_schedule}")
+        learn.fsmis_schedule = dict(ck['schedule'])
     learn._pending_state = {'rng': ck['rng'], 'scaler': ck.get('scaler'), 'data': ck.get('data')}
     return learn
 
@@ -224,9 +230,12 @@ class Checkpointer(Callback):
                  every: int = 1000, # iterations between checkpoints
                  keep: int | None = 2, # number of newest checkpoints to keep (None: all)
                 ): self.folder, self.every, self.keep = Path(folder), every, keep
-    def before_fit(self): self.saved = getattr(self.learn, 'iteration', 0)
+    def before_fit(self):
+        self.saved = getattr(self.learn, 'iteration', 0)
+        self.scaler = getattr(self.learn, 'scaler', None)  # fastai's MixedPrecision drops learn.scaler before our after_fit
     def _save(self):
-        save_checkpoint(self.learn, self.folder/f"iter_{self.learn.iteration:07d}.pth"); self.saved = self.learn.iteration
+        save_checkpoint(self.learn, self.folder/f"iter_{self.learn.iteration:07d}.pth", scaler=self.scaler)
+        self.saved = self.learn.iteration
         if self.keep:
             for p in list_checkpoints(self.folder)[:-self.keep]: p.unlink()
     def after_batch(self):

@@ -81,9 +81,20 @@ def test_checkpoint_contents_weights_only(tmp_path):
     p = save_checkpoint(learn, tmp_path/'ck.pth')
     ck = torch.load(p, weights_only=True)
     assert ck['iteration'] == 3 and ck['model_kind'] == 'adnet' and set(ck['rng']) >= {'python', 'numpy', 'torch'}
-    assert ck['schedule'] == {} or ck['schedule']['lr'] == 1e-3
+    assert ck['schedule'] == {'lr': 1e-3, 'decay': 0.98, 'decay_every': 1000}  # the learner's schedule, also after the fit
     m = load_model(p, device='cpu')
     assert isinstance(m, ADNet) and not m.training and m.threshold == learn.model.threshold
+
+
+def test_resume_restores_the_schedule(tmp_path):
+    "A resumed run continues with the schedule it was trained with, whatever the new learner's defaults."
+    learn = make(size=32, path=tmp_path); learn.fsmis_schedule = {'lr': 5e-3, 'decay': 0.5, 'decay_every': 2}
+    fit_iters(learn, 3, ckpt_every=3, show_progress=False)
+    ck = torch.load(list_checkpoints(tmp_path/'checkpoints')[-1], weights_only=True)
+    assert ck['schedule'] == {'lr': 5e-3, 'decay': 0.5, 'decay_every': 2}
+    fresh = make(size=32, path=tmp_path)
+    with pytest.warns(UserWarning, match="checkpoint's schedule"): load_checkpoint(fresh, list_checkpoints(tmp_path/'checkpoints')[-1])
+    assert fresh.fsmis_schedule == {'lr': 5e-3, 'decay': 0.5, 'decay_every': 2}
 
 
 class Evil:

@@ -217,3 +217,12 @@ def test_numpy1_ties_bit_exact(data_root, tmp_path, name, cids):
     r = reference_agreement(open_dataset(name, root=data_root), case_ids=cids, cache_dir=tmp_path, progress=False,
                             n_workers=1, tie_order='numpy1')
     assert r.ari.min() > 0.99999 and (r.n_ours == r.n_ref).all()
+
+
+def test_superpixels_refuse_z_scored_input():
+    "SSL-ALPNet's body mask thresholds raw intensities: a z-scored volume would give an all-zero result, so it is an error."
+    rng = np.random.default_rng(0)
+    v = np.zeros((3, 64, 64)); v[:, 8:56, 8:56] = 200 + rng.normal(0, 20, (3, 48, 48))
+    z = (v - v.mean()) / v.std()
+    with pytest.raises(ValueError, match='raw intensities'): superpixels(z)
+    assert superpixels(z, fg_thresh=0.).max() > 0  # an explicit threshold on the normalized scale works

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from numba import njit
+from numba import njit, prange, set_num_threads, get_num_threads
 from ..core import Case, cache_dir as _cache_dir, atomic_write
 
 # %% auto #0
@@ -76,15 +76,16 @@ def _edge_cost(v, q, k, offs, dirs, wts):
     d = v[q + offs[k]] - v[q]
     return np.sqrt(wts[dirs[k, 3]] * (d * d))
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
-    "Number of edges and smallest cost per cost bucket (bucket = int(cost * inv_width))."
-    counts = np.zeros(nb + 1, np.int64)
-    mn = np.full(nb, np.inf)
-    for k in range(13):
+    "Per direction (row k): number of edges, smallest and largest cost per cost bucket (bucket = int(cost * inv_width)); directions in parallel."
+    counts = np.zeros((13, nb + 1), np.int64)
+    mn = np.full((13, nb), np.inf); mx = np.full((13, nb), -np.inf)
+    for k in prange(13):
         w = wts[dirs[k, 3]]
         z0, z1 = _rng(dirs[k, 0], Z); y0, y1 = _rng(dirs[k, 1], H); x0, x1 = _rng(dirs[k, 2], W)
         off = offs[k]
+        ck = counts[k]; mk = mn[k]; xk = mx[k]
         for z in range(z0, z1):
             for y in range(y0, y1):
                 base = z * H * W + y * W
@@ -93,16 +94,34 @@ def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
                     d = v[q + off] - v[q]
                     c = np.sqrt(w * (d * d))
                     b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
-                    counts[b + 1] += 1
-                    mn[b] = min(mn[b], c)
-    return counts, mn
+                    ck[b + 1] += 1
+                    if c < mk[b]: mk[b] = c
+                    if c > xk[b]: xk[b] = c
+    return counts, mn, mx
 
 @njit(cache=True)
-def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, starts, lob, codes, lo16):
-    "Stable counting-sort scatter of edge codes (voxel * 16 + direction) and of their cost bits above the bucket's minimum."
-    pos = starts[:nb].copy()
-    cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
+def _bucket_layout(counts, mn, mx):
+    "From per-direction counts: bucket starts, smallest cost per bucket, which buckets hold several values, where each direction's run starts."
+    nb = mn.shape[1]
+    total = np.zeros(nb + 1, np.int64); mnb = np.full(nb, np.inf); mxb = np.full(nb, -np.inf)
     for k in range(13):
+        for b in range(nb):
+            total[b + 1] += counts[k, b + 1]; mnb[b] = min(mnb[b], mn[k, b]); mxb[b] = max(mxb[b], mx[k, b])
+    multi = mxb > mnb  # only these buckets need their cost bits (lo16) and a sort
+    starts = np.cumsum(total)
+    pos = np.empty((13, nb), np.int64)  # stable: within a bucket, direction 0's edges first, then 1, ... (enumeration order)
+    for b in range(nb):
+        p = starts[b]
+        for k in range(13):
+            pos[k, b] = p; p += counts[k, b + 1]
+    return starts, mnb, pos, total, multi
+
+@njit(cache=True, parallel=True)
+def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, lob, multi, codes, lo16):
+    "Stable counting-sort scatter of edge codes (voxel * 16 + direction) and of their cost bits above the bucket's minimum; directions in parallel."
+    for k in prange(13):
+        pos = pos2[k]
+        cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
         w = wts[dirs[k, 3]]
         z0, z1 = _rng(dirs[k, 0], Z); y0, y1 = _rng(dirs[k, 1], H); x0, x1 = _rng(dirs[k, 2], W)
         off = offs[k]
@@ -116,14 +135,15 @@ def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, starts, lob, code
                     b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
                     i = pos[b]; pos[b] = i + 1
                     codes[i] = q * 16 + k
-                    cb[0] = c
-                    lo16[i] = min(cbits[0] - lob[b], 65535)  # non-negative floats: bits order like values
+                    if multi[b]:
+                        cb[0] = c
+                        lo16[i] = min(cbits[0] - lob[b], 65535)  # non-negative floats: bits order like values
 
 @njit(cache=True)
-def _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist):
-    "Stable-sort codes[s:e] by exact cost, in place: nothing if already sorted, counting sort on lo16, else merge sort."
+def _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist, multi):
+    "Stable-sort codes[s:e] by exact cost, in place: nothing if one value or already sorted, counting sort on lo16, else merge sort."
     n = e - s
-    if n < 2: return
+    if n < 2 or not multi: return
     ok = True; R = 0
     for i in range(s, e):
         R = max(R, np.int64(lo16[i]))
@@ -262,15 +282,15 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
         _np1_sort_pairs(keys, codes)
         keys = np.empty(0, np.float64)
         nb = 1; starts = np.array([0, codes.size], np.int64)
-        lo16 = np.empty(0, np.uint16); buf = np.empty(0, np.int32)
+        lo16 = np.empty(0, np.uint16); buf = np.empty(0, np.int32); multi = np.zeros(1, np.bool_)
     else:  # stable counting sort
         cmax = np.sqrt(wts.max()) * (v.max() - v.min()) * 1.0000001 + 1e-12
         inv_width = nb / cmax
-        counts, mn = _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width)
+        counts2, mn2, mx2 = _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width)
+        starts, mn, pos2, counts, multi = _bucket_layout(counts2, mn2, mx2)
         lob = mn.view(np.int64)
-        starts = np.cumsum(counts)
         codes = np.empty(starts[nb], np.int32); lo16 = np.empty(starts[nb], np.uint16)
-        _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, starts, lob, codes, lo16)
+        _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, lob, multi, codes, lo16)
         buf = np.empty(np.int64(np.max(counts)), np.int32)
     hist = np.empty((1 << 16) + 1, np.int64)
     parent = np.arange(N).astype(np.int32)
@@ -284,7 +304,7 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
     b0, i0 = nb, starts[nb]  # first edge of non-zero cost: every zero-cost edge is joined by pass 1
     while b < nb and not done:
         s, e = starts[b], starts[b + 1]
-        if not numpy1: _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist)
+        if not numpy1: _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist, multi[b])
         sorted_upto = b + 1
         for i in range(s, e):
             q = codes[i] >> 4; k = codes[i] & 15
@@ -309,7 +329,7 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
     b = b0
     while b < nb and n_small > 0:
         s, e = max(starts[b], i0), starts[b + 1]
-        if b >= sorted_upto and not numpy1: _sort_bucket(v, codes, lo16, starts[b], e, offs, dirs, wts, buf, hist)
+        if b >= sorted_upto and not numpy1: _sort_bucket(v, codes, lo16, starts[b], e, offs, dirs, wts, buf, hist, multi[b])
         for i in range(s, e):
             q = codes[i] >> 4; p = q + offs[codes[i] & 15]
             if (big[p >> 6] >> np.uint64(p & 63)) & (big[q >> 6] >> np.uint64(q & 63)) & one:
@@ -413,6 +433,9 @@ def superpixels(volume, # 3D (z, h, w) image with raw intensities (as SSL-ALPNet
     from skimage.segmentation import felzenszwalb
     v = _check_volume(volume).astype(np.float64)
     if not min_size >= 1: raise ValueError(f"min_size must be >= 1, got {min_size!r}")
+    if not (v > fg_thresh).any():
+        raise ValueError(f"no voxel is above the body-mask threshold fg_thresh={fg_thresh} (volume range {v.min():.4g} to "
+                         f"{v.max():.4g}): superpixels expect raw intensities (SSL-ALPNet: MR > 50, CT > 1e-4), not z-scored ones")
     out = np.zeros(v.shape, np.int32)
     for i, sl in enumerate(v):
         seg = felzenszwalb(sl, scale=scale, sigma=sigma, min_size=int(min_size))
@@ -525,6 +548,10 @@ def _free_cores() -> int:
     except OSError: load = 0.
     return max(1, int(n - load + 0.5))
 
+def _worker_init(threads: int):
+    "Pool worker start-up: numba threads per worker, so that workers x threads fit the free cores."
+    set_num_threads(max(1, min(int(threads), get_num_threads())))
+
 def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids, spec and load(cid, normalize=False))
                         rho: float | None = None, # minimum supervoxel size (3d); None: the dataset's default (ds.spec.rho)
                         mode: str = '3d', # '3d': ADNet supervoxels; '2d': SSL-ALPNet superpixels
@@ -556,7 +583,8 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
             cid, v, sp, path = todo[i]
             out[cid] = _compute_and_store(v, sp, mode, rho, kw, path)
     else:
-        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context('spawn')) as ex:
+        threads = max(1, _free_cores() // n_workers)  # the kernels' parallel passes share the cores among workers
+        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context('spawn'), initializer=_worker_init, initargs=(threads,)) as ex:
             futs = [ex.submit(_compute_and_store, v, sp, mode, rho, kw, path) for _, v, sp, path in todo]
             for i in bar: out[todo[i][0]] = futs[i].result()
     return {cid: out[cid] for cid in ids}
