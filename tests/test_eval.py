@@ -240,7 +240,39 @@ def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
         sp = fold_split(_ToyDS.case_ids, fold, 2)
         assert not set(train_ids) & {sp.support_id, *sp.query_ids}
         assert set(res.results[res.results.fold == fold].case) == set(sp.query_ids)
-    assert (res.runs.checkpoint == 'final').all()
+    assert (res.runs.checkpoint == 'final').all() and (res.runs.steps == 0).all()  # the default: the final weights
+
+
+def test_val_checkpoint_scores_training_cases_only(monkeypatch):
+    """checkpoint='val': the weights are chosen on validation cases drawn from the training cases, never the test fold;
+    under Setting 2 the test classes are not scored even there."""
+    pytest.importorskip('fsmis.learner')
+    from fsmis.data.io import open_dataset
+    torch.set_num_threads(1)
+    ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
+    calls, real = [], X.evaluate
+    def spy(model, store, support_id, query_ids, protocol='EP2', classes=None, **kw):
+        calls.append((support_id, list(query_ids), dict(classes or {})))
+        return real(model, store, support_id, query_ids, protocol, classes, **kw)
+    monkeypatch.setattr(X, 'evaluate', spy)
+    train = ['1', '2', '3', '4']
+    cfg = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=6, rho=100, checkpoint='val', n_val=2, val_every=2)
+    model, info = X.train_model(cfg, ds, train, 0, [1, 2, 3, 4])
+    assert len(calls) == 3 and info['checkpoint'] == 'val' and info['val_step'] in (2, 4, 6)
+    val = info['val_ids'].split()
+    assert len(val) == 2 and set(val) <= set(train) and info['n_train'] == 2
+    for sup, qs, cl in calls: assert {sup, *qs} == set(val) and set(cl) == {1, 2, 3, 4}
+    calls.clear()
+    cfg2 = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=2, rho=100, checkpoint='val', n_val=2, val_every=2,
+                              setting=2)
+    X.train_model(cfg2, ds, train, 0, [1])  # only test class 1 excluded: validate on the others
+    assert calls and all(1 not in cl and cl for _, _, cl in calls)
+    with pytest.raises(ValueError, match='no class left to validate'): X.train_model(cfg2, ds, train, 0, [1, 2, 3, 4])
+
+
+def test_empty_folds_is_an_error():
+    with pytest.raises(ValueError, match='folds is empty'):
+        X.run_experiment(X.ExperimentConfig(dataset='toy', method='intensity', folds=[]), None, dataset=_ToyDS(), progress=False)
 
 
 def test_validation_split_only_from_training_cases():
@@ -282,3 +314,17 @@ def test_setting2_reaches_the_episode_sampler(monkeypatch):
     seen.clear()
     with pytest.raises(Stop): X.train_model(X.ExperimentConfig(dataset='phantom', rho=200), ds, ['1', '2'], 0, [2, 3])
     assert 'exclude_classes' not in seen                                   # Setting 1: nothing excluded
+
+
+def test_untrained_baseline_is_the_trained_models_start(monkeypatch):
+    "The untrained baseline of a run has exactly the initial weights that training starts from."
+    L = pytest.importorskip('fsmis.learner')
+    from fsmis.data.io import open_dataset
+    def no_fit(learn, n, **kw): learn.iteration = 0; return learn
+    monkeypatch.setattr(L, 'fit_iters', no_fit)  # no training step: the model stays at its start
+    ds = open_dataset('phantom', n_cases=4, shape=(16, 64, 64))
+    cfg = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=5, rho=100)
+    model, _ = X.train_model(cfg, ds, ['1', '2', '3'], 7)
+    X.set_seed(7); base = X.make_model(cfg)
+    a, b = model.state_dict(), base.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a)

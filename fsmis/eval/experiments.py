@@ -193,20 +193,30 @@ def train_model(cfg:ExperimentConfig, # the experiment
     dev = default_device(cfg.device)
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler='vssl' if mode == '3d' else 'pssl',
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
+    set_seed(seed)  # the model starts from the same weights as the run's untrained baseline (`make_model` after `set_seed`)
     learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, **cfg.learner_kw)
     stop = _stop_callback(cfg.n_steps, cfg.time_budget_min)
-    cbs = [stop] + ([_val_callback(cfg, store or CaseStore(ds), val_ids)] if cfg.checkpoint == 'val' else [])
+    cbs = [stop] + ([_val_callback(cfg, store or CaseStore(ds), val_ids, _val_classes(cfg, ds, test_classes))]
+                    if cfg.checkpoint == 'val' else [])
     learn.add_cbs(cbs)
     t1 = time.perf_counter()
     try: L.fit_iters(learn, cfg.n_steps, show_progress=False)
     finally: learn.remove_cbs(cbs)
-    info = dict(pseudo_s=t_pl, train_s=time.perf_counter() - t1, steps=int(getattr(learn, 'iteration', stop.steps)),
+    info = dict(pseudo_s=t_pl, train_s=time.perf_counter() - t1, steps=int(getattr(learn, 'iteration', 0)),
                 n_train=len(fit_ids), val_ids=' '.join(val_ids), checkpoint=cfg.checkpoint)
     if cfg.checkpoint == 'val' and cbs[1].best_state is not None:
         learn.model.load_state_dict(cbs[1].best_state); info.update(val_dice=cbs[1].best, val_step=cbs[1].best_step)
     return learn.model.eval(), info
 
-def _val_callback(cfg, store, val_ids):
+def _val_classes(cfg, ds, test_classes) -> dict:
+    "Classes scored on the validation cases: the evaluated ones (Setting 1) or, under Setting 2, only the others."
+    cl = dict(ds.classes); test = set(test_classes or cl)
+    keep = {k: v for k, v in cl.items() if (k in test) == (cfg.setting == 1)}
+    if not keep: raise ValueError(f"checkpoint='val' with setting={cfg.setting}: no class left to validate on "
+                                  f"(Setting 2 never looks at the test classes {sorted(test)}, not even on validation cases)")
+    return keep
+
+def _val_callback(cfg, store, val_ids, classes=None):
     "Keep the weights with the best mean EP2 Dice on validation cases (drawn from the training cases)."
     from fastai.callback.core import Callback
     if len(val_ids) < 2: raise ValueError(f"checkpoint='val' needs n_val >= 2 training cases (support + query), got {val_ids}")
@@ -217,7 +227,8 @@ def _val_callback(cfg, store, val_ids):
             if not self.training: return
             self.steps += 1
             if self.steps % cfg.val_every: return
-            df = evaluate(self.learn.model, store, val_ids[0], val_ids[1:], 'EP2', batch_size=cfg.eval_batch_size, input_size=cfg.size)
+            df = evaluate(self.learn.model, store, val_ids[0], val_ids[1:], 'EP2', classes, batch_size=cfg.eval_batch_size,
+                          input_size=cfg.size)
             d = float(df.dice.mean())
             if d > self.best:
                 self.best, self.best_step = d, self.steps
@@ -282,6 +293,7 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     classes = _classes(cfg, ds)
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None: cfg.save(out_dir/'config.yaml')
+    if not list(cfg.folds): raise ValueError("folds is empty: give at least one fold index")
     rows, runs = [], []
     for fold in cfg.folds:
         split = fold_split(store.case_ids, fold, cfg.n_folds, cfg.fold_variant)
