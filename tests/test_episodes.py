@@ -62,7 +62,7 @@ def test_augment_keeps_image_and_mask_aligned(seed):
 
 
 def test_affine_ranges_match_the_paper():
-    aff = paper_geometry(size=256).transforms[0]
+    aff = paper_geometry(size=256).affine
     assert tuple(aff.degrees) == (-5., 5.) and tuple(aff.scale) == (0.9, 1.2)
     assert tuple(aff.shear) == (-5., 5.) and np.allclose(np.array(aff.translate) * 256, 5)
     torch.manual_seed(0)  # a point far from the centre moves by at most rotation + scale + shear + shift
@@ -71,6 +71,25 @@ def test_affine_ranges_match_the_paper():
         out = aff(__import__('torchvision').tv_tensors.Image(img))
         y, x = np.unravel_index(int(out[0].argmax()), (256, 256))
         assert abs(y - 128) <= 6 and abs(x - 128) <= 6  # the centre only shifts (±5 px, rounding)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_fused_geometry_is_the_two_step_geometry(seed):
+    "AffineElastic = v2.RandomAffine then ElasticTransform (same draws), resampled once instead of twice."
+    from torchvision import tv_tensors
+    yy, xx = torch.meshgrid(torch.arange(96.), torch.arange(96.), indexing='ij')
+    img = (torch.sin(xx / 8) + torch.cos(yy / 6) + 2)[None]
+    mask = ((yy - 50)**2 + (xx - 45)**2 < 25**2).to(torch.uint8)
+    for alpha, tol, min_dice in ((0., 1e-4, 0.999), (10., 5e-3, 0.97)):
+        torch.manual_seed(seed); ti, tm = paper_geometry(size=96, alpha=alpha, fused=False)(tv_tensors.Image(img), tv_tensors.Mask(mask))
+        torch.manual_seed(seed); fi, fm = paper_geometry(size=96, alpha=alpha)(tv_tensors.Image(img), tv_tensors.Mask(mask))
+        assert type(fi) is tv_tensors.Image and type(fm) is tv_tensors.Mask and fm.dtype == torch.uint8
+        assert (fi - ti)[..., 16:-16, 16:-16].abs().max() / img.max() < tol
+        assert _dice(fm > 0, tm > 0) > min_dice
+    # both consumed the RNG alike: the next draws agree
+    torch.manual_seed(seed); paper_geometry(size=96, fused=False)(tv_tensors.Image(img)); a = torch.rand(3)
+    torch.manual_seed(seed); paper_geometry(size=96)(tv_tensors.Image(img)); b = torch.rand(3)
+    assert torch.equal(a, b)
 
 
 def test_elastic_field_statistics():

@@ -14,8 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 # %% auto #0
-__all__ = ['gamma_transform', 'RandomGamma', 'gaussian_kernel1d', 'smooth_noise', 'ElasticTransform', 'paper_geometry',
-           'augment_slice', 'EpisodeAugment', 'adnet_augment', 'alpnet_augment']
+__all__ = ['gamma_transform', 'RandomGamma', 'gaussian_kernel1d', 'smooth_noise', 'ElasticTransform', 'inverse_affine_matrix',
+           'AffineElastic', 'paper_geometry', 'augment_slice', 'EpisodeAugment', 'adnet_augment', 'alpnet_augment']
 
 # %% ../../nbs/05_data.augment.ipynb #e8138aca
 def gamma_transform(img: torch.Tensor, # float image (any shape); min and max taken over the whole tensor
@@ -65,7 +65,7 @@ def smooth_noise(shape: tuple, # (n, h, w): n independent fields
     return torch.fft.irfft2(torch.fft.rfft2(u) * _gauss_transfer(h, w, float(sigma)), s=(h, w))
 
 class ElasticTransform(v2.ElasticTransform):
-    "`v2.ElasticTransform` with `alpha` in pixels (Simard / the papers) and a fast separable smoothing of the noise."
+    "`v2.ElasticTransform` with `alpha` in pixels (Simard / the papers) and a fast (FFT) smoothing of the noise."
     def __init__(self, alpha: float = 10., # displacement scale in pixels (papers: 10)
                  sigma: float = 5., # smoothing of the random field in pixels (papers: 5)
                  **kwargs, # passed to `v2.ElasticTransform` (interpolation, fill)
@@ -82,6 +82,58 @@ class ElasticTransform(v2.ElasticTransform):
         return dict(displacement=disp)
 
 # %% ../../nbs/05_data.augment.ipynb #47ed7b61
+def inverse_affine_matrix(angle: float, # rotation in degrees
+                          translate, # (tx, ty) shift in pixels
+                          scale: float, # isotropic scale factor
+                          shear, # (sx, sy) shear angles in degrees
+                         ) -> torch.Tensor:
+    "2 x 3 map from output to input pixel coordinates (origin at the slice centre) of torchvision's affine."
+    rot, sx, sy = (math.radians(a) for a in (angle, *shear))
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
+    m = torch.tensor([[d, -b], [-c, a]], dtype=torch.float64) / scale  # (rotate-scale-shear)^-1, its determinant is 1 / scale^2
+    t = -m @ torch.tensor([float(translate[0]), float(translate[1])], dtype=torch.float64)
+    return torch.cat([m, t[:, None]], 1)
+
+class AffineElastic(v2.Transform):
+    "`v2.RandomAffine` followed by `ElasticTransform`, composed into one sampling grid: one interpolation per tensor."
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+    def __init__(self, affine: v2.RandomAffine, # draws the affine parameters (its own `make_params`)
+                 alpha: float = 10., # elastic displacement scale in pixels (0: affine only)
+                 sigma: float = 5., # elastic smoothing in pixels
+                ):
+        super().__init__()
+        if alpha < 0 or sigma < 0: raise ValueError(f"alpha and sigma must be >= 0, got alpha={alpha}, sigma={sigma}")
+        self.affine, self.alpha, self.sigma = affine, float(alpha), float(sigma)
+
+    def make_params(self, flat_inputs):
+        h, w = v2.query_size(flat_inputs)
+        p = self.affine.make_params(flat_inputs)  # same draws, in the same order, as the two transforms one after the other
+        m = inverse_affine_matrix(p['angle'], p['translate'], p['scale'], p['shear']).float()
+        y = torch.arange(h, dtype=torch.float32)[:, None] - (h - 1) / 2  # pixel centres, origin at the slice centre
+        x = torch.arange(w, dtype=torch.float32)[None, :] - (w - 1) / 2
+        y, x = y.expand(h, w), x.expand(h, w)
+        if self.alpha > 0:  # elastic first (it acts on the output grid), then the affine map to input coordinates
+            d = smooth_noise((2, h, w), self.sigma) * self.alpha
+            x, y = x + d[0], y + d[1]
+        gx = (m[0, 0] * x + m[0, 1] * y + m[0, 2]) / (w / 2)  # grid_sample units: [-1, 1] spans the slice
+        gy = (m[1, 0] * x + m[1, 1] * y + m[1, 2]) / (h / 2)
+        return dict(grid=torch.stack([gx, gy], -1)[None])
+
+    def transform(self, inpt, params):
+        x = inpt.as_subclass(torch.Tensor)
+        is_mask = isinstance(inpt, tv_tensors.Mask)
+        lead = x.shape[:-2]
+        xf = x.reshape(1, -1, *x.shape[-2:]).float()
+        out = F.grid_sample(xf, params['grid'], mode='nearest' if is_mask else 'bilinear', padding_mode='zeros',
+                            align_corners=False)  # outside the slice: 0
+        out = out.reshape(*lead, *out.shape[-2:])
+        return tv_tensors.wrap(out.round().to(x.dtype) if is_mask or not x.is_floating_point() else out, like=inpt)
+
+    def __repr__(self): return f"AffineElastic({self.affine!r}, alpha={self.alpha}, sigma={self.sigma})"
+
 def paper_geometry(rotate: float = 5., # max rotation in degrees (uniform in ±rotate)
                    shift: float = 5., # max shift in pixels along each axis
                    shear: float = 5., # max shear angle in degrees
@@ -89,14 +141,14 @@ def paper_geometry(rotate: float = 5., # max rotation in degrees (uniform in ±r
                    alpha: float = 10., # elastic displacement scale in pixels (0 disables the elastic step)
                    sigma: float = 5., # elastic smoothing in pixels
                    size: int | tuple = 256, # slice size the shift is expressed for (h, w) or one int
+                   fused: bool = True, # one resampling (`AffineElastic`); False: `v2.RandomAffine` then `ElasticTransform`
                   ) -> v2.Transform:
-    "The papers' geometric augmentation: `v2.RandomAffine` then our `ElasticTransform`, as one v2.Compose."
+    "The papers' geometric augmentation: random affine then elastic, fused into one resampling by default."
     h, w = (size, size) if isinstance(size, int) else size
-    tfms = [v2.RandomAffine(degrees=rotate, translate=(min(1., shift / w), min(1., shift / h)),
-                            scale=tuple(scale), shear=shear,
-                            interpolation=v2.InterpolationMode.BILINEAR, fill=0)]
-    if alpha > 0: tfms.append(ElasticTransform(alpha, sigma, fill=0))
-    return v2.Compose(tfms)
+    aff = v2.RandomAffine(degrees=rotate, translate=(min(1., shift / w), min(1., shift / h)),
+                          scale=tuple(scale), shear=shear, interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+    if fused: return AffineElastic(aff, alpha, sigma)
+    return v2.Compose([aff] + ([ElasticTransform(alpha, sigma, fill=0)] if alpha > 0 else []))
 
 def augment_slice(img: torch.Tensor, # float image (1, h, w) or (h, w)
                   mask: torch.Tensor | None = None, # integer/binary mask (h, w) following the image, or None
