@@ -328,3 +328,21 @@ def test_untrained_baseline_is_the_trained_models_start(monkeypatch):
     X.set_seed(7); base = X.make_model(cfg)
     a, b = model.state_dict(), base.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a)
+
+
+def test_ct_global_norm_fitted_on_each_folds_training_cases(tmp_path, monkeypatch):
+    "CT is z-scored with one mean/std over the training scans (REFERENCE_FACTS): the test fold never enters it."
+    from fsmis.data.io import open_dataset, write_nifti, fold_split
+    rng = np.random.default_rng(0)
+    for i in range(1, 7):
+        img = rng.normal(100 * i, 10, (6, 24, 24)).astype(np.float32); lab = np.zeros((6, 24, 24), np.uint8)
+        lab[1:5, 6:16, 6:16] = 1; img[lab == 1] += 200
+        write_nifti(tmp_path/f'image_{i}.nii.gz', img); write_nifti(tmp_path/f'label_{i}.nii.gz', lab)
+    ds = open_dataset(tmp_path, classes={1: 'organ'}, modality='CT')
+    fitted, real = [], ds.fit_norm
+    def spy(case_ids=None): fitted.append(sorted(case_ids)); return real(case_ids)
+    monkeypatch.setattr(ds, 'fit_norm', spy)
+    cfg = X.ExperimentConfig(dataset='folder', method='intensity', folds=[0, 1], n_folds=2, baselines=[], protocols=['EP2'])
+    X.run_experiment(cfg, None, dataset=ds, progress=False)
+    ids = [str(i) for i in range(1, 7)]
+    assert fitted == [sorted(fold_split(ids, f, 2).train_ids) for f in (0, 1)]

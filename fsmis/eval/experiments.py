@@ -298,6 +298,8 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     for fold in cfg.folds:
         split = fold_split(store.case_ids, fold, cfg.n_folds, cfg.fold_variant)
         if set(split.train_ids) & {split.support_id, *split.query_ids}: raise ValueError(f"fold {fold}: training and test cases overlap")
+        if getattr(getattr(ds, 'spec', None), 'norm', None) == 'global':  # CT: one mean/std over this fold's training scans
+            ds.fit_norm(split.train_ids); store = CaseStore(ds)
         for run in range(cfg.runs):
             seed = cfg.seed + 100*fold + run
             models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
