@@ -389,3 +389,13 @@ def test_slice_counts():
     v = np.array([[[0, 2], [2, 2]], [[1, 0], [0, 0]]])
     assert slice_counts(v).tolist() == [[1, 0, 3], [3, 1, 0]]
     with pytest.raises(ValueError): slice_counts(v - 1)
+
+
+def test_unknown_sampler_options_are_named():
+    "A misspelt or misplaced option is an error naming it, not a TypeError deep inside (or a silently ignored option)."
+    from fsmis.data.phantom import make_phantom
+    cases = [make_phantom(seed=s, shape=(12, 48, 48)) for s in range(2)]
+    with pytest.raises(ValueError, match=r"no option\(s\) \['setting', 'test_classes'\]"):
+        episode_dls(cases, pseudo_labels='supervoxels', sampler='vssl', setting=2, test_classes=[1])
+    smp = SupervisedSampler(cases, classes=[1])
+    with pytest.raises(ValueError, match='only to a sampler name'): episode_dls(cases, sampler=smp, size=32)

@@ -483,6 +483,11 @@ def make_sampler(sampler, # 'vssl', 'pssl', 'supervised', or a sampler (returned
     "An episode sampler by name."
     if not isinstance(sampler, str): return sampler
     if sampler not in _SAMPLERS: raise ValueError(f"sampler must be one of {list(_SAMPLERS)} or a sampler object, got {sampler!r}")
+    import inspect
+    params = inspect.signature(_SAMPLERS[sampler]).parameters
+    ok = [n for n, p in params.items() if n not in ('cases', 'pseudo_labels') and p.kind != p.VAR_KEYWORD]
+    bad = [] if any(p.kind == p.VAR_KEYWORD for p in params.values()) else sorted(set(kwargs) - set(ok))
+    if bad: raise ValueError(f"sampler {sampler!r} has no option(s) {bad}; its options are {ok}")
     if sampler == 'supervised': return SupervisedSampler(cases, **kwargs)
     return _SAMPLERS[sampler](cases, pseudo_labels, **kwargs)
 
@@ -505,7 +510,10 @@ def episode_dls(source, # list of `Case`, or a dataset from `fsmis.data.io.open_
     if isinstance(sampler, str):
         cases = _load_cases(source, case_ids)
         smp = make_sampler(sampler, cases, _pseudo(source, cases, pseudo_labels), size=size, **kwargs)
-    else: smp = sampler
+    else:
+        given = sorted(kwargs) + (['size'] if size is not None else [])
+        if given: raise ValueError(f"sampler options {given} apply only to a sampler name; set them on the sampler object instead")
+        smp = sampler
     vsmp = None
     if valid_ids is not None:
         if not isinstance(sampler, str): raise ValueError("valid_ids needs a sampler name (pass your own valid loader otherwise)")
