@@ -18,7 +18,8 @@ def episode(B=1, K=1, Q=1, size=64, seed=0):
 
 
 @pytest.mark.parametrize('name,size,shape', [('small', 64, (2, 128, 16, 16)), ('resnet18', 64, (2, 256, 8, 8)),
-                                             ('resnet50', 64, (2, 256, 8, 8))])
+                                             ('resnet34', 64, (2, 256, 8, 8)), ('resnet50', 64, (2, 256, 8, 8)),
+                                             ('resnet101', 64, (2, 256, 8, 8))])
 def test_encoder_shapes(name, size, shape):
     enc = make_encoder(name).eval()
     with torch.no_grad(): f = enc(torch.randn(2, 1, size, size))

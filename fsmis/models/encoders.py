@@ -61,7 +61,7 @@ class SmallCNN(nn.Module):
                ): return self.proj(self.body(x))
 
 # %% ../../nbs/10_models.encoders.ipynb #1f903b9e
-ENCODERS = ('small', 'resnet18', 'resnet50', 'resnet101')
+ENCODERS = ('small', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
 
 def _state_dict_from(obj, path):
     if not isinstance(obj, dict): raise ValueError(f"weights={str(path)!r}: expected a state dict, got {type(obj).__name__}")
