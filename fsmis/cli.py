@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/cli.html.md"""
 
 # %% ../nbs/41_cli.ipynb #bbe67429
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 import numpy as np
 
@@ -387,6 +387,7 @@ def main(argv=None # arguments (default: sys.argv[1:])
     if a.cmd is None: p.print_help(); return 2
     try: return int(a.func(a) or 0)
     except _USER_ERRORS as e:
+        if os.environ.get('FSMIS_TRACEBACK'): raise  # debugging: the full traceback instead of the one line
         print(f"fsmis {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -208,3 +208,14 @@ def test_preprocess_folder(phantom_folder, tmp_path):
     r = fsmis('preprocess', phantom_folder, out, '--dataset', 'no_such_dataset')
     assert r.returncode == 2
     one_line_error(r.stderr, 'preprocess')
+
+
+def test_traceback_on_request(monkeypatch, tmp_path):
+    "FSMIS_TRACEBACK=1 turns the one-line user error back into the exception (for debugging)."
+    from fsmis.cli import main
+    missing = str(tmp_path/'nope.nii.gz')
+    args = ['segment', missing, missing, missing, '--checkpoint', missing, '--out', str(tmp_path/'o.nii.gz')]
+    assert main(args) == 2
+    monkeypatch.setenv('FSMIS_TRACEBACK', '1')
+    from fsmis.cli import UserError
+    with pytest.raises((UserError, FileNotFoundError, ValueError)): main(args)
