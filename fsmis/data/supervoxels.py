@@ -271,6 +271,16 @@ def _find(parent, i):
         i = parent[i]
     return i
 
+@njit(cache=True, parallel=True)
+def _all_roots(parent):
+    "Root of every element, in parallel (read-only walks up the trees, no path compression races)."
+    out = np.empty_like(parent)
+    for i in prange(parent.size):
+        r = np.int64(i)
+        while parent[r] != r: r = np.int64(parent[r])
+        out[i] = r
+    return out
+
 @njit(cache=True, nogil=True)
 def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
     "Felzenszwalb pass + minimum-size pass over the edges of a flat volume in cost order; root per voxel."
@@ -345,8 +355,7 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
             if sa >= min_size: big[p >> 6] |= one << np.uint64(p & 63)
             if sr >= min_size: big[q >> 6] |= one << np.uint64(q & 63)
         b += 1
-    for i in range(N): parent[i] = _find(parent, i)
-    return parent
+    return _all_roots(parent)
 
 @njit(cache=True, nogil=True)
 def _relabel(roots, mask):
