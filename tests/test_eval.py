@@ -240,7 +240,8 @@ def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
         sp = fold_split(_ToyDS.case_ids, fold, 2)
         assert not set(train_ids) & {sp.support_id, *sp.query_ids}
         assert set(res.results[res.results.fold == fold].case) == set(sp.query_ids)
-    assert (res.runs.checkpoint == 'final').all() and (res.runs.steps == 0).all()  # the default: the final weights
+    assert X.ExperimentConfig().checkpoint == 'final'  # the default evaluates the final weights (the 'val' path: next test)
+    assert (res.runs.checkpoint == 'final').all() and (res.runs.steps == 0).all()
 
 
 def test_val_checkpoint_scores_training_cases_only(monkeypatch):

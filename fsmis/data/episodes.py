@@ -6,6 +6,7 @@ Docs: https://fsmis.github.io/fsmis/data.episodes.html.md"""
 
 # %% ../../nbs/06_data.episodes.ipynb #5fa526e2
 from __future__ import annotations
+import inspect
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -483,7 +484,6 @@ def make_sampler(sampler, # 'vssl', 'pssl', 'supervised', or a sampler (returned
     "An episode sampler by name."
     if not isinstance(sampler, str): return sampler
     if sampler not in _SAMPLERS: raise ValueError(f"sampler must be one of {list(_SAMPLERS)} or a sampler object, got {sampler!r}")
-    import inspect
     params = inspect.signature(_SAMPLERS[sampler]).parameters
     ok = [n for n, p in params.items() if n not in ('cases', 'pseudo_labels') and p.kind != p.VAR_KEYWORD]
     bad = [] if any(p.kind == p.VAR_KEYWORD for p in params.values()) else sorted(set(kwargs) - set(ok))

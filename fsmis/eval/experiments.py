@@ -63,6 +63,7 @@ class ExperimentConfig:
         if self.setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {self.setting!r}")
         if self.checkpoint not in ('final', 'val'): raise ValueError(f"checkpoint must be 'final' or 'val', got {self.checkpoint!r}")
         if self.runs < 1: raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if not list(self.folds): raise ValueError("folds is empty: give at least one fold index")
         if self.method not in ('adnet', 'alpnet', 'panet', 'intensity'): raise ValueError(f"method: unknown {self.method!r}")
         for b in self.baselines:
             if b not in ('untrained', 'intensity'): raise ValueError(f"baselines: unknown baseline {b!r}")
@@ -293,7 +294,6 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     classes = _classes(cfg, ds)
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None: cfg.save(out_dir/'config.yaml')
-    if not list(cfg.folds): raise ValueError("folds is empty: give at least one fold index")
     rows, runs = [], []
     for fold in cfg.folds:
         split = fold_split(store.case_ids, fold, cfg.n_folds, cfg.fold_variant)
