@@ -17,7 +17,8 @@ def load(n_cases=4):
     "(source name, cases, 3D supervoxels, 2D superpixels) at 256 x 256."
     root = data_root()
     if root is not None and (root / 'chaos_t2' / 'reference_supervoxels').is_dir():
-        from fsmis.data.io import open_dataset, read_nifti
+        from fsmis.data.datasets import open_dataset
+        from fsmis.data.io import read_nifti
         from fsmis.data.supervoxels import dataset_supervoxels
         ds = open_dataset('chaos_t2', root=root)
         ids = ds.case_ids[:n_cases]
@@ -25,7 +26,7 @@ def load(n_cases=4):
         sv = {c: read_nifti(root / 'chaos_t2' / 'reference_supervoxels' / f'superpix-MIDDLE_{c}.nii.gz')[0].astype(np.int32) for c in ids}
         sp = dataset_supervoxels(ds, mode='2d', case_ids=ids, progress=False)
         return 'CHAOS T2 (reference supervoxels)', cases, sv, sp
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     from fsmis.data.supervoxels import dataset_supervoxels
     ds = open_dataset('phantom', n_cases=n_cases, shape=(24, 256, 256))
     sv = dataset_supervoxels(ds, mode='3d', progress=False)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from fsmis.core import data_root, default_device
-from fsmis.data.io import open_dataset, fold_split
+from fsmis.data.datasets import open_dataset
+from fsmis.data.folds import fold_split
 from fsmis.eval.protocols import evaluate_case, IntensityPrototype
 from fsmis.eval.experiments import CaseStore
 

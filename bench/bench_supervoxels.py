@@ -17,7 +17,8 @@ import numpy as np
 import psutil
 from skimage.segmentation import felzenszwalb
 from fsmis.core import data_root
-from fsmis.data.io import open_dataset, read_nifti
+from fsmis.data.datasets import open_dataset
+from fsmis.data.io import read_nifti
 from fsmis.data.supervoxels import supervoxels, adjusted_rand_index
 
 

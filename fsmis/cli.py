@@ -93,13 +93,13 @@ def _train_config(a):
 
 def _open_any(name):
     "A dataset by registry name, phantom, or folder path."
-    from fsmis.data.io import DATASETS, open_dataset
+    from fsmis.data.datasets import DATASETS, open_dataset
     if name == 'phantom' or (name in DATASETS and name != 'folder'): return open_dataset(name)
     return _open_folder(name)
 
 def _cmd_train(a):
     from fsmis.core import set_seed, default_device, atomic_write
-    from fsmis.data.io import fold_split
+    from fsmis.data.folds import fold_split
     from fsmis.data.supervoxels import dataset_supervoxels
     from fsmis.data.episodes import episode_dls
     import fsmis.learner as L, torch
@@ -152,7 +152,7 @@ _PROTOCOLS = {'EP1': ('EP1', 'adnet'), 'EP2': ('EP2', 'adnet'), 'setting1': ('ou
 def _cmd_evaluate(a):
     import pandas as pd
     from fsmis.core import atomic_write
-    from fsmis.data.io import fold_split
+    from fsmis.data.folds import fold_split
     from fsmis.eval.protocols import evaluate
     from fsmis.eval.experiments import CaseStore, make_tables, PAPER_ORDER, ExperimentConfig, _classes
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)
@@ -183,7 +183,8 @@ def _cmd_evaluate(a):
 
 def _cmd_segment(a):
     import torch, torch.nn.functional as F
-    from fsmis.data.io import read_nifti, write_nifti, zscore
+    from fsmis.data.io import read_nifti, write_nifti
+    from fsmis.data.datasets import zscore
     from fsmis.eval.protocols import segment_volume
     for p, w in ((a.query, 'query image'), (a.support, 'support image'), (a.support_mask, 'support mask')): _existing(p, w)
     if not (str(a.out).endswith('.nii') or str(a.out).endswith('.nii.gz')): raise UserError(f"--out must end with .nii or .nii.gz, got {a.out}")

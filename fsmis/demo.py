@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 from fastprogress.fastprogress import progress_bar
 from .core import set_seed, default_device, atomic_write
-from .data.io import DATASETS, FoldSplit, open_dataset, read_nifti, sort_ids
+from .data.datasets import DATASETS, open_dataset, sort_ids
+from .data.folds import FoldSplit
+from .data.io import read_nifti
 
 # %% auto #0
 __all__ = ['DEMO_DEFAULTS', 'open_folder', 'demo_dataset', 'demo_split', 'train_demo', 'dice_table', 'table_markdown',
@@ -25,7 +27,7 @@ def open_folder(folder, # folder of image_<id>.nii[.gz] (and label_<id>.nii[.gz]
                 require_labels: bool = True, # every image needs its label file
                ):
     "A `FileDataset` of a folder, with the label map of a registered dataset, else classes read from the label files."
-    from fsmis.data.io import FileDataset, DatasetSpec, get_spec
+    from fsmis.data.datasets import FileDataset, DatasetSpec, get_spec
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"{folder}: dataset folder not found")
     name, man = dataset, folder/'manifest.json'

@@ -6,8 +6,9 @@ import nibabel as nib
 import pytest
 
 from fsmis.core import Case
-from fsmis.data.io import (read_nifti, write_nifti, get_spec, DATASETS, open_dataset, fold_split, fold_table, FoldSplit,
-                           Dataset, sort_ids)
+from fsmis.data.io import read_nifti, write_nifti
+from fsmis.data.datasets import get_spec, DATASETS, open_dataset, Dataset, sort_ids
+from fsmis.data.folds import fold_split, fold_table, FoldSplit
 from fsmis.data.preprocess import preprocess_folder, preprocess_case, resample_label, window_ct, clip_top
 from fsmis.data.phantom import make_phantom, threshold_dice, PhantomDataset
 

@@ -35,7 +35,7 @@ def toy():
 @pytest.fixture(scope='module')
 def phantom():
     "Four small phantom cases with their ADNet supervoxels (rho 1000) and SSL-ALPNet superpixels (cached)."
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     from fsmis.data.supervoxels import dataset_supervoxels
     ds = open_dataset('phantom', n_cases=4, shape=(16, 96, 96))
     sv = dataset_supervoxels(ds, mode='3d', n_workers=1, progress=False)
@@ -194,7 +194,8 @@ def test_vssl_phantom(phantom):
 
 @pytest.mark.data
 def test_vssl_on_chaos_reference_supervoxels(data_root):
-    from fsmis.data.io import open_dataset, read_nifti
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.io import read_nifti
     ds = open_dataset('chaos_t2', root=data_root)
     ids = ds.case_ids[:4]
     cases = [ds.load(c) for c in ids]
@@ -280,7 +281,7 @@ def test_supervised_phantom_setting2(phantom):
 
 @pytest.mark.data
 def test_setting2_on_chaos_excludes_every_test_organ_slice(data_root):
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     ds = open_dataset('chaos_t2', root=data_root)
     cases = [ds.load(c) for c in ds.case_ids[:8]]
     kidneys, liver_spleen = [2, 3], [1, 4]

@@ -6,9 +6,8 @@ import torch
 
 from fsmis.core import Case
 from fsmis.eval.metrics import dice, dice_counts, dice_from_counts, summarize, paired_wilcoxon, to_markdown
-from fsmis.eval.protocols import (ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks,
-                                  labelled_slices, setting2_keep, setting_keep, IntensityPrototype, evaluate,
-                                  evaluate_case, segment_volume, threshold_override, learned_threshold)
+from fsmis.eval.protocols import ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks, labelled_slices, IntensityPrototype, evaluate, evaluate_case, segment_volume, threshold_override, learned_threshold
+from fsmis.data.folds import setting2_keep, setting_keep
 
 
 # ---------------------------------------------------------------- metrics
@@ -235,7 +234,7 @@ def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
     monkeypatch.setattr(X, 'train_model', fake_train)
     cfg = X.ExperimentConfig(name='t', dataset='toy', method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=['intensity'])
     res = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
-    from fsmis.data.io import fold_split
+    from fsmis.data.folds import fold_split
     for (train_ids, seed), fold in zip(seen, [0, 1]):
         sp = fold_split(_ToyDS.case_ids, fold, 2)
         assert not set(train_ids) & {sp.support_id, *sp.query_ids}
@@ -248,7 +247,7 @@ def test_val_checkpoint_scores_training_cases_only(monkeypatch):
     """checkpoint='val': the weights are chosen on validation cases drawn from the training cases, never the test fold;
     under Setting 2 the test classes are not scored even there."""
     pytest.importorskip('fsmis.learner')
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     torch.set_num_threads(1)
     ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
     calls, real = [], X.evaluate
@@ -286,7 +285,7 @@ def test_validation_split_only_from_training_cases():
 
 def test_trained_adnet_run_is_reproducible(tmp_path):
     pytest.importorskip('fsmis.learner'); pytest.importorskip('fsmis.data.episodes')
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     torch.set_num_threads(1)
     ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
     cfg = X.ExperimentConfig(name='p', dataset='phantom', method='adnet', encoder='small', folds=[0], n_folds=2, runs=1,
@@ -301,7 +300,7 @@ def test_trained_adnet_run_is_reproducible(tmp_path):
 
 def test_setting2_reaches_the_episode_sampler(monkeypatch):
     eps = pytest.importorskip('fsmis.data.episodes')
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     seen = {}
     class Stop(Exception): pass
     def fake_dls(source, **kw):
@@ -320,7 +319,7 @@ def test_setting2_reaches_the_episode_sampler(monkeypatch):
 def test_untrained_baseline_is_the_trained_models_start(monkeypatch):
     "The untrained baseline of a run has exactly the initial weights that training starts from."
     L = pytest.importorskip('fsmis.learner')
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     def no_fit(learn, n, **kw): learn.iteration = 0; return learn
     monkeypatch.setattr(L, 'fit_iters', no_fit)  # no training step: the model stays at its start
     ds = open_dataset('phantom', n_cases=4, shape=(16, 64, 64))
@@ -333,7 +332,9 @@ def test_untrained_baseline_is_the_trained_models_start(monkeypatch):
 
 def test_ct_global_norm_fitted_on_each_folds_training_cases(tmp_path, monkeypatch):
     "CT is z-scored with one mean/std over the training scans (REFERENCE_FACTS): the test fold never enters it."
-    from fsmis.data.io import open_dataset, write_nifti, fold_split
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.io import write_nifti
+    from fsmis.data.folds import fold_split
     rng = np.random.default_rng(0)
     for i in range(1, 7):
         img = rng.normal(100 * i, 10, (6, 24, 24)).astype(np.float32); lab = np.zeros((6, 24, 24), np.uint8)

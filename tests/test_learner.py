@@ -137,7 +137,7 @@ def test_progress_bar_runs(tmp_path, capsys):
 
 def test_resume_exact_with_episode_dls(tmp_path):
     "With fsmis.data.episodes (episode i of pass e seeded by (seed, e, i)): resume mid-pass, across a pass boundary."
-    episodes = pytest.importorskip('fsmis.data.episodes'); io = pytest.importorskip('fsmis.data.io')
+    episodes = pytest.importorskip('fsmis.data.episodes'); io = pytest.importorskip('fsmis.data.datasets')
     ds = io.open_dataset('phantom', n_cases=2, seed=0, shape=(16, 64, 64))
     def mk(path):
         dls = episodes.episode_dls(ds, sampler='supervised', classes=[1, 4], size=48, n_episodes=7, seed=0, device='cpu')

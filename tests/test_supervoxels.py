@@ -182,7 +182,7 @@ def test_ari():
 @pytest.mark.parametrize('name,ref_range', [('chaos_t2', (20, 39)), ('ms_cmrseg_bssfp', (22, 48))])
 def test_faithful_to_reference(data_root, tmp_path, name, ref_range):
     "Recomputed on every volume: mean ARI >= 0.93 against the authors' files, counts close to theirs."
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     r = reference_agreement(open_dataset(name, root=data_root), cache_dir=tmp_path, progress=False)
     print(r.describe())
     assert r.ari.mean() >= 0.93 and r.ari.min() >= 0.80  # stable ties: CHAOS 33 is the worst at 0.81
@@ -213,7 +213,7 @@ def test_tie_order_option():
 @pytest.mark.parametrize('name,cids', [('chaos_t2', ['1', '33']), ('ms_cmrseg_bssfp', ['2'])])
 def test_numpy1_ties_bit_exact(data_root, tmp_path, name, cids):
     "tie_order='numpy1' reproduces the authors' files exactly (same partition)."
-    from fsmis.data.io import open_dataset
+    from fsmis.data.datasets import open_dataset
     r = reference_agreement(open_dataset(name, root=data_root), case_ids=cids, cache_dir=tmp_path, progress=False,
                             n_workers=1, tie_order='numpy1')
     assert r.ari.min() > 0.99999 and (r.n_ours == r.n_ref).all()

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from ..core import set_seed, default_device, atomic_write
 from .metrics import summarize, to_markdown, paired_wilcoxon
-from .protocols import evaluate, IntensityPrototype, learned_threshold, setting_keep
+from .protocols import evaluate, IntensityPrototype, learned_threshold
+from ..data.folds import setting_keep
 
 # %% auto #0
 __all__ = ['PAPER_ORDER', 'ExperimentConfig', 'cpu_budget_config', 'ouyang_config', 'CaseStore', 'make_model', 'validation_split',
@@ -287,7 +288,8 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
                    progress:bool=True, # print one line per run
                   ) -> ExperimentResult:
     "Train and evaluate every fold and run of `cfg`; write config, results.csv, runs.csv, tables.md and figures."
-    from fsmis.data.io import open_dataset, fold_split
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.folds import fold_split
     if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
     ds = dataset if dataset is not None else open_dataset(cfg.dataset, **cfg.dataset_kw)
     store = CaseStore(ds)

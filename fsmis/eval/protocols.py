@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..core import Case, default_device
 from .metrics import dice_counts, dice_from_counts
+from ..data.folds import setting_keep, setting2_keep  # the one Setting 1/2 rule, shared with the samplers
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'LABEL_GROUPS', 'Task', 'labelled_slices', 'support_slice_indices', 'query_chunks', 'ep1_tasks',
-           'ep2_tasks', 'protocol_tasks', 'setting2_keep', 'setting_keep', 'model_device', 'resize_slices',
-           'encode_volume', 'eval_mode', 'threshold_override', 'segment_with', 'learned_threshold', 'predict_tasks',
-           'fg_of', 'segment_volume', 'IntensityPrototype', 'evaluate_case', 'evaluate']
+__all__ = ['PROTOCOLS', 'Task', 'labelled_slices', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks',
+           'protocol_tasks', 'model_device', 'resize_slices', 'encode_volume', 'eval_mode', 'threshold_override',
+           'segment_with', 'learned_threshold', 'predict_tasks', 'fg_of', 'segment_volume', 'IntensityPrototype',
+           'evaluate_case', 'evaluate']
 
 # %% ../../nbs/21_eval.protocols.ipynb #3021ae03
 @dataclass
@@ -85,31 +86,6 @@ def protocol_tasks(protocol:str, # 'EP1', 'EP2' or 'ouyang'
     "The task list of a named protocol."
     if protocol not in PROTOCOLS: raise ValueError(f"protocol={protocol!r}: choose one of {list(PROTOCOLS)}")
     return PROTOCOLS[protocol](sup_label, qry_label, cls, n_chunks)
-
-# %% ../../nbs/21_eval.protocols.ipynb #72e12665
-LABEL_GROUPS = {  # by class name; the test group is evaluated, the other may be used for supervision
-    'chaos_t2': {'upper': ['liver', 'spleen'], 'lower': ['right kidney', 'left kidney']},
-    'synapse_ct': {'upper': ['liver', 'spleen'], 'lower': ['right kidney', 'left kidney']},
-}
-
-def setting2_keep(label, # training label volume (z, h, w)
-                  test_classes, # class indices that must never be seen in training
-                 ) -> np.ndarray:
-    "Boolean (z,) mask of the slices allowed in Setting 2: those containing NONE of `test_classes`."
-    label = np.asarray(label)
-    if label.ndim != 3: raise ValueError(f"label must be a (z, h, w) volume, got shape {label.shape}")
-    test_classes = list(test_classes)
-    if not test_classes: raise ValueError("test_classes is empty: Setting 2 needs the classes to exclude")
-    return ~np.isin(label, test_classes).reshape(label.shape[0], -1).any(1)
-
-def setting_keep(label, # training label volume
-                 test_classes, # evaluated class indices
-                 setting:int=1, # 1: keep every slice; 2: drop slices containing any test class
-                ) -> np.ndarray:
-    "Slices a training sampler may use under Ouyang's Setting 1 or 2."
-    if setting == 1: return np.ones(np.asarray(label).shape[0], bool)
-    if setting == 2: return setting2_keep(label, test_classes)
-    raise ValueError(f"setting must be 1 or 2, got {setting!r}")
 
 # %% ../../nbs/21_eval.protocols.ipynb #57883c44
 def model_device(model:nn.Module) -> torch.device:
