@@ -14,7 +14,7 @@ from fsmis.core import data_root, default_device
 from fsmis.data.datasets import open_dataset
 from fsmis.data.folds import fold_split
 from fsmis.eval.protocols import evaluate_case, IntensityPrototype
-from fsmis.eval.experiments import CaseStore
+from fsmis.data.datasets import CaseStore
 
 
 def main():

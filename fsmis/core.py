@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['Case', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path']
+__all__ = ['Case', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path', 'resize_slices']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -118,3 +118,21 @@ def atomic_path(path # destination file
             with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
             raise
     return _cm()
+
+# %% ../nbs/00_core.ipynb #add40a7f
+import torch.nn.functional as F
+
+def _size2(size):
+    "None, or an (h, w) tuple from an int or a pair."
+    if size is None: return None
+    return (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+
+def resize_slices(x:torch.Tensor, # [N, C, H, W] images or masks
+                  size=None, # target (h, w) or int; None: unchanged
+                  mask:bool=False, # nearest-exact for masks, antialiased bilinear for images
+                 ) -> torch.Tensor:
+    "Resize a batch of slices the way the episode loaders do (images bilinear+antialias, masks nearest-exact)."
+    size = _size2(size)
+    if size is None or tuple(x.shape[-2:]) == size: return x
+    if mask: return F.interpolate(x.float(), size, mode='nearest-exact')
+    return F.interpolate(x.float(), size, mode='bilinear', antialias=True, align_corners=False)

@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/learner.html.md"""
 
 # %% ../nbs/14_learner.ipynb #515fb1a2
 from __future__ import annotations
-import math, random, pickle, re, warnings
+import math, random, pickle, re, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -24,9 +24,10 @@ from .models.alpnet import ALPNet, PANet
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
-__all__ = ['MODELS', 'ToyEpisodes', 'toy_dls', 'IterTrainer', 'episode_dice', 'EpisodeLog', 'read_checkpoint', 'save_checkpoint',
-           'load_checkpoint', 'Checkpointer', 'list_checkpoints', 'fit_iters', 'FewShotLearner', 'build_model',
-           'load_model', 'adnet_learner', 'alpnet_learner', 'panet_learner']
+__all__ = ['MODELS', 'ToyEpisodes', 'toy_dls', 'IterTrainer', 'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice',
+           'EpisodeLog', 'read_checkpoint', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
+           'fit_iters', 'FewShotLearner', 'build_model', 'load_model', 'adnet_learner', 'alpnet_learner',
+           'panet_learner']
 
 # %% ../nbs/14_learner.ipynb #33d0b999
 class ToyEpisodes(torch.utils.data.Dataset):
@@ -87,21 +88,19 @@ def _set_rng_state(st):
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
 class IterTrainer(Callback):
-    "Iteration-counted training: stop at `n_iter`, step-decay the lr, skip validation, restore pending RNG states."
+    "Iteration-counted training: count iterations, step-decay the lr, skip validation, restore pending RNG states."
     order = 20  # after TrainEvalCallback (-10) and MixedPrecision (10)
-    def __init__(self, n_iter: int, # stop when learn.iteration reaches this
-                 lr: float = 1e-3, # base learning rate
+    def __init__(self, lr: float = 1e-3, # base learning rate
                  decay: float = 0.98, # lr factor per `decay_every` iterations (paper 0.98, released code 0.95)
                  decay_every: int = 1000, # iterations between decays
                  validate: bool = False, # run fastai's validation after each DataLoader epoch
-                ): self.n_iter, self.base_lr, self.decay, self.decay_every, self.validate = n_iter, lr, decay, decay_every, validate
+                ): self.base_lr, self.decay, self.decay_every, self.validate = lr, decay, decay_every, validate
 
     def lr_at(self, it): return self.base_lr * self.decay ** (it // self.decay_every)
     def before_fit(self):
         if not hasattr(self.learn, 'iteration'): self.learn.iteration = 0
         fl = getattr(self.dls.train, 'fake_l', None)
         if fl is not None and fl.num_workers == 0: fl.generator = torch.Generator().manual_seed(0)
-        if self.learn.iteration >= self.n_iter: raise CancelFitException()
     def before_train(self):
         dl = self.dl
         # where this pass of the episode loader starts: its pass counter (fsmis EpisodeDL) and shuffle RNG
@@ -133,8 +132,43 @@ class IterTrainer(Callback):
         self.learn.iteration += 1; self.pos += 1
     def before_validate(self):
         if not self.validate: raise CancelValidException()
-    def after_epoch(self):
-        if self.learn.iteration >= self.n_iter: raise CancelFitException()
+
+class StopAfter(Callback):
+    "The one stop rule: end `fit` when `learn.iteration` reaches `n_steps` or after `minutes` of training, whichever comes first."
+    order = 100  # last: checkpoints and logs see the final iteration first
+    def __init__(self, n_steps: int | None = None, # stop at this iteration (counting iterations done before a resume)
+                 minutes: float | None = None, # stop after this many minutes of this fit
+                ):
+        if n_steps is None and minutes is None: raise ValueError("StopAfter needs n_steps or minutes")
+        if n_steps is not None and int(n_steps) < 0: raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        if minutes is not None and not minutes > 0: raise ValueError(f"minutes must be > 0, got {minutes}")
+        self.n_steps, self.minutes = None if n_steps is None else int(n_steps), minutes
+    def _done(self):
+        it = getattr(self.learn, 'iteration', 0)
+        return (self.n_steps is not None and it >= self.n_steps) or \
+               (self.minutes is not None and time.perf_counter() - self.t0 >= 60 * self.minutes)
+    def before_fit(self):
+        self.t0 = time.perf_counter()
+        if self.n_steps is not None and getattr(self.learn, 'iteration', 0) >= self.n_steps: raise CancelFitException()
+    def after_batch(self):
+        if self.training and self._done(): raise CancelFitException()
+
+class NonFiniteLoss(ValueError):
+    "Training diverged: a loss or gradient that is NaN or infinite."
+
+class FiniteGuard(Callback):
+    "Stop with `NonFiniteLoss` naming the step (and lr) when a loss or a gradient is not finite, before the optimizer step."
+    order = 30
+    def _fail(self, what):
+        lr = self.opt.hypers[0].get('lr') if self.opt is not None and self.opt.hypers else None
+        raise NonFiniteLoss(f"training diverged at step {getattr(self.learn, 'iteration', 0) + 1}: {what} is not finite"
+                            + (f" (lr {lr:g})" if lr is not None else '') + "; the weights were not updated by this step")
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.learn.loss_grad.detach()).all(): self._fail(f"the loss ({float(self.learn.loss_grad.detach()):g})")
+    def after_backward(self):
+        if not self.training: return
+        for p in self.model.parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all(): self._fail('a gradient')
 
 # %% ../nbs/14_learner.ipynb #3c52f2d6
 def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
@@ -145,9 +179,9 @@ def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
     return float(2 * (p & t).sum() / (p.sum() + t.sum()).clamp(min=1))
 
 class EpisodeLog(Callback):
-    "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log`, a progress bar, and the stop at n_iter."
+    "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_iter`."
     order = 90
-    def __init__(self, n_iter: int, # target iteration (for the bar and the stop)
+    def __init__(self, n_iter: int, # target iteration (for the bar)
                  show: bool = True, # show the progress bar
                  avg: int = 20, # running-mean window of the bar comment
                 ): self.n_iter, self.show, self.avg, self.pb = n_iter, show, avg, None
@@ -168,7 +202,6 @@ class EpisodeLog(Callback):
             mean = lambda k: sum(r[k] for r in last) / len(last)
             self.pb.comment = f"loss {mean('loss'):.3f}" + (f" T {rec['T']:.3f}" if 'T' in rec else '') + f" dice {mean('dice'):.3f}"
             self.pb.update(self.learn.iteration - self.start)
-        if self.learn.iteration >= self.n_iter: raise CancelFitException()
     def after_fit(self):
         if self.pb is not None: self.pb.on_iter_end()
 
@@ -188,7 +221,7 @@ def save_checkpoint(learn: Learner, # learner to save
                     path, # destination file (written atomically)
                     scaler=None, # mixed-precision gradient scaler to save (default: `learn.scaler`, if any)
                    ):
-    "Save model, optimizer, iteration, schedule, scaler and RNG states to `path`."
+    "Save model, optimizer, iteration, schedule, scaler, RNG states and `learn.checkpoint_meta` (input size, classes, data) to `path`."
     if learn.opt is None: learn.create_opt()
     it = [c for c in learn.cbs if isinstance(c, IterTrainer)]
     sched = ({'lr': it[0].base_lr, 'decay': it[0].decay, 'decay_every': it[0].decay_every} if it
@@ -196,7 +229,7 @@ def save_checkpoint(learn: Learner, # learner to save
     data = it[0].data_state() if it and hasattr(it[0], 'pos') else None
     ck = {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(), 'iteration': int(getattr(learn, 'iteration', 0)),
           'schedule': sched, 'rng': _rng_state(), 'model_kind': getattr(learn, 'model_kind', type(learn.model).__name__),
-          'model_config': getattr(learn, 'model_config', {})}
+          'model_config': getattr(learn, 'model_config', {}), **getattr(learn, 'checkpoint_meta', {})}
     sc = scaler if scaler is not None else getattr(learn, 'scaler', None)
     if sc is not None: ck['scaler'] = sc.state_dict()
     if data is not None: ck['data'] = data
@@ -250,7 +283,8 @@ def list_checkpoints(folder # checkpoint folder
 
 # %% ../nbs/14_learner.ipynb #1aa3ce0e
 def fit_iters(learn: Learner, # a Learner from the factories below (or any with a few-shot model)
-              n_iter: int, # total iterations to reach
+              n_iter: int | None, # total iterations to reach (None: until `minutes` are up)
+              minutes: float | None = None, # also stop after this many minutes of training
               ckpt_every: int | None = None, # save a checkpoint every this many iterations
               ckpt_dir=None, # checkpoint folder (default learn.path/'checkpoints')
               resume=None, # checkpoint file, or 'last' for the newest in ckpt_dir, to continue from
@@ -258,9 +292,11 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
               show_progress: bool = True, # fastprogress bar with loss, T and Dice
               validate: bool = False, # run validation at the end of each DataLoader pass
               weights_only: bool = True, # safe checkpoint loading (see `read_checkpoint`)
+              cbs: list | None = None, # extra callbacks for this fit (e.g. `fsmis.train.ValCheckpoint`)
              ) -> Learner:
     "Train `learn` up to iteration `n_iter` with the paper's SGD schedule, checkpoints and exact resume."
-    if n_iter < 0: raise ValueError(f"n_iter={n_iter}: must be >= 0")
+    if n_iter is None and minutes is None: raise ValueError("fit_iters needs n_iter or minutes")
+    if n_iter is not None and n_iter < 0: raise ValueError(f"n_iter={n_iter}: must be >= 0")
     if len(learn.dls.train) == 0: raise ValueError("learn.dls.train is empty: it yields no episode batch")
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
     if resume is not None:
@@ -270,10 +306,13 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
             resume = cks[-1]
         load_checkpoint(learn, resume, weights_only=weights_only)
     sched = learn.fsmis_schedule if hasattr(learn, 'fsmis_schedule') else {'lr': learn.lr, 'decay': 0.98, 'decay_every': 1000}
-    cbs = [IterTrainer(n_iter, validate=validate, **sched), EpisodeLog(n_iter, show=show_progress)]
+    extra = cbs or []
+    cbs = [IterTrainer(validate=validate, **sched), FiniteGuard(), StopAfter(n_iter, minutes),
+           EpisodeLog(n_iter if n_iter is not None else 0, show=show_progress and n_iter is not None)]
     if ckpt_every: cbs.append(Checkpointer(ckpt_dir, ckpt_every, keep))
+    cbs += list(extra)
     start = getattr(learn, 'iteration', 0)
-    n_ep = max(1, math.ceil((n_iter - start) / max(1, len(learn.dls.train))) + 1)
+    n_ep = 10**9 if n_iter is None else max(1, math.ceil((n_iter - start) / max(1, len(learn.dls.train))) + 1)
     with learn.no_bar(), learn.no_logging(): learn.fit(n_ep, cbs=cbs)
     return learn
 

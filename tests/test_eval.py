@@ -192,7 +192,13 @@ def test_line_search_with_fsmis_adnet():
 
 
 # ---------------------------------------------------------------- experiment runner
-from fsmis.eval import experiments as X
+from fsmis import experiments as X, train as T, config as Cfg
+from types import SimpleNamespace
+
+def _train(cfg, ds, train_ids, seed, test_classes=None, store=None):
+    "(model, info) of `train_fold` (the one training path)."
+    learn = T.train_fold(cfg, ds, train_ids, seed=seed, test_classes=test_classes, store=store)
+    return learn.model, learn.train_info
 
 
 class _ToyDS:
@@ -203,23 +209,23 @@ class _ToyDS:
 
 
 def test_config_roundtrip_and_validation(tmp_path):
-    cfg = X.cpu_budget_config('ms_cmrseg_bssfp', minutes=5)
-    assert X.ExperimentConfig.load(cfg.save(tmp_path / 'c.yaml')) == cfg
-    assert X.ExperimentConfig.load(cfg.save(tmp_path / 'c.json')) == cfg
+    cfg = Cfg.cpu_budget_config('ms_cmrseg_bssfp', minutes=5)
+    assert Cfg.ExperimentConfig.load(cfg.save(tmp_path / 'c.yaml')) == cfg
+    assert Cfg.ExperimentConfig.load(cfg.save(tmp_path / 'c.json')) == cfg
     assert cfg.time_budget_min == 5 and cfg.checkpoint == 'final'
-    with pytest.raises(ValueError, match='setting'): X.ExperimentConfig(setting=3)
-    with pytest.raises(ValueError, match='checkpoint'): X.ExperimentConfig(checkpoint='best_test')
+    with pytest.raises(ValueError, match='setting'): Cfg.ExperimentConfig(setting=3)
+    with pytest.raises(ValueError, match='checkpoint'): Cfg.ExperimentConfig(checkpoint='best_test')
     (tmp_path / 'bad.json').write_text('{"nope": 1}')
-    with pytest.raises(ValueError, match='unknown config keys'): X.ExperimentConfig.load(tmp_path / 'bad.json')
+    with pytest.raises(ValueError, match='unknown config keys'): Cfg.ExperimentConfig.load(tmp_path / 'bad.json')
 
 
 def test_runner_same_seed_same_numbers(tmp_path):
-    cfg = X.ExperimentConfig(name='t', dataset='toy', method='intensity', folds=[0, 1], n_folds=2, runs=2, baselines=[])
+    cfg = Cfg.ExperimentConfig(name='t', dataset='toy', method='intensity', folds=[0, 1], n_folds=2, runs=2, baselines=[])
     a = X.run_experiment(cfg, tmp_path / 'a', dataset=_ToyDS(), progress=False)
     b = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
     pd.testing.assert_frame_equal(a.results, b.results)
     assert {'config.yaml', 'results.csv', 'runs.csv', 'tables.md', 'dice.png'} <= {p.name for p in (tmp_path / 'a').iterdir()}
-    assert X.ExperimentConfig.load(tmp_path / 'a' / 'config.yaml') == cfg
+    assert Cfg.ExperimentConfig.load(tmp_path / 'a' / 'config.yaml') == cfg
     csv = pd.read_csv(tmp_path / 'a' / 'results.csv')
     assert {'method', 'protocol', 'fold', 'run', 'case', 'class', 'tp', 'fp', 'fn', 'dice'} <= set(csv.columns)
     assert len(csv) == 2 * 2 * 2 * 3 * 2  # folds x runs x protocols x queries (fold of 4 cases: 1 support + 3) x classes
@@ -228,18 +234,18 @@ def test_runner_same_seed_same_numbers(tmp_path):
 
 def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
     seen = []
-    def fake_train(cfg, ds, train_ids, seed, test_classes=None, store=None):
+    def fake_train(cfg, ds, train_ids, seed=None, test_classes=None, store=None):
         seen.append((list(train_ids), seed))
-        m = IntensityPrototype(); return m, dict(train_s=0., steps=0, checkpoint=cfg.checkpoint)
-    monkeypatch.setattr(X, 'train_model', fake_train)
-    cfg = X.ExperimentConfig(name='t', dataset='toy', method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=['intensity'])
+        return SimpleNamespace(model=IntensityPrototype(), train_info=dict(train_s=0., steps=0, checkpoint=cfg.checkpoint))
+    monkeypatch.setattr(X, 'train_fold', fake_train)
+    cfg = Cfg.ExperimentConfig(name='t', dataset='toy', method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=['intensity'])
     res = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
     from fsmis.data.folds import fold_split
     for (train_ids, seed), fold in zip(seen, [0, 1]):
         sp = fold_split(_ToyDS.case_ids, fold, 2)
         assert not set(train_ids) & {sp.support_id, *sp.query_ids}
         assert set(res.results[res.results.fold == fold].case) == set(sp.query_ids)
-    assert X.ExperimentConfig().checkpoint == 'final'  # the default evaluates the final weights (the 'val' path: next test)
+    assert Cfg.ExperimentConfig().checkpoint == 'final'  # the default evaluates the final weights (the 'val' path: next test)
     assert (res.runs.checkpoint == 'final').all() and (res.runs.steps == 0).all()
 
 
@@ -250,37 +256,37 @@ def test_val_checkpoint_scores_training_cases_only(monkeypatch):
     from fsmis.data.datasets import open_dataset
     torch.set_num_threads(1)
     ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
-    calls, real = [], X.evaluate
+    calls, real = [], T.evaluate
     def spy(model, store, support_id, query_ids, protocol='EP2', classes=None, **kw):
         calls.append((support_id, list(query_ids), dict(classes or {})))
         return real(model, store, support_id, query_ids, protocol, classes, **kw)
-    monkeypatch.setattr(X, 'evaluate', spy)
+    monkeypatch.setattr(T, 'evaluate', spy)
     train = ['1', '2', '3', '4']
-    cfg = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=6, rho=100, checkpoint='val', n_val=2, val_every=2)
-    model, info = X.train_model(cfg, ds, train, 0, [1, 2, 3, 4])
+    cfg = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=6, rho=100, checkpoint='val', n_val=2, val_every=2)
+    model, info = _train(cfg, ds, train, 0, [1, 2, 3, 4])
     assert len(calls) == 3 and info['checkpoint'] == 'val' and info['val_step'] in (2, 4, 6)
     val = info['val_ids'].split()
     assert len(val) == 2 and set(val) <= set(train) and info['n_train'] == 2
     for sup, qs, cl in calls: assert {sup, *qs} == set(val) and set(cl) == {1, 2, 3, 4}
     calls.clear()
-    cfg2 = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=2, rho=100, checkpoint='val', n_val=2, val_every=2,
+    cfg2 = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=2, rho=100, checkpoint='val', n_val=2, val_every=2,
                               setting=2)
-    X.train_model(cfg2, ds, train, 0, [1])  # only test class 1 excluded: validate on the others
+    _train(cfg2, ds, train, 0, [1])  # only test class 1 excluded: validate on the others
     assert calls and all(1 not in cl and cl for _, _, cl in calls)
-    with pytest.raises(ValueError, match='no class left to validate'): X.train_model(cfg2, ds, train, 0, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match='no class left to validate'): _train(cfg2, ds, train, 0, [1, 2, 3, 4])
 
 
 def test_empty_folds_is_an_error():
     with pytest.raises(ValueError, match='folds is empty'):
-        X.run_experiment(X.ExperimentConfig(dataset='toy', method='intensity', folds=[]), None, dataset=_ToyDS(), progress=False)
+        X.run_experiment(Cfg.ExperimentConfig(dataset='toy', method='intensity', folds=[]), None, dataset=_ToyDS(), progress=False)
 
 
 def test_validation_split_only_from_training_cases():
     train = ['3', '4', '5', '6', '7', '8']
-    fit, val = X.validation_split(train, 2, seed=1)
+    fit, val = T.validation_split(train, 2, seed=1)
     assert len(val) == 2 and set(val) <= set(train) and not set(fit) & set(val) and set(fit) | set(val) == set(train)
-    assert X.validation_split(train, 0) == (train, [])
-    with pytest.raises(ValueError, match='n_val'): X.validation_split(train, 6)
+    assert T.validation_split(train, 0) == (train, [])
+    with pytest.raises(ValueError, match='n_val'): T.validation_split(train, 6)
 
 
 def test_trained_adnet_run_is_reproducible(tmp_path):
@@ -288,7 +294,7 @@ def test_trained_adnet_run_is_reproducible(tmp_path):
     from fsmis.data.datasets import open_dataset
     torch.set_num_threads(1)
     ds = open_dataset('phantom', n_cases=6, shape=(16, 64, 64))
-    cfg = X.ExperimentConfig(name='p', dataset='phantom', method='adnet', encoder='small', folds=[0], n_folds=2, runs=1,
+    cfg = Cfg.ExperimentConfig(name='p', dataset='phantom', method='adnet', encoder='small', folds=[0], n_folds=2, runs=1,
                              n_steps=8, rho=100, protocols=['EP2'], baselines=['untrained'], thresholds=[-12., -8.])
     a = X.run_experiment(cfg, tmp_path, dataset=ds, progress=False)
     b = X.run_experiment(cfg, None, dataset=ds, progress=False)
@@ -307,12 +313,12 @@ def test_setting2_reaches_the_episode_sampler(monkeypatch):
         seen.update(kw); raise Stop()
     monkeypatch.setattr(eps, 'episode_dls', fake_dls)
     ds = open_dataset('phantom', n_cases=4, shape=(16, 64, 64))
-    cfg = X.ouyang_config('chaos_t2', setting=2, group='lower', method='adnet', pseudo_labels='supervoxels', rho=200)
+    cfg = Cfg.ouyang_config('chaos_t2', setting=2, group='lower', method='adnet', pseudo_labels='supervoxels', rho=200)
     assert cfg.classes == ['right kidney', 'left kidney'] and cfg.protocols == ['ouyang'] and cfg.fold_variant == 'ouyang'
-    with pytest.raises(Stop): X.train_model(cfg, ds, ['1', '2'], 0, [2, 3])
+    with pytest.raises(Stop): _train(cfg, ds, ['1', '2'], 0, [2, 3])
     assert seen['exclude_classes'] == [2, 3] and seen['case_ids'] == ['1', '2']
     seen.clear()
-    with pytest.raises(Stop): X.train_model(X.ExperimentConfig(dataset='phantom', rho=200), ds, ['1', '2'], 0, [2, 3])
+    with pytest.raises(Stop): _train(Cfg.ExperimentConfig(dataset='phantom', rho=200), ds, ['1', '2'], 0, [2, 3])
     assert 'exclude_classes' not in seen                                   # Setting 1: nothing excluded
 
 
@@ -323,9 +329,9 @@ def test_untrained_baseline_is_the_trained_models_start(monkeypatch):
     def no_fit(learn, n, **kw): learn.iteration = 0; return learn
     monkeypatch.setattr(L, 'fit_iters', no_fit)  # no training step: the model stays at its start
     ds = open_dataset('phantom', n_cases=4, shape=(16, 64, 64))
-    cfg = X.ExperimentConfig(dataset='phantom', encoder='small', n_steps=5, rho=100)
-    model, _ = X.train_model(cfg, ds, ['1', '2', '3'], 7)
-    X.set_seed(7); base = X.make_model(cfg)
+    cfg = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=5, rho=100)
+    model, _ = _train(cfg, ds, ['1', '2', '3'], 7)
+    base = T.initial_model(cfg, 7)
     a, b = model.state_dict(), base.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a)
 
@@ -344,7 +350,7 @@ def test_ct_global_norm_fitted_on_each_folds_training_cases(tmp_path, monkeypatc
     fitted, real = [], ds.fit_norm
     def spy(case_ids=None): fitted.append(sorted(case_ids)); return real(case_ids)
     monkeypatch.setattr(ds, 'fit_norm', spy)
-    cfg = X.ExperimentConfig(dataset='folder', method='intensity', folds=[0, 1], n_folds=2, baselines=[], protocols=['EP2'])
+    cfg = Cfg.ExperimentConfig(dataset='folder', method='intensity', folds=[0, 1], n_folds=2, baselines=[], protocols=['EP2'])
     X.run_experiment(cfg, None, dataset=ds, progress=False)
     ids = [str(i) for i in range(1, 7)]
     assert fitted == [sorted(fold_split(ids, f, 2).train_ids) for f in (0, 1)]

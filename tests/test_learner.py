@@ -64,7 +64,7 @@ def test_step_decay_schedule(tmp_path):
         learn = make(size=32, path=tmp_path, decay=decay, decay_every=4)
         fit_iters(learn, 9, show_progress=False)
         assert learn.opt.hypers[0]['lr'] == pytest.approx(1e-3 * decay ** 2)  # lr of iteration 9 (index 8)
-    cb = IterTrainer(50000, lr=1e-3, decay=0.98, decay_every=1000)
+    cb = IterTrainer(lr=1e-3, decay=0.98, decay_every=1000)
     assert cb.lr_at(999) == 1e-3 and cb.lr_at(49999) == pytest.approx(1e-3 * 0.98 ** 49)
     assert make(size=32).fsmis_schedule == {'lr': 1e-3, 'decay': 0.98, 'decay_every': 1000}  # paper default
 

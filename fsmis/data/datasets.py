@@ -15,7 +15,7 @@ from .io import read_nifti
 
 # %% auto #0
 __all__ = ['CHAOS_CLASSES', 'SYNAPSE_CLASSES', 'ABDOMEN_GROUPS', 'ABDOMEN_ORDER', 'DATASETS', 'DatasetSpec', 'register_dataset',
-           'get_spec', 'sort_ids', 'check_image', 'zscore', 'Dataset', 'FileDataset', 'open_dataset']
+           'get_spec', 'sort_ids', 'check_image', 'zscore', 'Dataset', 'FileDataset', 'open_dataset', 'CaseStore']
 
 # %% ../../nbs/02_data.datasets.ipynb #5618ffc4
 @dataclass
@@ -316,3 +316,16 @@ def open_dataset(name_or_path, # a registry name ('chaos_t2', 'phantom', ...) or
     if modality not in ('MR', 'CT'): raise ValueError(f"modality must be 'MR' or 'CT', got {modality!r}")
     spec = _folder_spec(path, dataset, kw.get('require_labels', True), classes, label_codes, modality)
     return FileDataset(path, spec, name=None if spec.name != 'folder' else path.name, **kw)
+
+# %% ../../nbs/02_data.datasets.ipynb #c9e444f0
+class CaseStore:
+    "Cases of a dataset, each loaded (and normalized) once: `store.load(id)`, `store[id]`, `.classes`, `.case_ids`."
+    def __init__(self, ds): # a `Dataset`, or anything with `load`, `classes` and `case_ids`
+        self.ds, self._c = ds, {}
+        self.classes, self.case_ids = dict(ds.classes), [str(c) for c in ds.case_ids]
+        self.spec = getattr(ds, 'spec', None)
+    def load(self, cid):
+        cid = str(cid)
+        if cid not in self._c: self._c[cid] = self.ds.load(cid)
+        return self._c[cid]
+    def __getitem__(self, cid): return self.load(cid)

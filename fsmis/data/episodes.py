@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 import matplotlib.pyplot as plt
-from ..core import Case, default_device
+from ..core import Case, default_device, resize_slices
 from .augment import EpisodeAugment, adnet_augment, alpnet_augment
 from .folds import setting_keep
 
@@ -124,14 +124,11 @@ class EpisodeSampler:
 
     def _img(self, case, z):
         x = torch.from_numpy(np.ascontiguousarray(case.image[z], dtype=np.float32))[None]
-        if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x[None], self.size, mode='bilinear', antialias=True, align_corners=False)[0]
-        return x
+        return resize_slices(x[None], self.size)[0]  # the one resize rule (fsmis.core)
 
     def _mask(self, m2d):
         m = torch.from_numpy(np.ascontiguousarray(m2d, dtype=np.uint8))
-        if self.size is not None and tuple(m.shape) != self.size:
-            m = F.interpolate(m[None, None].float(), self.size, mode='nearest-exact')[0, 0].to(torch.uint8)
+        if self.size is not None and tuple(m.shape) != self.size: m = resize_slices(m[None, None], self.size, mask=True)[0, 0].to(torch.uint8)
         return m
 
     def _episode(self, sup, qry, label, rng):

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import stats
 
 # %% auto #0
-__all__ = ['dice_counts', 'dice_from_counts', 'dice', 'run_means', 'summarize', 'to_markdown', 'paired_wilcoxon']
+__all__ = ['dice_counts', 'dice_from_counts', 'dice', 'run_means', 'summarize', 'to_markdown', 'df_markdown', 'paired_wilcoxon']
 
 # %% ../../nbs/20_eval.metrics.ipynb #62b4453d
 def dice_counts(pred, # predicted foreground, bool/0-1 array of any shape (e.g. (z, h, w))
@@ -74,12 +74,19 @@ def to_markdown(summary:pd.DataFrame, # output of `summarize`
                ) -> str:
     "Markdown table `mean ± std` per class and for the mean, in the layout of the papers' tables."
     cols = [c for c in summary.columns if not c.endswith(' std')]
-    lines = ['| Method | ' + ' | '.join(cols) + ' |', '|---|' + '---:|'*len(cols)]
-    for m, r in summary.iterrows():
-        cells = [f"{r[c]:.{digits}f} ± {r[c+' std']:.{digits}f}" for c in cols]
-        if stars and stars.get(m): cells[-1] += '*'
-        lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+    cells = pd.DataFrame({c: [f"{r[c]:.{digits}f} ± {r[c+' std']:.{digits}f}" + ('*' if c == cols[-1] and stars and stars.get(m) else '')
+                              for m, r in summary.iterrows()] for c in cols}, index=summary.index)
+    return df_markdown(cells, index='Method')
+
+def df_markdown(df:pd.DataFrame, # any small table
+                digits:int=1, # decimals for floats
+                index:str|None=None, # also write the index, as a first column of this name
+               ) -> str:
+    "The one markdown-table writer of the package: first column left-aligned, the others right-aligned."
+    if index is not None: df = df.rename_axis(index).reset_index()
+    f = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+    return '\n'.join(['| ' + ' | '.join(map(str, df.columns)) + ' |', '|---|' + '---:|' * (len(df.columns) - 1)] +
+                     ['| ' + ' | '.join(f(v) for v in r) + ' |' for r in df.itertuples(index=False)])
 
 # %% ../../nbs/20_eval.metrics.ipynb #acc08468
 def paired_wilcoxon(a:pd.DataFrame, # results of method a (columns `dice` and the keys)

@@ -15,13 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..core import Case, default_device
 from .metrics import dice_counts, dice_from_counts
+from .inference import (model_device, encode_volume, eval_mode, threshold_override, segment_with, learned_threshold,
+                                  predict_tasks, fg_of, segment_volume)
+from ..core import resize_slices
 from ..data.folds import setting_keep, setting2_keep  # the one Setting 1/2 rule, shared with the samplers
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'Task', 'labelled_slices', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks',
-           'protocol_tasks', 'model_device', 'resize_slices', 'encode_volume', 'eval_mode', 'threshold_override',
-           'segment_with', 'learned_threshold', 'predict_tasks', 'fg_of', 'segment_volume', 'IntensityPrototype',
-           'evaluate_case', 'evaluate']
+           'protocol_tasks', 'IntensityPrototype', 'evaluate_case', 'evaluate']
 
 # %% ../../nbs/21_eval.protocols.ipynb #3021ae03
 @dataclass
@@ -86,158 +87,6 @@ def protocol_tasks(protocol:str, # 'EP1', 'EP2' or 'ouyang'
     "The task list of a named protocol."
     if protocol not in PROTOCOLS: raise ValueError(f"protocol={protocol!r}: choose one of {list(PROTOCOLS)}")
     return PROTOCOLS[protocol](sup_label, qry_label, cls, n_chunks)
-
-# %% ../../nbs/21_eval.protocols.ipynb #57883c44
-def model_device(model:nn.Module) -> torch.device:
-    "Device of the model's first parameter or buffer (CPU if it has none)."
-    for t in (*model.parameters(), *model.buffers()): return t.device
-    return torch.device('cpu')
-
-def _size2(size):
-    "None, or an (h, w) tuple from an int or a pair."
-    if size is None: return None
-    return (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-
-def resize_slices(x:torch.Tensor, # [N, C, H, W] images or masks
-                  size=None, # target (h, w) or int; None: unchanged
-                  mask:bool=False, # nearest-exact for masks, antialiased bilinear for images
-                 ) -> torch.Tensor:
-    "Resize a batch of slices the way the episode loaders do (images bilinear+antialias, masks nearest-exact)."
-    size = _size2(size)
-    if size is None or tuple(x.shape[-2:]) == size: return x
-    if mask: return F.interpolate(x.float(), size, mode='nearest-exact')
-    return F.interpolate(x.float(), size, mode='bilinear', antialias=True, align_corners=False)
-
-def _slices_tensor(image, idx, device, size=None):
-    "Slices `idx` of a (z,h,w) array as a float tensor [N,1,H,W] (resized to `size` if given)."
-    x = torch.as_tensor(np.ascontiguousarray(np.asarray(image)[np.asarray(idx)]), dtype=torch.float32)
-    return resize_slices(x[:, None], size).to(device)
-
-def encode_volume(model:nn.Module, # few-shot model with the inference API
-                  image, # volume (z, h, w), already normalized like the training data
-                  idx=None, # slice indices to encode (default: all)
-                  batch_size:int=16, # slices per forward pass
-                  size=None, # resize slices to this (h, w) before encoding (the training size); None: as stored
-                 ) -> torch.Tensor:
-    "Features [N, C, h, w] of the slices `idx` of `image`, in batches, under inference_mode."
-    image = np.asarray(image)
-    if image.ndim != 3: raise ValueError(f"image must be a (z, h, w) volume, got shape {image.shape}")
-    idx = np.arange(image.shape[0]) if idx is None else np.asarray(idx, int)
-    dev = model_device(model)
-    with torch.inference_mode():
-        return torch.cat([model.encode(_slices_tensor(image, idx[i:i+batch_size], dev, size))
-                          for i in range(0, len(idx), batch_size)])
-
-@contextlib.contextmanager
-def eval_mode(model:nn.Module):
-    "Put `model` in eval mode and restore its training flag afterwards."
-    was = model.training; model.eval()
-    try: yield model
-    finally: model.train(was)
-
-@contextlib.contextmanager
-def threshold_override(model:nn.Module, # a model with a settable `threshold` attribute (tensor or float)
-                       t:float|None, # threshold to use inside the block; None leaves it alone
-                      ):
-    "Temporarily set `model.threshold` to `t`, restoring the learned value afterwards."
-    if t is None: yield model; return
-    if not hasattr(model, 'threshold'): raise ValueError(f"{type(model).__name__} has no `threshold`: no line search")
-    th = model.threshold
-    if isinstance(th, torch.Tensor):
-        old = th.detach().clone()
-        with torch.no_grad(): th.fill_(float(t))
-        try: yield model
-        finally:
-            with torch.no_grad(): th.copy_(old)
-        return
-    try: model.threshold = float(t)
-    except AttributeError as e:
-        raise ValueError(f"{type(model).__name__}.threshold cannot be set; give its `segment` a `T=` argument") from e
-    try: yield model
-    finally: model.threshold = th
-
-def segment_with(model:nn.Module, # few-shot model
-                 feats, protos, size, # as for `model.segment`
-                 T:float|None=None, # threshold override (line search); None: the model's own
-                ):
-    "`model.segment`, with the threshold overridden: via its `T=` argument when it has one, else `threshold_override`."
-    if T is None: return model.segment(feats, protos, size=tuple(size))
-    if 'T' in inspect.signature(model.segment).parameters: return model.segment(feats, protos, size=tuple(size), T=float(T))
-    with threshold_override(model, T): return model.segment(feats, protos, size=tuple(size))
-
-def learned_threshold(model:nn.Module) -> float|None:
-    "The model's threshold T as a float, or None if it has none."
-    th = getattr(model, 'threshold', None)
-    return None if th is None else float(th.detach().cpu().reshape(-1)[0]) if isinstance(th, torch.Tensor) else float(th)
-
-# %% ../../nbs/21_eval.protocols.ipynb #f304136b
-def predict_tasks(model:nn.Module, # few-shot model
-                  qry_feats:torch.Tensor, # [Z, C, h, w] features of the whole query volume (`encode_volume`)
-                  size, # (H, W) of the query slices
-                  sup_image, # support volume (z, h, w)
-                  sup_label, # support label volume (class indices)
-                  tasks:list, # `Task`s (any mix of classes)
-                  batch_size:int=16, # query slices per `segment` call
-                  sup_cache:dict|None=None, # {slice index: features [1,C,h,w]}; filled and reused
-                  T:float|None=None, # threshold override (ADNet's line search); None: the model's own
-                  input_size=None, # slice size the model sees (support images and masks resized); None: as stored
-                 ) -> dict:
-    "Binary prediction volumes {class: uint8 (Z, H, W)} for a list of tasks on pre-encoded query features."
-    dev = model_device(model)
-    sup_cache = {} if sup_cache is None else sup_cache
-    need = sorted({s for t in tasks for s in t.sup_slices} - set(sup_cache))
-    if need:
-        f = encode_volume(model, sup_image, need, batch_size, input_size)
-        sup_cache.update({s: f[i:i+1] for i, s in enumerate(need)})
-    sup_label = np.asarray(sup_label)
-    out = {}
-    with torch.inference_mode():
-        for t in tasks:
-            pred = out.setdefault(t.cls, np.zeros((qry_feats.shape[0], *size), np.uint8))
-            sf = torch.cat([sup_cache[s] for s in t.sup_slices])
-            sm = resize_slices(torch.as_tensor(sup_label[t.sup_slices] == t.cls, dtype=torch.float32)[:, None], input_size, mask=True).to(dev)
-            protos = model.prototypes(sf, sm)
-            q = np.asarray(t.qry_slices, int)
-            for i in range(0, len(q), batch_size):
-                b = q[i:i+batch_size]
-                probs = segment_with(model, qry_feats[torch.as_tensor(b, device=qry_feats.device)], protos, size, T)
-                pred[b] = fg_of(probs).cpu().numpy()
-    return out
-
-# %% ../../nbs/21_eval.protocols.ipynb #ca59904a
-def fg_of(probs:torch.Tensor, # [N, 2, H, W] (or [N, 1+n, H, W]) probabilities, channel 0 background
-         ) -> torch.Tensor:
-    "uint8 [N,H,W] mask where channel 1 wins the argmax (ties go to the lower channel, as in `argmax`)."
-    if probs.shape[1] == 2: return (probs[:, 1] > probs[:, 0]).to(torch.uint8)
-    return (probs.argmax(1) == 1).to(torch.uint8)
-
-# %% ../../nbs/21_eval.protocols.ipynb #ad0525f2
-def segment_volume(model:nn.Module, # few-shot model with the inference API
-                   image, # query volume (z, h, w), normalized
-                   sup_images, # support slice(s) (H, W) or (K, H, W)
-                   sup_labels, # matching label slice(s) of class indices
-                   classes=None, # class indices to segment (default: all non-zero in `sup_labels`)
-                   batch_size:int=16, # slices per forward pass
-                   input_size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
-                  ) -> np.ndarray:
-    "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s)."
-    image = np.asarray(image, np.float32)
-    si, sl = np.asarray(sup_images, np.float32), np.asarray(sup_labels)
-    if si.ndim == 2: si, sl = si[None], sl[None]
-    if si.shape != sl.shape or si.shape[1:] != image.shape[1:]:
-        raise ValueError(f"sup_images {si.shape}, sup_labels {sl.shape} and query slices {image.shape[1:]} must match in (H, W)")
-    classes = [int(c) for c in np.unique(sl) if c] if classes is None else [int(c) for c in classes]
-    if not classes: raise ValueError("sup_labels has no foreground class to segment")
-    dev = model_device(model)
-    with eval_mode(model), torch.inference_mode():
-        qf = encode_volume(model, image, batch_size=batch_size, size=input_size)
-        sf = encode_volume(model, si, batch_size=batch_size, size=input_size)
-        sm = resize_slices(torch.as_tensor(np.stack([sl == c for c in classes], 1), dtype=torch.float32), input_size, mask=True).to(dev)
-        protos = model.prototypes(sf, sm)
-        lut = torch.as_tensor([0, *classes], device=dev)
-        out = [lut[model.segment(qf[i:i+batch_size], protos, size=image.shape[1:]).argmax(1)].cpu()
-               for i in range(0, len(qf), batch_size)]
-    return torch.cat(out).numpy().astype(np.int64)
 
 # %% ../../nbs/21_eval.protocols.ipynb #2fab97de
 class IntensityPrototype(nn.Module):
