@@ -529,7 +529,7 @@ def _compute_and_store(volume, spacing, mode, rho, kw, path):
 def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see `dataset_supervoxels`)
                        spacing=(1., 1., 1.), # (z, h, w) voxel size in mm (3d mode)
                        mode: str = '3d', # '3d': ADNet supervoxels; '2d': SSL-ALPNet superpixels
-                       rho: float = 5000, # minimum supervoxel size (3d mode)
+                       rho: int = 5000, # minimum supervoxel size (3d mode)
                        cache_dir=None, # folder of cache files (default fsmis.core.cache_dir('supervoxels'))
                        **kw, # passed to `supervoxels` / `superpixels`
                       ) -> np.ndarray:
@@ -542,7 +542,7 @@ def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see
 
 def case_supervoxels(case: Case, # a loaded case (its image is used as is)
                      mode: str = '3d', # '3d' or '2d'
-                     rho: float = 5000, # minimum supervoxel size (3d mode)
+                     rho: int = 5000, # minimum supervoxel size (3d mode)
                      cache_dir=None, # cache folder (default fsmis.core.cache_dir('supervoxels'))
                      **kw, # passed to `supervoxels` / `superpixels`
                     ) -> np.ndarray:
@@ -562,7 +562,7 @@ def _worker_init(threads: int):
     set_num_threads(max(1, min(int(threads), get_num_threads())))
 
 def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids, spec and load(cid, normalize=False))
-                        rho: float | None = None, # minimum supervoxel size (3d); None: the dataset's default (ds.spec.rho)
+                        rho: int | None = None, # minimum supervoxel size (3d); None: the dataset's default (ds.spec.rho)
                         mode: str = '3d', # '3d': ADNet supervoxels; '2d': SSL-ALPNet superpixels
                         cache_dir=None, # cache folder (default fsmis.core.cache_dir('supervoxels'))
                         n_workers: int | None = None, # processes; None: the free cores; 1: in this process
@@ -630,7 +630,7 @@ def adjusted_rand_index(a, # label array
     return 1.0 if denom == 0 else (sij - expected) / denom
 
 def reference_agreement(ds, # a file dataset whose folder has reference_supervoxels/
-                        rho: float | None = None, # minimum size (default: the dataset's)
+                        rho: int | None = None, # minimum size (default: the dataset's)
                         case_ids=None, # subset (default: all)
                         **kw, # passed to `dataset_supervoxels` (cache_dir, n_workers, ...)
                        ) -> pd.DataFrame:
