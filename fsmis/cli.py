@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['UserError', 'build_parser', 'main']
+__all__ = ['UserError', 'positive_int', 'nonneg_int', 'positive_float', 'device_name', 'build_parser', 'main']
 
 # %% ../nbs/51_cli.ipynb #838e6b7f
 class UserError(Exception):
@@ -24,6 +24,33 @@ def _existing(path, what='file'):
     p = Path(path)
     if not p.exists(): raise UserError(f"{what} not found: {p}")
     return p
+
+def positive_int(s: str) -> int:
+    "argparse type: a whole number >= 1."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+def nonneg_int(s: str) -> int:
+    "argparse type: a whole number >= 0."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
+    if v < 0: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
+    return v
+
+def positive_float(s: str) -> float:
+    "argparse type: a finite number > 0."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not (v > 0 and v < float('inf')): raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+def device_name(s: str) -> str:
+    "argparse type: 'cpu', 'cuda' or 'cuda:N' (checked against this machine when used)."
+    import re
+    if not re.fullmatch(r'cpu|cuda(:\d+)?|mps', s): raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {s!r}")
+    return s
 
 def _one_line(e: BaseException) -> str:
     "The message of an exception on one line."
@@ -203,14 +230,18 @@ def _cmd_reproduce(a):
 
 # %% ../nbs/51_cli.ipynb #51df415a
 def _add_common(p, device=True, quiet=True):
-    if device: p.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
+    if device: p.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
     if quiet: p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `fsmis` argument parser with its seven subcommands."
     from fsmis.config import DEMO_DEFAULTS as D
     P = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.')
+    p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.',
+                epilog='Outputs: every file is written atomically (a temporary file, then a rename), so an interrupted command leaves '
+                       'no half-written file; an existing output file is replaced, except that an output path which is one of '
+                       "the command's inputs is refused; `preprocess` skips cases already done unless --overwrite. User errors: "
+                       'one line on stderr, exit code 2.')
     p.add_argument('--version', action='store_true', help='print the version and exit')
     sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
     s = sub.add_parser('demo', formatter_class=P, help='the main job: phantoms, supervoxels, self-supervised ADNet, EP2 vs untrained',
@@ -218,13 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    'cases against the untrained network, and write results.json, Dice tables and a figure.')
     s.add_argument('--out', default='fsmis-demo', help='output folder')
     s.add_argument('--data', default=None, help='a normalized dataset folder (image_<id>/label_<id> NIfTI) instead of phantoms')
-    s.add_argument('--iters', '--steps', dest='iters', type=int, default=D['n_steps'], help='training steps')
+    s.add_argument('--iters', '--steps', dest='iters', type=nonneg_int, default=D['n_steps'], help='training steps')
     s.add_argument('--seed', type=int, default=0, help='seed of cases, episodes and weights')
-    s.add_argument('--n-cases', type=int, default=D['n_cases'], help='phantom cases (with --data: the first N cases)')
-    s.add_argument('--n-queries', type=int, default=D['n_queries'], help='held-out query cases')
-    s.add_argument('--size', type=int, default=D['size'], help='slice size the network sees (0: as stored)')
-    s.add_argument('--lr', type=float, default=D['lr'], help='SGD learning rate')
-    s.add_argument('--threads', type=int, default=1, help="torch CPU threads (0: torch's default)")
+    s.add_argument('--n-cases', type=positive_int, default=D['n_cases'], help='phantom cases (with --data: the first N cases)')
+    s.add_argument('--n-queries', type=positive_int, default=D['n_queries'], help='held-out query cases')
+    s.add_argument('--size', type=nonneg_int, default=D['size'], help='slice size the network sees (0: as stored)')
+    s.add_argument('--lr', type=positive_float, default=D['lr'], help='SGD learning rate')
+    s.add_argument('--threads', type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
     _add_common(s); s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser('preprocess', formatter_class=P, help='raw scans to the normalized layout',
@@ -233,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
     s.add_argument('dst', help='output folder')
     s.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
-    s.add_argument('--size', type=int, default=256, help='in-plane output size')
+    s.add_argument('--size', type=positive_int, default=256, help='in-plane output size')
     s.add_argument('--no-labels', action='store_true', help='images only (label files are not required)')
     s.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist')
     _add_common(s, device=False); s.set_defaults(func=_cmd_preprocess)
@@ -243,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    'dataset folder, cached, written as superpix-<TAG>_<id>.nii.gz with the images\' geometry.')
     s.add_argument('folder', help='dataset folder of image_<id>.nii[.gz] files')
     s.add_argument('--out', default=None, help='output folder (default: ./supervoxels_<dataset>)')
-    s.add_argument('--rho', type=int, default=None, help="minimum supervoxel size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
+    s.add_argument('--rho', type=positive_int, default=None, help="minimum supervoxel size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
     s.add_argument('--superpixels', '--2d', action='store_true', help='2D Felzenszwalb superpixels per slice instead (SSL-ALPNet)')
-    s.add_argument('--min-size', type=int, default=400, help='superpixel minimum size in pixels (--superpixels)')
+    s.add_argument('--min-size', type=positive_int, default=400, help='superpixel minimum size in pixels (--superpixels)')
     s.add_argument('--dataset', default=None, help='registered dataset name (default: from the manifest or the folder name)')
     s.add_argument('--cases', nargs='+', default=None, help='only these case ids')
-    s.add_argument('--workers', type=int, default=None, help='processes (default: the free cores)')
+    s.add_argument('--workers', type=positive_int, default=None, help='processes (default: the free cores)')
     s.add_argument('--tag', default=None, help='file name tag (default MIDDLE for supervoxels, SUPERPIX for superpixels)')
     _add_common(s, device=False); s.set_defaults(func=_cmd_supervoxels)
 
@@ -258,19 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    'checkpoint DIR/final.pth. Options override the --config file.')
     s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='method (default adnet)')
     s.add_argument('--dataset', default=None, help="registered dataset ('chaos_t2', 'ms_cmrseg_bssfp', 'phantom') or a folder (default chaos_t2)")
-    s.add_argument('--fold', type=int, default=0, help='fold whose training cases are used')
+    s.add_argument('--fold', type=nonneg_int, default=0, help='fold whose training cases are used')
     s.add_argument('--config', default=None, help='ExperimentConfig YAML/JSON file')
     s.add_argument('--checkpoints', default=None, help='checkpoint folder (default ./checkpoints_<method>_<dataset>_fold<k>)')
     s.add_argument('--resume', default=None, help="checkpoint file, or 'last' for the newest in the checkpoint folder")
-    s.add_argument('--iters', '--steps', dest='iters', type=int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
-    s.add_argument('--checkpoint-every', type=int, default=None, help='steps between checkpoints')
+    s.add_argument('--iters', '--steps', dest='iters', type=nonneg_int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
+    s.add_argument('--checkpoint-every', type=positive_int, default=None, help='steps between checkpoints')
     s.add_argument('--encoder', default=None, help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101' (default small)")
     s.add_argument('--encoder-weights', default=None, help='local encoder weights file to start from (e.g. from DenseCL pretraining)')
-    s.add_argument('--lr', type=float, default=None, help='SGD learning rate')
-    s.add_argument('--size', type=int, default=None, help='resize slices to SIZE x SIZE')
-    s.add_argument('--rho', type=int, default=None, help="supervoxel minimum size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
+    s.add_argument('--lr', type=positive_float, default=None, help='SGD learning rate')
+    s.add_argument('--size', type=positive_int, default=None, help='resize slices to SIZE x SIZE')
+    s.add_argument('--rho', type=positive_int, default=None, help="supervoxel minimum size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
     s.add_argument('--seed', type=int, default=None, help='seed')
-    s.add_argument('--workers', type=int, default=None, help='processes for the supervoxels (default: the free cores)')
+    s.add_argument('--workers', type=positive_int, default=None, help='processes for the supervoxels (default: the free cores)')
     _add_common(s); s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser('evaluate', formatter_class=P, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2',
@@ -279,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('checkpoint', help='checkpoint file (fsmis train / fsmis demo / run_experiment)')
     s.add_argument('--dataset', default=None, help='registered dataset or folder (default: the one stored in the checkpoint)')
     s.add_argument('--protocol', choices=list(_PROTOCOLS), default='EP2', help='evaluation protocol')
-    s.add_argument('--folds', type=int, nargs='+', default=None, help="folds (default: the checkpoint's fold, else 0)")
+    s.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help="folds (default: the checkpoint's fold, else 0)")
     s.add_argument('--classes', nargs='+', default=None, help='class names (default: the dataset\'s test classes)')
-    s.add_argument('--size', type=int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
+    s.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
     s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
     s.add_argument('--encoder', default='small', help='for bare state dicts only')
     s.add_argument('--out', default=None, help='folder for results.csv and tables.md')
@@ -294,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('support', help='support image (.nii/.nii.gz)')
     s.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
     s.add_argument('--checkpoint', required=True, help='trained model (e.g. fsmis-demo/model.pth)')
-    s.add_argument('--slice', type=int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
+    s.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
     s.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
-    s.add_argument('--size', type=int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
+    s.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
     s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
     s.add_argument('--encoder', default='small', help='for bare state dicts only')
     _add_common(s, quiet=False); s.set_defaults(func=_cmd_segment)
@@ -306,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    '--budget cpu: small encoder, MINUTES per fold; --budget paper: the published budget, for a GPU.')
     s.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
     s.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
-    s.add_argument('--minutes', type=float, default=30., help='training minutes per fold (cpu budget)')
-    s.add_argument('--folds', type=int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
-    s.add_argument('--runs', type=int, default=None, help='runs per fold')
+    s.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
+    s.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
+    s.add_argument('--runs', type=positive_int, default=None, help='runs per fold')
     s.add_argument('--seed', type=int, default=None, help='base seed')
     s.add_argument('--out', default=None, help='results folder (default ./reproduce_<name>_<budget>)')
     s.add_argument('--list', action='store_true', help='list the configurations')

@@ -53,6 +53,24 @@ class ExperimentConfig:
     learner_kw: dict = field(default_factory=dict)  # extra arguments of the learner factory
 
     def __post_init__(self):
+        types = {'n_steps': int, 'runs': int, 'n_folds': int, 'batch_size': int, 'seed': int, 'n_val': int, 'val_every': int, 'eval_batch_size': int}
+        for k, t in types.items():
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v): raise ValueError(f"{k} must be a whole number, got {v!r}")
+            setattr(self, k, int(v))
+        for k in ('n_steps', 'batch_size', 'val_every', 'eval_batch_size'):
+            if getattr(self, k) < (0 if k == 'n_steps' else 1): raise ValueError(f"{k} must be {'>= 0' if k == 'n_steps' else '>= 1'}, got {getattr(self, k)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8):
+            raise ValueError(f"size must be a whole number >= 8 (pixels) or None, got {self.size!r}")
+        if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho != int(self.rho) or self.rho < 1):
+            raise ValueError(f"rho must be a whole number of voxels >= 1 or None, got {self.rho!r}")
+        if self.rho is not None: self.rho = int(self.rho)
+        if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float)) and self.time_budget_min > 0):
+            raise ValueError(f"time_budget_min must be > 0 minutes or None, got {self.time_budget_min!r}")
+        if not isinstance(self.folds, (list, tuple)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.folds):
+            raise ValueError(f"folds must be a list of fold indices, got {self.folds!r}")
         for p in self.protocols:
             if p not in ('EP1', 'EP2', 'ouyang'): raise ValueError(f"protocols: unknown protocol {p!r}")
         if self.setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {self.setting!r}")
@@ -80,13 +98,20 @@ class ExperimentConfig:
         "Read a configuration saved by `save`."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
-        text = path.read_text()
-        if path.suffix in ('.yaml', '.yml'):
-            import yaml; d = yaml.safe_load(text)
-        else: d = json.loads(text)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        try: text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e: raise ValueError(f"config file {path}: cannot be read ({type(e).__name__})") from None
+        try:
+            if path.suffix in ('.yaml', '.yml'):
+                import yaml; d = yaml.safe_load(text)
+            else: d = json.loads(text)
+        except Exception as e:  # yaml.YAMLError (python tags included) / json.JSONDecodeError
+            raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({' '.join(str(e).split())[:120]})") from None
+        if not isinstance(d, dict): raise ValueError(f"config file {path}: expected a mapping of ExperimentConfig fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown: raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        try: return cls(**d)
+        except (TypeError, ValueError) as e: raise ValueError(f"config file {path}: {e}") from None
 
 # %% ../nbs/40_config.ipynb #4346d0b8
 def cpu_budget_config(dataset:str='chaos_t2', # 'chaos_t2' or 'ms_cmrseg_bssfp'

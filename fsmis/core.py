@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['Case', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path', 'resize_slices']
+__all__ = ['Case', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path', 'resize_slices',
+           'quiet_imports', 'LineProgress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -136,3 +137,53 @@ def resize_slices(x:torch.Tensor, # [N, C, H, W] images or masks
     if size is None or tuple(x.shape[-2:]) == size: return x
     if mask: return F.interpolate(x.float(), size, mode='nearest-exact')
     return F.interpolate(x.float(), size, mode='bilinear', antialias=True, align_corners=False)
+
+# %% ../nbs/00_core.ipynb #ca05e2bc
+import sys, time, warnings
+
+_KNOWN_WARNINGS = [(FutureWarning, r'`torch\.jit\.script` is deprecated'), (Warning, r".*mode\.chained_assignment")]
+
+@contextlib.contextmanager
+def quiet_imports():
+    "Silence the known third-party warnings raised while fsmis imports its dependencies (fastai, torch); nothing else."
+    with warnings.catch_warnings():
+        for cat, msg in _KNOWN_WARNINGS: warnings.filterwarnings('ignore', message=msg, category=cat)
+        yield
+
+# %% ../nbs/00_core.ipynb #69d5be4e
+class LineProgress:
+    "A progress report for logs: one line per `every` percent (and at the end), with the bar's comment."
+    def __init__(self, gen, total=None, desc: str = '', every: int = 10, file=None):
+        self.gen, self.total = gen, (len(gen) if total is None and hasattr(gen, '__len__') else total)
+        self.desc, self.every, self.file, self.comment, self.last, self.t0 = desc, every, file, '', 0, time.perf_counter()
+    def update(self, val):
+        if not self.total: return
+        pct = int(100 * val / self.total)
+        if pct // self.every > self.last // self.every or (val >= self.total and self.last < 100):
+            self.last = pct
+            print(f"{self.desc or 'progress'}: {pct:3d}% ({val}/{self.total}, {time.perf_counter() - self.t0:.0f} s)"
+                  + (f" {self.comment}" if self.comment else ''), file=self.file or sys.stdout, flush=True)
+    def on_iter_end(self): pass
+    def __iter__(self):
+        for i, x in enumerate(self.gen):
+            yield x
+            self.update(i + 1)
+
+def _interactive() -> bool:
+    "True in a terminal or a notebook (where fastprogress draws its bar)."
+    if 'ipykernel' in sys.modules: return True
+    isatty = getattr(sys.stdout, 'isatty', None)
+    return bool(isatty and isatty())
+
+def progress_bar(gen, # iterable to wrap
+                 total=None, # its length, if it has none
+                 display: bool = True, # False: no output at all
+                 leave: bool = True, # keep the bar when done (interactive only)
+                 desc: str = '', # what progresses (log lines)
+                ):
+    "fastprogress's bar in a terminal or notebook, one line per 10 % in a log, the bare iterable when not displayed."
+    if not display: return gen
+    if _interactive():
+        from fastprogress.fastprogress import progress_bar as _pb
+        return _pb(gen, total=total, leave=leave)
+    return LineProgress(gen, total, desc)

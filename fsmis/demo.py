@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastprogress.fastprogress import progress_bar
+from .core import progress_bar
 from .core import default_device, atomic_write
 from .data.datasets import open_dataset, sort_ids
 from .data.folds import FoldSplit
@@ -170,7 +170,7 @@ def _run(out, data, iters, dev, seed, n_cases, n_queries, size, lr, encoder, rho
     say(f"[1/5] cases: {'built-in phantoms' if data is None else data}")
     ds = demo_dataset(data, n_cases, seed)
     split = demo_split(ds.case_ids, n_queries)
-    cases = {c: ds.load(c) for c in (progress_bar(ds.case_ids) if progress else ds.case_ids)}
+    cases = {c: ds.load(c) for c in progress_bar(ds.case_ids, display=progress, desc='cases')}
     classes = dict(ds.classes)
     t_cases = time.perf_counter() - t_start
     say(f"      {len(split.train_ids)} training cases (labels unused), support case {split.support_id}, "

@@ -11,13 +11,14 @@ from functools import partial
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from fastai.learner import Learner
-import fastai.callback.progress, fastai.callback.fp16  # noqa: F401 (Learner.no_bar, Learner.to_fp16)
-from fastai.callback.core import Callback, CancelFitException, CancelValidException
-from fastai.optimizer import OptimWrapper
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastprogress.fastprogress import progress_bar
+from .core import quiet_imports, progress_bar
+with quiet_imports():
+    from fastai.learner import Learner
+    import fastai.callback.progress, fastai.callback.fp16  # noqa: F401 (Learner.no_bar, Learner.to_fp16)
+    from fastai.callback.core import Callback, CancelFitException, CancelValidException
+    from fastai.optimizer import OptimWrapper
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
 from .core import atomic_write, default_device
 from .models.adnet import ADNet
 from .models.alpnet import ALPNet, PANet
@@ -189,7 +190,7 @@ class EpisodeLog(Callback):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
         start = getattr(self.learn, 'iteration', 0)
         if self.show and self.n_iter > start:
-            self.start = start; self.pb = progress_bar(range(start, self.n_iter), leave=True); self.pb.update(0)
+            self.start = start; self.pb = progress_bar(range(start, self.n_iter), leave=True, desc='training steps'); self.pb.update(0)
     def after_batch(self):
         if not self.training: return
         m = self.model
@@ -212,10 +213,17 @@ def read_checkpoint(path, # checkpoint file
     "Load a checkpoint dict safely (tensors and plain types only by default)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location='cpu', weights_only=weights_only)
+    try: ck = torch.load(path, map_location='cpu', weights_only=weights_only)
     except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e) and 'Unsupported' not in str(e) and 'GLOBAL' not in str(e):
+            raise ValueError(f"checkpoint {path}: not a readable checkpoint (truncated or corrupt: {str(e)[:120]})") from None
         raise ValueError(f"checkpoint {path} contains objects other than tensors and plain Python types; refusing to "
                          f"unpickle them. Pass weights_only=False only if you trust this file. ({str(e)[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError) as e:
+        raise ValueError(f"checkpoint {path}: not a readable checkpoint (truncated or corrupt: {type(e).__name__})") from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"checkpoint {path}: holds a {type(ck).__name__}, not a checkpoint (a dict with the model's state)")
+    return ck
 
 def save_checkpoint(learn: Learner, # learner to save
                     path, # destination file (written atomically)
@@ -243,7 +251,12 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
                    ) -> Learner:
     "Restore a checkpoint; the RNG states are applied just before the next training batch (exact resume)."
     ck = read_checkpoint(path, weights_only)
-    learn.model.load_state_dict(ck['model'])
+    kind = getattr(learn, 'model_kind', None)
+    if kind is not None and ck.get('model_kind') not in (None, kind): raise ValueError(f"checkpoint {path}: a {ck.get('model_kind')} model, not {kind}")
+    if 'model' not in ck: raise ValueError(f"checkpoint {path}: no model weights stored")
+    try: learn.model.load_state_dict(ck['model'])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit this model ({' '.join(str(e).split())[:160]})") from None
     if not with_opt: return learn
     learn.model.to(getattr(learn.dls, 'device', None) or 'cpu')
     if learn.opt is None: learn.create_opt()
@@ -336,8 +349,12 @@ def load_model(path, # checkpoint written by `save_checkpoint` / `fit_iters`
               ) -> nn.Module:
     "Rebuild a trained few-shot model from a checkpoint, in eval mode (for evaluation and the CLI)."
     ck = read_checkpoint(path, weights_only)
-    m = build_model(ck['model_kind'], **ck['model_config'])
-    m.load_state_dict(ck['model'])
+    if 'model_kind' not in ck or 'model' not in ck: raise ValueError(f"checkpoint {path}: no model kind and weights stored (not written by fsmis)")
+    m = build_model(ck['model_kind'], **dict(ck.get('model_config') or {}))
+    try: m.load_state_dict(ck['model'])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit a {ck['model_kind']} model with {ck.get('model_config')} "
+                         f"({' '.join(str(e).split())[:160]})") from None
     return m.to(default_device(device)).eval()
 
 def _learner(dls, kind, loss, config, lr, momentum, wd, decay, decay_every, amp, channels_last, path, enc_kw):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch, torch.nn as nn
-from fastai.callback.core import Callback
+from .core import quiet_imports
+with quiet_imports(): from fastai.callback.core import Callback
 from .core import set_seed, default_device
 from .data.datasets import CaseStore
 from .eval.protocols import evaluate

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.data.load import DataLoader
-from fastai.data.core import DataLoaders
+from ..core import quiet_imports
+with quiet_imports():
+    from fastai.data.load import DataLoader
+    from fastai.data.core import DataLoaders
 import matplotlib.pyplot as plt
 from ..core import Case, default_device, resize_slices
 from .augment import EpisodeAugment, adnet_augment, alpnet_augment

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from fastprogress.fastprogress import progress_bar
+from ..core import progress_bar
 from ..core import atomic_write
 from .io import read_nifti, write_nifti
 from .datasets import get_spec, DatasetSpec, FileDataset, check_image, sort_ids
@@ -171,7 +171,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
     dst.mkdir(parents=True, exist_ok=True)
     codes = sorted(c for c in spec.codes if c != 0)
     rows = []
-    for cid in progress_bar(raw.case_ids, display=progress):
+    for cid in progress_bar(raw.case_ids, display=progress, desc='preprocess'):
         ip, lp = raw.image_path(cid), raw.label_path(cid)
         oi, ol = dst/f'image_{cid}.nii.gz', dst/f'label_{cid}.nii.gz'
         img, spacing, affine = read_nifti(ip)

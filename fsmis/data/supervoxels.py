@@ -13,8 +13,11 @@ import multiprocessing as mp
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from numba import njit, prange, set_num_threads, get_num_threads
 from ..core import Case, cache_dir as _cache_dir, atomic_write
+import numba
+from numba import njit, prange, set_num_threads, get_num_threads
+_USER_NUMBA_CACHE = numba.config.CACHE_DIR  # restored after our kernels are defined (the user's own numba settings stay theirs)
+numba.config.CACHE_DIR = str(_cache_dir('numba'))  # compiled kernels go to the user cache, never into the installed package
 
 # %% auto #0
 __all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzenszwalb_3d', 'body_mask', 'supervoxels',
@@ -414,6 +417,8 @@ def body_mask(volume, # 3D (z, h, w) array
     return np.stack([_mask_slice(sl, thresh) for sl in v])
 
 # %% ../../nbs/06_data.supervoxels.ipynb #32a8018a
+numba.config.CACHE_DIR = _USER_NUMBA_CACHE  # our kernels are defined: back to the user's numba setting
+
 def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it is rescaled to 0-255)
                 spacing=(1., 1., 1.), # (z, h, w) voxel size in mm
                 rho: int = 5000, # minimum supervoxel size in voxels (ADNet: 5000 abdominal, 1000 cardiac)
@@ -519,7 +524,13 @@ def _compute(volume, spacing, mode, rho, kw):
 def _cache_file(folder, mode, key): return Path(folder)/f'sv{mode}_{key}.npz'
 
 def _load_cached(path):
-    with np.load(path) as f: return f['labels']
+    "Labels of a cache file, or None (and the file removed) when it is truncated or corrupt: it is then recomputed."
+    import zipfile
+    try:
+        with np.load(path) as f: return f['labels']
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)
+        return None
 
 def _compute_and_store(volume, spacing, mode, rho, kw, path):
     sv = _compute(volume, spacing, mode, rho, kw)
@@ -537,8 +548,8 @@ def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see
     v = _check_volume(volume)
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir('supervoxels')
     path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, spacing, kw)))
-    if path.is_file(): return _load_cached(path)
-    return _compute_and_store(v, spacing, mode, rho, kw, path)
+    sv = _load_cached(path) if path.is_file() else None
+    return sv if sv is not None else _compute_and_store(v, spacing, mode, rho, kw, path)
 
 def case_supervoxels(case: Case, # a loaded case (its image is used as is)
                      mode: str = '3d', # '3d' or '2d'
@@ -571,7 +582,7 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
                         **kw, # passed to `supervoxels` / `superpixels`
                        ) -> dict:
     "Supervoxels (or superpixels) of every case of a dataset, cached: {case_id: int32 (z, h, w)}."
-    from fastprogress.fastprogress import progress_bar
+    from fsmis.core import progress_bar
     if mode not in ('3d', '2d'): raise ValueError(f"mode must be '3d' or '2d', got {mode!r}")
     spec = getattr(ds, 'spec', None)
     if rho is None: rho = getattr(spec, 'rho', 5000)
@@ -583,10 +594,11 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
         c = ds.load(cid, normalize=False)  # raw intensities: the originals worked on them (ties depend on rounding)
         v = _check_volume(c.image, f'case {cid!r} image')
         path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, c.spacing, kw)))
-        if path.is_file(): out[cid] = _load_cached(path)
+        sv = _load_cached(path) if path.is_file() else None
+        if sv is not None: out[cid] = sv
         else: todo.append((cid, v, c.spacing, path))
     n_workers = min(len(todo), _free_cores() if n_workers is None else int(n_workers)) if todo else 0
-    bar = progress_bar(range(len(todo)), display=progress and bool(todo))
+    bar = progress_bar(range(len(todo)), display=progress and bool(todo), desc=f'{mode} pseudo-labels')
     if n_workers <= 1:
         for i in bar:
             cid, v, sp, path = todo[i]

@@ -164,8 +164,8 @@ def evaluate(model:nn.Module, # few-shot model
     ids = list(query_ids)
     if str(support_id) in map(str, ids): raise ValueError(f"support case {support_id!r} is also in query_ids")
     if progress:
-        from fastprogress.fastprogress import progress_bar
-        ids = progress_bar(ids, leave=False)
+        from fsmis.core import progress_bar
+        ids = progress_bar(ids, leave=False, desc='query volumes')
     rows = [r for q in ids for r in evaluate_case(model, sup, load(q), classes, protocol, batch_size=batch_size,
                                                     thresholds=thresholds, input_size=input_size)]
     return pd.DataFrame(rows)
