@@ -170,6 +170,11 @@ class FiniteGuard(Callback):
         if not self.training: return
         for p in self.model.parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all(): self._fail('a gradient')
+    def after_step(self):  # before any checkpoint of this step is written
+        if self.training and not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            lr = self.opt.hypers[0].get('lr')
+            raise NonFiniteLoss(f"training diverged at step {getattr(self.learn, 'iteration', 0) + 1}: the weights became non-finite "
+                                f"(lr {lr:g}); the last checkpoint written is the last good one")
 
 # %% ../nbs/14_learner.ipynb #3c52f2d6
 def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)

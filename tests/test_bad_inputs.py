@@ -1,0 +1,205 @@
+"""Bad input, tried as a user would: every CLI mistake ends with exit code 2 and one line naming the culprit, inputs and
+outputs are never damaged, and the Python API refuses what it cannot handle with a clear message."""
+import os
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from fsmis.cli import main
+from fsmis.data.io import read_nifti, write_nifti
+
+
+def run(capsys, *args):
+    try: code = main([str(a) for a in args])
+    except SystemExit as x: code = x.code
+    o = capsys.readouterr()
+    return code, o.out, o.err
+
+
+def one_line(err, *names):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for n in names: assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    "Phantom scans, a tiny trained checkpoint and assorted broken files."
+    from fsmis.data.phantom import PhantomDataset
+    from fsmis.learner import toy_dls, adnet_learner, save_checkpoint, fit_iters
+    d = tmp_path_factory.mktemp('bad')
+    PhantomDataset(n_cases=6, seed=2, shape=(8, 48, 48)).to_folder(d/'data')
+    torch.manual_seed(0)
+    learn = adnet_learner(toy_dls(4, size=32), 'small', path=d)
+    fit_iters(learn, 1, show_progress=False)
+    save_checkpoint(learn, d/'model.pth')
+    raw = (d/'model.pth').read_bytes()
+    (d/'truncated.pth').write_bytes(raw[:len(raw) // 3])
+    torch.save(torch.zeros(3), d/'tensor.pth')
+    (d/'empty.yaml').write_text('')
+    (d/'bad.yaml').write_text('method: [adnet\n')
+    (d/'list.yaml').write_text('- 1\n- 2\n')
+    (d/'typed.yaml').write_text('n_steps: many\n')
+    (d/'tag.yaml').write_text('method: !!python/object/apply:os.system ["true"]\n')
+    (d/'unknown.yaml').write_text('methd: adnet\n')
+    (d/'notes.txt').write_text('not a scan')
+    img, _, aff = read_nifti(d/'data'/'image_1.nii.gz')
+    nan = img.copy(); nan[0, 0, 0] = np.nan; write_nifti(d/'nan.nii.gz', nan, aff)
+    write_nifti(d/'const.nii.gz', np.ones_like(img), aff)
+    lab, _, _ = read_nifti(d/'data'/'label_2.nii.gz', dtype=None)
+    write_nifti(d/'neg.nii.gz', -lab.astype(np.int16), aff)
+    write_nifti(d/'small.nii.gz', lab[:3], aff)
+    return d
+
+
+def _seg(f, *extra, query=None, support=None, mask=None, ck=None):
+    return ['segment', query or f/'data'/'image_1.nii.gz', support or f/'data'/'image_2.nii.gz', mask or f/'data'/'label_2.nii.gz',
+            '--checkpoint', ck or f/'model.pth', '--device', 'cpu', *extra]
+
+
+SEGMENT_CASES = {  # name: (arguments after the fixture, text the message must contain)
+    'missing query': (lambda f: _seg(f, query=f/'nope.nii.gz'), 'nope.nii.gz'),
+    'query is text': (lambda f: _seg(f, '--out', f/'o1.nii.gz', query=f/'notes.txt'), 'notes.txt'),
+    'nan query': (lambda f: _seg(f, '--out', f/'o2.nii.gz', query=f/'nan.nii.gz'), 'nan.nii.gz'),
+    'constant query': (lambda f: _seg(f, '--out', f/'o3.nii.gz', query=f/'const.nii.gz'), 'const.nii.gz'),
+    'negative mask': (lambda f: _seg(f, '--out', f/'o4.nii.gz', mask=f/'neg.nii.gz'), 'negative'),
+    'image as mask': (lambda f: _seg(f, '--out', f/'o5.nii.gz', mask=f/'data'/'image_2.nii.gz'), 'image_2.nii.gz'),
+    'mask shape': (lambda f: _seg(f, '--out', f/'o6.nii.gz', mask=f/'small.nii.gz'), 'shape'),
+    'out is query': (lambda f: _seg(f, '--out', f/'data'/'image_1.nii.gz'), 'query'),
+    'out is mask': (lambda f: _seg(f, '--out', f/'data'/'label_2.nii.gz'), 'support mask'),
+    'out suffix': (lambda f: _seg(f, '--out', f/'p.png'), '--out'),
+    'out is folder': (lambda f: _seg(f, '--out', f/'data.nii.gz') if (f/'data.nii.gz').mkdir() is None else None, 'folder'),
+    'truncated checkpoint': (lambda f: _seg(f, '--out', f/'o7.nii.gz', ck=f/'truncated.pth'), 'truncated.pth'),
+    'tensor checkpoint': (lambda f: _seg(f, '--out', f/'o8.nii.gz', ck=f/'tensor.pth'), 'tensor.pth'),
+    'text checkpoint': (lambda f: _seg(f, '--out', f/'o9.nii.gz', ck=f/'notes.txt'), 'notes.txt'),
+    'slice out of range': (lambda f: _seg(f, '--slice', '99', '--out', f/'o10.nii.gz'), '99'),
+    'empty slice': (lambda f: _seg(f, '--slice', '0', '--out', f/'o11.nii.gz'), 'slice 0'),
+    'bad device': (lambda f: _seg(f, '--device', 'bogus', '--out', f/'o12.nii.gz'), '--device'),
+    'negative size': (lambda f: _seg(f, '--size', '-4', '--out', f/'o13.nii.gz'), '--size'),
+}
+
+
+@pytest.mark.parametrize('case', list(SEGMENT_CASES))
+def test_segment_bad_input(case, files, capsys):
+    make, culprit = SEGMENT_CASES[case]
+    before = {p: p.read_bytes() for p in (files/'data').iterdir()}
+    code, out, err = run(capsys, *make(files))
+    assert code == 2, (case, out, err)
+    one_line(err, culprit)
+    assert {p: p.read_bytes() for p in (files/'data').iterdir()} == before  # no input changed
+    assert not list(files.glob('o*.nii.gz')) and not list(files.glob('.*.tmp*'))  # no output left behind
+
+
+TRAIN_CASES = {
+    'lr nan': (['--lr', 'nan'], '--lr'), 'lr negative': (['--lr', '-1'], '--lr'), 'lr inf': (['--lr', 'inf'], '--lr'),
+    'size zero': (['--size', '0'], '--size'), 'iters negative': (['--iters', '-5'], '--iters'),
+    'iters text': (['--iters', 'ten'], '--iters'), 'rho zero': (['--rho', '0'], '--rho'), 'rho float': (['--rho', '2.5'], '--rho'),
+    'fold negative': (['--fold', '-1'], '--fold'), 'fold too big': (['--fold', '9'], 'fold'),
+    'device': (['--device', 'gpu0'], '--device'), 'workers zero': (['--workers', '0'], '--workers'),
+    'unknown method': (['--method', 'unet'], '--method'), 'missing dataset': (['--dataset', '/no/such/dir'], '/no/such/dir'),
+    'missing config': (['--config', '/no/config.yaml'], 'config.yaml'),
+    'empty config': (['--config', '{d}/empty.yaml'], 'empty.yaml'), 'malformed config': (['--config', '{d}/bad.yaml'], 'bad.yaml'),
+    'list config': (['--config', '{d}/list.yaml'], 'list.yaml'), 'typed config': (['--config', '{d}/typed.yaml'], 'n_steps'),
+    'python tag config': (['--config', '{d}/tag.yaml'], 'tag.yaml'), 'unknown key config': (['--config', '{d}/unknown.yaml'], 'methd'),
+    'checkpoints is a file': (['--checkpoints', '{d}/notes.txt'], 'notes.txt'),
+    'truncated resume': (['--resume', '{d}/truncated.pth'], 'truncated.pth'),
+    'resume other kind': (['--resume', '{d}/tensor.pth'], 'tensor.pth'),
+}
+
+
+@pytest.mark.parametrize('case', list(TRAIN_CASES))
+def test_train_bad_input(case, files, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv('FSMIS_CACHE', str(tmp_path/'cache'))
+    args, culprit = TRAIN_CASES[case]
+    args = [a.format(d=files) for a in args]
+    base = ['train', '--dataset', files/'data', '--iters', '2', '--size', '32', '--rho', '300', '--device', 'cpu', '--quiet',
+            '--workers', '1']
+    if '--checkpoints' not in args: base += ['--checkpoints', tmp_path/'ck']
+    code, out, err = run(capsys, *base, *args)
+    assert code == 2, (case, out, err)
+    one_line(err, culprit)
+    assert not (tmp_path/'ck'/'final.pth').exists()
+
+
+OTHER_CASES = {
+    'evaluate truncated': (['evaluate', '{d}/truncated.pth', '--dataset', '{d}/data'], 'truncated.pth'),
+    'evaluate tensor': (['evaluate', '{d}/tensor.pth', '--dataset', '{d}/data'], 'tensor.pth'),
+    'evaluate missing': (['evaluate', '{d}/none.pth'], 'none.pth'),
+    'evaluate bad protocol': (['evaluate', '{d}/model.pth', '--protocol', 'EP3'], '--protocol'),
+    'preprocess size zero': (['preprocess', '{d}/data', '{d}/pp', '--size', '0'], '--size'),
+    'preprocess missing src': (['preprocess', '{d}/nothing', '{d}/pp'], 'nothing'),
+    'supervoxels missing': (['supervoxels', '{d}/nothing'], 'nothing'),
+    'supervoxels file': (['supervoxels', '{d}/notes.txt'], 'notes.txt'),
+    'supervoxels rho': (['supervoxels', '{d}/data', '--rho', '-1'], '--rho'),
+    'supervoxels cases': (['supervoxels', '{d}/data', '--cases', '77'], '77'),
+    'demo iters': (['demo', '--iters', 'x'], '--iters'),
+    'demo lr': (['demo', '--lr', '0'], '--lr'),
+    'demo missing data': (['demo', '--data', '{d}/nothing', '--out', '{d}/demo_out'], 'nothing'),
+    'reproduce unknown': (['reproduce', 'adnet-nowhere'], 'adnet-nowhere'),
+    'reproduce minutes': (['reproduce', 'adnet-chaos-ep2', '--minutes', '-3'], '--minutes'),
+    'unknown command': (['frobnicate'], 'frobnicate'),
+}
+
+
+@pytest.mark.parametrize('case', list(OTHER_CASES))
+def test_other_commands_bad_input(case, files, capsys):
+    args, culprit = OTHER_CASES[case]
+    code, out, err = run(capsys, *[a.format(d=files) for a in args])
+    assert code == 2, (case, out, err)
+    one_line(err, culprit)
+    assert not (files/'pp').exists() and not (files/'demo_out').exists()
+
+
+# ---------------------------------------------------------------- Python API
+def test_api_segment_files_refuses_nan_and_keeps_inputs(files):
+    from fsmis.eval.inference import segment_files
+    from fsmis.eval.protocols import IntensityPrototype
+    with pytest.raises(ValueError, match='nan.nii.gz'):
+        segment_files(IntensityPrototype(), files/'nan.nii.gz', files/'data'/'image_2.nii.gz', files/'data'/'label_2.nii.gz', files/'x.nii.gz')
+    assert not (files/'x.nii.gz').exists()
+
+
+def test_api_checkpoint_errors(files):
+    from fsmis.learner import load_model, read_checkpoint
+    for name in ('truncated.pth', 'tensor.pth', 'notes.txt'):
+        with pytest.raises(ValueError, match=name): load_model(files/name)
+    assert isinstance(read_checkpoint(files/'model.pth'), dict)
+
+
+def test_api_config_errors(files):
+    from fsmis.config import ExperimentConfig
+    for name in ('empty.yaml', 'bad.yaml', 'list.yaml', 'tag.yaml'):
+        with pytest.raises(ValueError, match=name): ExperimentConfig.load(files/name)
+    for kw, what in [(dict(lr=float('nan')), 'lr'), (dict(n_steps=2.5), 'n_steps'), (dict(size=0), 'size'), (dict(rho=0), 'rho'),
+                     (dict(folds='0'), 'folds')]:
+        with pytest.raises(ValueError, match=what): ExperimentConfig(**kw)
+
+
+def test_api_nonfinite_loss_stops_with_the_step(tmp_path):
+    from fsmis.learner import toy_dls, adnet_learner, fit_iters, NonFiniteLoss, list_checkpoints, read_checkpoint
+    torch.manual_seed(0)
+    learn = adnet_learner(toy_dls(20, size=32), 'small', lr=1e-3, path=tmp_path)
+    fit_iters(learn, 3, ckpt_every=3, ckpt_dir=tmp_path/'ck', show_progress=False)
+    learn.fsmis_schedule = {**learn.fsmis_schedule, 'lr': float('nan')}
+    with pytest.raises(NonFiniteLoss, match=r'(?s)step 4: .*lr nan'): fit_iters(learn, 6, ckpt_every=1, ckpt_dir=tmp_path/'ck', show_progress=False)
+    last = list_checkpoints(tmp_path/'ck')[-1]
+    assert all(torch.isfinite(v).all() for v in read_checkpoint(last)['model'].values() if v.is_floating_point())
+
+
+def test_api_support_mask_checks():
+    from fsmis.eval.inference import check_support_mask, support_slice
+    with pytest.raises(ValueError, match='negative'): check_support_mask(-np.ones((2, 3, 3)))
+    with pytest.raises(ValueError, match='complex'): check_support_mask(np.ones((2, 3, 3), complex))
+    with pytest.raises(ValueError, match='empty'): support_slice(np.zeros((3, 4, 4), int))
+
+
+def test_api_broken_supervoxel_cache_is_recomputed(tmp_path):
+    from fsmis.data.phantom import make_phantom
+    from fsmis.data.supervoxels import cached_supervoxels
+    c = make_phantom(0, (6, 32, 32))
+    a = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
+    (f,) = tmp_path.glob('*.npz')
+    f.write_bytes(f.read_bytes()[:40])
+    b = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
+    assert np.array_equal(a, b) and np.load(f)['labels'].shape == a.shape
