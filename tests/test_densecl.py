@@ -1,0 +1,244 @@
+"Tests of fsmis.pretrain.densecl: no label read, exact resume, two-process training, weights file, validation (CPU)."
+import math, os, socket
+import numpy as np
+import pytest, torch, torch.nn.functional as F
+import nibabel
+from fastai.callback.core import Callback
+from fsmis.data.datasets import open_dataset
+from fsmis.data.phantom import PhantomDataset
+from fsmis.learner import read_checkpoint, list_checkpoints
+from fsmis.models.encoders import make_encoder
+from fsmis.models.adnet import ADNet
+from fsmis.models.alpnet import ALPNet, PANet
+from fsmis.pretrain.densecl import (pretrain_densecl, unlabeled_slices, body_fractions, dense_positives, info_nce, DenseCL,
+                                    DenseCLLoss, densecl_dls, densecl_learner, fit_densecl, read_encoder_meta, SliceDL, ViewPairs)
+
+torch.set_num_threads(1)
+KW = dict(size=32, bs=4, queue=64, grid=4, progress=False, device='cpu')
+
+
+def PH(): return PhantomDataset(2, shape=(8, 48, 48))  # 16 small slices, made in memory in ~0.1 s
+
+
+def _tensors(o):
+    "Every tensor in a nested dict/list, in order."
+    if torch.is_tensor(o): return [o]
+    if isinstance(o, dict): return [t for k in sorted(o, key=str) for t in _tensors(o[k])]
+    if isinstance(o, (list, tuple)): return [t for x in o for t in _tensors(x)]
+    return []
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    "Two phantom cases as image_/label_ NIfTI files; the label files are then replaced by garbage bytes."
+    d = tmp_path_factory.mktemp('scans')
+    PhantomDataset(2, shape=(8, 48, 48)).to_folder(d)
+    for p in d.glob('label_*'): p.write_bytes(b'not a nifti file')
+    return d
+
+
+@pytest.fixture
+def spy_loads(monkeypatch):
+    opened, real = [], nibabel.load
+    def load(f, *a, **k): opened.append(os.path.basename(str(f))); return real(f, *a, **k)
+    monkeypatch.setattr(nibabel, 'load', load)
+    return opened
+
+
+@pytest.mark.parametrize('source', ['folder', 'dataset', 'list'])
+def test_label_files_are_never_opened(folder, spy_loads, tmp_path, source):
+    "The labels are garbage: opening one would fail; the spy proves that only image files were loaded."
+    data = {'folder': folder, 'dataset': open_dataset(folder, classes={1: 'liver'}),
+            'list': [folder/'image_1.nii.gz', folder/'image_2.nii.gz']}[source]
+    out = pretrain_densecl(data, steps=2, out=tmp_path/'enc.pth', **KW)
+    assert sorted(spy_loads) == ['image_1.nii.gz', 'image_2.nii.gz']
+    assert read_encoder_meta(out)['n_slices'] == 16
+
+
+def test_almost_empty_slices_are_skipped():
+    vol = np.random.rand(6, 32, 32).astype(np.float32) * 0.01
+    vol[2:, 8:24, 8:24] = 5.  # body in slices 2..5 only (25 % of each), slices 0, 1 noise
+    vol[1, :2, :2] = 5.  # a sliver: 4 of 1024 pixels
+    fr = body_fractions(vol)
+    assert (fr[:2] < 0.05).all() and (fr[2:] > 0.2).all()
+    from fsmis.pretrain.densecl import SliceSet
+    ss = SliceSet([vol], ['v'])
+    assert ss.index == [(0, 2), (0, 3), (0, 4), (0, 5)] and ss.n_skipped == 2
+    with pytest.raises(ValueError, match='min_body'): SliceSet([vol * 0 + np.random.rand(6, 32, 32)], ['v'], min_body=0.99)
+
+
+class Interrupt(Callback):
+    "Simulates a killed run: raises KeyboardInterrupt after the step `at` (after its checkpoint was written)."
+    order = 99
+    def __init__(self, at): self.at = at
+    def after_batch(self):
+        if self.training and self.learn.iteration == self.at: raise KeyboardInterrupt
+
+
+def test_resume_is_exact(tmp_path):
+    "Killed at step 4 of 8 and resumed == uninterrupted: weights, key encoder, queues, optimizer, and the weights file."
+    kw = dict(KW, steps=8, ckpt_every=2)
+    a = tmp_path/'a'/'enc.pth'
+    with pytest.raises(KeyboardInterrupt): pretrain_densecl(PH(), out=a, cbs=[Interrupt(4)], **kw)
+    assert not a.exists() and [p.name for p in list_checkpoints(tmp_path/'a'/'enc_checkpoints')] == ['iter_0000002.pth', 'iter_0000004.pth']
+    pretrain_densecl(PH(), out=a, resume='last', **kw)
+    b = pretrain_densecl(PH(), out=tmp_path/'b'/'enc.pth', **kw)
+    ca, cb = (read_checkpoint(list_checkpoints(p.parent/'enc_checkpoints')[-1]) for p in (a, b))
+    assert ca['iteration'] == cb['iteration'] == 8
+    diff = [k for k in cb['model'] if not torch.equal(ca['model'][k], cb['model'][k])]
+    assert not diff, diff
+    assert {'queue_g', 'queue_d', 'queue_ptr', 'n_steps'} <= set(cb['model']) and any(k.startswith('encoder_k.') for k in cb['model'])
+    assert not torch.equal(cb['model']['encoder_k.proj.weight'], cb['model']['encoder.proj.weight'])  # the key encoder is its own state
+    oa, ob = _tensors(ca['opt']), _tensors(cb['opt'])
+    assert len(oa) == len(ob) > 0 and all(torch.equal(x, y) for x, y in zip(oa, ob))  # SGD momentum buffers
+    wa, wb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert all(torch.equal(wa['state_dict'][k], wb['state_dict'][k]) for k in wb['state_dict'])
+    assert wa['meta']['resumed_from'].endswith('last') or 'iter_' in wa['meta']['resumed_from']
+    # without the resume the run would differ: a fresh run with another seed does
+    c = pretrain_densecl(PH(), out=tmp_path/'c'/'enc.pth', **{**kw, 'seed': 1})
+    assert not torch.equal(torch.load(c, weights_only=True)['state_dict']['proj.weight'], wb['state_dict']['proj.weight'])
+
+
+def test_weights_file_loads_into_every_few_shot_model(tmp_path):
+    out = pretrain_densecl(PH(), 'small', steps=3, out=tmp_path/'w.pth', **KW)
+    sd = torch.load(out, weights_only=True)
+    assert set(sd) == {'state_dict', 'meta'}
+    meta = sd['meta']
+    assert meta['format'] == 'fsmis-encoder-weights/1' and meta['encoder'] == 'small' and meta['steps'] == 3
+    assert meta['settings']['lam'] == 0.5 and meta['settings']['tau'] == 0.2 and meta['settings']['m'] == 0.999
+    assert meta['data'] and meta['view_size'] == 32
+    for M in (ADNet, ALPNet, PANet):
+        enc = M('small', weights=out).encoder
+        assert all(torch.equal(enc.state_dict()[k], v) for k, v in sd['state_dict'].items()), M.__name__
+    assert not torch.equal(make_encoder('small').proj.weight, sd['state_dict']['proj.weight'])
+
+
+def test_resnet18_weights_file(tmp_path):
+    "A ResNet encoder (batch norm, stride 8) pretrains and loads too."
+    out = pretrain_densecl(PH(), 'resnet18', steps=1, out=tmp_path/'r18.pth', **{**KW, 'grid': 4})
+    enc = make_encoder('resnet18', weights=out)
+    assert torch.equal(enc.proj.weight, torch.load(out, weights_only=True)['state_dict']['proj.weight'])
+
+
+@pytest.mark.parametrize('kw,err,msg', [
+    (dict(steps=0), ValueError, 'steps='), (dict(steps=2.5), ValueError, 'steps='), (dict(steps=2, minutes=1), ValueError, 'steps and minutes'),
+    (dict(), ValueError, 'steps or minutes'), (dict(minutes=-1), ValueError, 'minutes='), (dict(steps=2, encoder='vgg'), ValueError, 'encoder='),
+    (dict(steps=2, lam=1.5), ValueError, 'lam='), (dict(steps=2, bs=0), ValueError, 'bs='), (dict(steps=2, grid=64), ValueError, 'grid='),
+    (dict(steps=2, resume='/nonexistent/ck.pth'), FileNotFoundError, '/nonexistent/ck.pth'),
+    (dict(steps=2, resume='last'), FileNotFoundError, 'resume='), (dict(steps=2, weights='/nonexistent/w.pth'), FileNotFoundError, 'w.pth'),
+    (dict(steps=2, data='/nonexistent/scans'), FileNotFoundError, '/nonexistent/scans'),
+    (dict(steps=2, bs=10_000), ValueError, 'bs='),
+])
+def test_arguments_are_validated(tmp_path, kw, err, msg):
+    kw = {'data': PH(), 'out': tmp_path/'x.pth', **{k: v for k, v in KW.items() if k not in kw}, **kw}
+    with pytest.raises(err, match=msg.replace('(', r'\(')): pretrain_densecl(**kw)
+    assert not (tmp_path/'x.pth').exists()
+
+
+def test_out_is_a_folder(tmp_path):
+    with pytest.raises(ValueError, match='out='): pretrain_densecl(PH(), steps=1, out=tmp_path, **KW)
+
+
+def test_loss_terms_lambda_and_warmup(tmp_path):
+    p, n = torch.randn(6), torch.randn(6, 9)
+    torch.testing.assert_close(info_nce(p, n), F.cross_entropy(torch.cat([p[:, None], n], 1), torch.zeros(6, dtype=torch.long)))
+    torch.manual_seed(0)
+    sl = unlabeled_slices(PhantomDataset(1, shape=(8, 48, 48)))
+    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=32, grid=4, warmup=3, path=tmp_path)
+    fit_densecl(learn, 5, show_progress=False)
+    lams = [r['lam'] for r in learn.iter_log]
+    assert lams == [0., 0., 0., 0.5, 0.5]
+    for r in learn.iter_log: assert math.isclose(r['loss'], (1 - r['lam']) * r['global'] + r['lam'] * r['dense'], rel_tol=1e-5)
+    lrs = [r['lr'] for r in learn.iter_log]  # cosine from the default lr = 0.03 x 4 / 256
+    assert lrs == pytest.approx([0.03 * 4 / 256 * 0.5 * (1 + math.cos(math.pi * t / 5)) for t in range(5)])
+    assert learn.opt.hypers[0]['wd'] == 1e-4 and learn.opt.hypers[0]['mom'] == 0.9
+
+
+def test_lambda_zero_trains_global_only(tmp_path):
+    "lam = 0: the dense head receives no gradient (the MoCo v2 baseline)."
+    torch.manual_seed(0)
+    sl = unlabeled_slices(PhantomDataset(1, shape=(8, 48, 48)))
+    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', lam=0., queue=32, grid=4, path=tmp_path)
+    w0 = learn.model.head_d[2].weight.clone(); g0 = learn.model.head_g[4].weight.clone()
+    fit_densecl(learn, 2, show_progress=False)
+    m = learn.model
+    assert not torch.equal(m.head_g[4].weight, g0)
+    torch.testing.assert_close(m.head_d[2].weight, w0 * (1 - 0.03 * 4 / 256 * 1e-4) ** 2, rtol=0, atol=1e-7)  # weight decay only
+
+
+def test_dense_positive_is_most_similar_backbone_cell():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 6, 6)
+    fk = torch.flip(f, dims=(3,)) * 3.0  # a mirrored, rescaled copy: cosine ignores the scale
+    idx = dense_positives(f, fk)
+    i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing='ij')
+    assert torch.equal(idx[0], (i * 6 + (5 - j)).flatten()) and torch.equal(idx[1], idx[0])
+
+
+def test_queue_ring_buffer_and_momentum():
+    torch.manual_seed(0)
+    m = DenseCL('small', queue=10, grid=4)
+    for step in range(3):
+        kg, kd = torch.full((4, 128), float(step)), torch.full((4, 128), -float(step))
+        m.enqueue(kg, kd)
+    assert int(m.queue_ptr) == 2  # 12 keys into a ring of 10
+    assert m.queue_g[0, :2].tolist() == [2., 2.] and m.queue_g[0, 2:4].tolist() == [0., 0.] and m.queue_g[0, 8:].tolist() == [2., 2.]
+    assert m.queue_d[0, 9].item() == -2.
+    with torch.no_grad():
+        for p in m.query_params(): p.add_(1.)
+    k0 = [p.clone() for p in m.key_params()]
+    m.momentum_update()
+    for pk, pk0, pq in zip(m.key_params(), k0, m.query_params()): torch.testing.assert_close(pk, 0.999 * pk0 + 0.001 * pq)
+
+
+def test_minutes_budget_fixes_the_schedule(tmp_path):
+    out = pretrain_densecl(PH(), steps=None, minutes=0.05, out=tmp_path/'m.pth', **KW)
+    meta = read_encoder_meta(out)
+    total = meta['settings']['total_steps']
+    assert total >= 5 and 1 <= meta['steps'] <= total
+    ck = read_checkpoint(list_checkpoints(tmp_path/'m_checkpoints')[-1])
+    assert ck['model_config']['total_steps'] == total  # a resumed run keeps the same cosine length
+
+
+def _free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+class Dump(Callback):
+    "Test probe: records the slice indices each rank trained on and saves its final state (outside the run's folder)."
+    def __init__(self, path): self.path, self.seen = path, []
+    def after_batch(self):
+        if self.training: self.seen += self.yb[0].tolist()
+    def after_fit(self):
+        m = self.learn.model
+        torch.save({'state': {k: v.clone() for k, v in m.state_dict().items()}, 'seen': self.seen}, self.path)
+
+
+def _worker(rank, world, port, out, probe):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    try:
+        pretrain_densecl(PH(), 'small', steps=3, out=out, ckpt_every=2, cbs=[Dump(f"{probe}/rank{rank}.pt")], **KW)
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
+
+
+def test_two_processes_gloo(tmp_path):
+    "2 ranks on gloo: identical weights, key encoders and queues after 3 steps; disjoint data; only rank 0 writes files."
+    import torch.multiprocessing as mp
+    (tmp_path/'run').mkdir(); (tmp_path/'probe').mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path/'run'/'enc.pth'), str(tmp_path/'probe')), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path/'probe'/f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    diff = [k for k in r0['state'] if not torch.equal(r0['state'][k], r1['state'][k])]
+    assert not diff, diff
+    s = r0['state']
+    assert int(s['queue_ptr']) == 3 * 4 * 2  # keys of both ranks enqueued, every step
+    assert len(r0['seen']) == 12 and not set(r0['seen'][:8]) & set(r1['seen'][:8])  # one pass (2 steps): each rank its own slices
+    # queue columns are the gathered keys in rank order: the newest 8 differ (two ranks' keys), none are still random
+    assert torch.linalg.matrix_rank(s['queue_g'][:, 16:24]) > 1
+    files = sorted(str(p.relative_to(tmp_path/'run')) for p in (tmp_path/'run').rglob('*'))
+    assert files == ['enc.pth', 'enc_checkpoints', 'enc_checkpoints/iter_0000002.pth', 'enc_checkpoints/iter_0000003.pth']
+    ck = read_checkpoint(tmp_path/'run'/'enc_checkpoints'/'iter_0000003.pth')
+    assert all(torch.equal(ck['model'][k], s[k]) for k in s)
+    assert read_encoder_meta(tmp_path/'run'/'enc.pth')['settings']['world'] == 2
