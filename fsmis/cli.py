@@ -228,6 +228,17 @@ def _cmd_reproduce(a):
     print(res)
     return 0
 
+def _cmd_pretrain(a):
+    from fsmis.pretrain.densecl import pretrain_densecl
+    if a.steps is None and a.minutes is None and a.resume is None: raise UserError("give --steps or --minutes (or --resume)")
+    for d in a.data:
+        if not Path(d).exists() and '/' in str(d): raise UserError(f"data not found: {d}")
+    out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
+                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
+    print(f"encoder weights written to {out}")
+    return 0
+
+
 # %% ../nbs/51_cli.ipynb #51df415a
 def _add_common(p, device=True, quiet=True):
     if device: p.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
@@ -331,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
     s.add_argument('--encoder', default='small', help='for bare state dicts only')
     _add_common(s, quiet=False); s.set_defaults(func=_cmd_segment)
+
+    s = sub.add_parser('pretrain', formatter_class=P, help='self-supervised encoder pretraining (DenseCL, DenseMP stage 1)',
+                       description='Dense contrastive pretraining of an fsmis encoder on unlabeled slices of datasets, folders or '
+                                   'NIfTI files (labels are never read); writes an encoder weights file for --encoder-weights.')
+    s.add_argument('method', choices=['densecl'], help='pretraining method')
+    s.add_argument('data', nargs='+', help='registered dataset names, dataset folders or NIfTI files')
+    s.add_argument('--encoder', default='small', help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101'")
+    s.add_argument('--steps', type=positive_int, default=None, help='training steps')
+    s.add_argument('--minutes', type=positive_float, default=None, help='training minutes (instead of --steps)')
+    s.add_argument('--out', default=None, help='encoder weights file (default ./densecl_<encoder>.pth)')
+    s.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
+    s.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
+    s.add_argument('--seed', type=int, default=0, help='seed')
+    _add_common(s); s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser('reproduce', formatter_class=P, help='run a named paper configuration (--list to see them)',
                        description='Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). '

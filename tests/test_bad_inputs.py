@@ -139,6 +139,9 @@ OTHER_CASES = {
     'reproduce unknown': (['reproduce', 'adnet-nowhere'], 'adnet-nowhere'),
     'reproduce minutes': (['reproduce', 'adnet-chaos-ep2', '--minutes', '-3'], '--minutes'),
     'unknown command': (['frobnicate'], 'frobnicate'),
+    'pretrain no budget': (['pretrain', 'densecl', 'phantom'], '--steps'),
+    'pretrain steps zero': (['pretrain', 'densecl', 'phantom', '--steps', '0'], '--steps'),
+    'pretrain unknown method': (['pretrain', 'simclr', 'phantom'], 'simclr'),
 }
 
 
