@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['UserError', 'positive_int', 'nonneg_int', 'positive_float', 'device_name', 'build_parser', 'main']
+__all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_float', 'device_name', 'build_parser', 'main']
 
 # %% ../nbs/51_cli.ipynb #838e6b7f
 class UserError(Exception):
@@ -25,19 +25,16 @@ def _existing(path, what='file'):
     if not p.exists(): raise UserError(f"{what} not found: {p}")
     return p
 
-def positive_int(s: str) -> int:
-    "argparse type: a whole number >= 1."
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+def whole_number(lo: int): # smallest accepted value
+    "An argparse type accepting whole numbers >= `lo`, refusing anything else at parse time."
+    def parse(s: str) -> int:
+        try: v = int(s)
+        except ValueError: v = None
+        if v is None or v < lo: raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {s!r}")
+        return v
+    return parse
 
-def nonneg_int(s: str) -> int:
-    "argparse type: a whole number >= 0."
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
-    if v < 0: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
+positive_int, nonneg_int = whole_number(1), whole_number(0)
 
 def positive_float(s: str) -> float:
     "argparse type: a finite number > 0."
@@ -205,7 +202,6 @@ def _cmd_evaluate(a):
 
 def _cmd_segment(a):
     from fsmis.eval.inference import segment_files
-    for p, w in ((a.query, 'query image'), (a.support, 'support image'), (a.support_mask, 'support mask')): _existing(p, w)
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)  # the checkpoint is read once
     size = a.size if a.size is not None else ck.get('input_size')
     r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, input_size=size)
@@ -231,8 +227,6 @@ def _cmd_reproduce(a):
 def _cmd_pretrain(a):
     from fsmis.pretrain.densecl import pretrain_densecl
     if a.steps is None and a.minutes is None and a.resume is None: raise UserError("give --steps or --minutes (or --resume)")
-    for d in a.data:
-        if not Path(d).exists() and '/' in str(d): raise UserError(f"data not found: {d}")
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
                            size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
     print(f"encoder weights written to {out}")

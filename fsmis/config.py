@@ -53,8 +53,7 @@ class ExperimentConfig:
     learner_kw: dict = field(default_factory=dict)  # extra arguments of the learner factory
 
     def __post_init__(self):
-        types = {'n_steps': int, 'runs': int, 'n_folds': int, 'batch_size': int, 'seed': int, 'n_val': int, 'val_every': int, 'eval_batch_size': int}
-        for k, t in types.items():
+        for k in ('n_steps', 'runs', 'n_folds', 'batch_size', 'seed', 'n_val', 'val_every', 'eval_batch_size'):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v): raise ValueError(f"{k} must be a whole number, got {v!r}")
             setattr(self, k, int(v))

@@ -27,8 +27,8 @@ from .losses import ADNetLoss, ProtoCELoss
 # %% auto #0
 __all__ = ['MODELS', 'ToyEpisodes', 'toy_dls', 'IterTrainer', 'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice',
            'EpisodeLog', 'read_checkpoint', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
-           'fit_iters', 'FewShotLearner', 'build_model', 'load_model', 'adnet_learner', 'alpnet_learner',
-           'panet_learner']
+           'resolve_resume', 'fit_iters', 'FewShotLearner', 'build_model', 'load_model', 'adnet_learner',
+           'alpnet_learner', 'panet_learner']
 
 # %% ../nbs/14_learner.ipynb #33d0b999
 class ToyEpisodes(torch.utils.data.Dataset):
@@ -162,19 +162,14 @@ class FiniteGuard(Callback):
     order = 30
     def _fail(self, what):
         lr = self.opt.hypers[0].get('lr') if self.opt is not None and self.opt.hypers else None
-        raise NonFiniteLoss(f"training diverged at step {getattr(self.learn, 'iteration', 0) + 1}: {what} is not finite"
-                            + (f" (lr {lr:g})" if lr is not None else '') + "; the weights were not updated by this step")
+        raise NonFiniteLoss(f"training diverged at step {getattr(self.learn, 'iteration', 0) + 1}: {what}"
+                            + (f" (lr {lr:g})" if lr is not None else '') + "; the last checkpoint written is the last good one")
     def after_loss(self):
-        if self.training and not torch.isfinite(self.learn.loss_grad.detach()).all(): self._fail(f"the loss ({float(self.learn.loss_grad.detach()):g})")
-    def after_backward(self):
-        if not self.training: return
-        for p in self.model.parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all(): self._fail('a gradient')
+        if self.training and not torch.isfinite(self.learn.loss_grad.detach()).all():
+            self._fail(f"the loss is {float(self.learn.loss_grad.detach()):g}")
     def after_step(self):  # before any checkpoint of this step is written
-        if self.training and not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            lr = self.opt.hypers[0].get('lr')
-            raise NonFiniteLoss(f"training diverged at step {getattr(self.learn, 'iteration', 0) + 1}: the weights became non-finite "
-                                f"(lr {lr:g}); the last checkpoint written is the last good one")
+        if self.training and not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            self._fail('the weights became non-finite')
 
 # %% ../nbs/14_learner.ipynb #3c52f2d6
 def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
@@ -299,6 +294,15 @@ def list_checkpoints(folder # checkpoint folder
     "Checkpoint files of a folder, oldest iteration first."
     return sorted(Path(folder).glob('iter_*.pth'), key=lambda p: int(re.findall(r'\d+', p.stem)[0]))
 
+def resolve_resume(resume, # None, a checkpoint file, or 'last'
+                   ckpt_dir, # the checkpoint folder 'last' looks in
+                  ):
+    "The checkpoint file to resume from (None: start afresh); 'last' is the newest in `ckpt_dir`."
+    if resume != 'last': return resume
+    cks = list_checkpoints(ckpt_dir)
+    if not cks: raise FileNotFoundError(f"resume='last': no checkpoint in {ckpt_dir}")
+    return cks[-1]
+
 # %% ../nbs/14_learner.ipynb #1aa3ce0e
 def fit_iters(learn: Learner, # a Learner from the factories below (or any with a few-shot model)
               n_iter: int | None, # total iterations to reach (None: until `minutes` are up)
@@ -317,12 +321,8 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
     if n_iter is not None and n_iter < 0: raise ValueError(f"n_iter={n_iter}: must be >= 0")
     if len(learn.dls.train) == 0: raise ValueError("learn.dls.train is empty: it yields no episode batch")
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
-    if resume is not None:
-        if resume == 'last':
-            cks = list_checkpoints(ckpt_dir)
-            if not cks: raise FileNotFoundError(f"resume='last': no checkpoint in {ckpt_dir}")
-            resume = cks[-1]
-        load_checkpoint(learn, resume, weights_only=weights_only)
+    resume = resolve_resume(resume, ckpt_dir)
+    if resume is not None: load_checkpoint(learn, resume, weights_only=weights_only)
     sched = learn.fsmis_schedule if hasattr(learn, 'fsmis_schedule') else {'lr': learn.lr, 'decay': 0.98, 'decay_every': 1000}
     extra = cbs or []
     cbs = [IterTrainer(validate=validate, **sched), FiniteGuard(), StopAfter(n_iter, minutes),

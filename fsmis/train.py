@@ -7,6 +7,7 @@ Docs: https://fsmis.github.io/fsmis/train.html.md"""
 # %% ../nbs/41_train.ipynb #6759c6f7
 from __future__ import annotations
 import time
+from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 from .core import quiet_imports
@@ -44,7 +45,7 @@ def initial_model(cfg: ExperimentConfig, # the experiment
 
 def cfg_encoder_kw(cfg: ExperimentConfig) -> dict:
     "Encoder keyword arguments of the learner factories from a configuration (local weights file, if any)."
-    return {'weights': cfg.encoder_weights} if getattr(cfg, 'encoder_weights', None) else {}
+    return {'weights': cfg.encoder_weights} if cfg.encoder_weights else {}
 
 # %% ../nbs/41_train.ipynb #99b704ce
 def validation_split(train_ids:list, # the fold's training cases
@@ -151,6 +152,5 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
 
 def _dataset_ref(cfg, ds) -> str:
     "How a checkpoint names its dataset: the registry name, or a folder's absolute path."
-    from pathlib import Path
     folder = getattr(ds, 'folder', None)
     return str(Path(folder).resolve()) if folder is not None and getattr(ds.spec, 'name', None) == 'folder' else getattr(ds, 'name', cfg.dataset)

@@ -211,7 +211,7 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     out = Path(out)
     if not (out.name.endswith('.nii') or out.name.endswith('.nii.gz')): raise ValueError(f"--out must end with .nii or .nii.gz, got {out}")
     for what, p in paths.items():
-        if _same_file(out, p) or out.resolve() == p.resolve(): raise ValueError(f"--out {out} is the {what} file: refusing to overwrite an input")
+        if _same_file(out, p): raise ValueError(f"--out {out} is the {what} file: refusing to overwrite an input")
     if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder, not a file")
     q, _, q_aff = read_nifti(paths['query']); s, _, _ = read_nifti(paths['support'])
     m = check_support_mask(read_nifti(paths['support mask'], dtype=None)[0], paths['support mask'])

@@ -29,7 +29,7 @@ from ..data.datasets import DATASETS, Dataset, open_dataset, check_image, zscore
 from ..data.io import read_nifti
 from ..data.augment import RandomGamma
 from ..models.encoders import ENCODERS, make_encoder
-from ..learner import IterTrainer, StopAfter, Checkpointer, load_checkpoint, read_checkpoint, list_checkpoints
+from ..learner import IterTrainer, StopAfter, Checkpointer, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume
 
 # %% auto #0
 __all__ = ['WEIGHTS_FORMAT', 'body_fractions', 'SliceSet', 'unlabeled_slices', 'BrightnessContrast', 'densecl_views', 'ViewPairs',
@@ -465,11 +465,8 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
                ) -> Learner:
     "Train `learn` with the cosine schedule to `n_iter` (or for `minutes`), with checkpoints and exact resume."
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
+    resume = resolve_resume(resume, ckpt_dir)
     if resume is not None:
-        if resume == 'last':
-            cks = list_checkpoints(ckpt_dir)
-            if not cks: raise FileNotFoundError(f"resume='last': no checkpoint in {ckpt_dir}")
-            resume = cks[-1]
         ck = read_checkpoint(resume)
         if ck.get('model_kind') != 'densecl': raise ValueError(f"resume={str(resume)!r}: not a DenseCL checkpoint (model_kind={ck.get('model_kind')!r})")
         load_checkpoint(learn, resume)
