@@ -123,7 +123,6 @@ def _open_any(name):
 
 def _cmd_train(a):
     from fsmis.data.folds import fold_split
-    from fsmis.config import eval_classes
     from fsmis.train import train_fold
     import fsmis.learner as L
     cfg = _train_config(a)
@@ -201,7 +200,8 @@ def _cmd_evaluate(a):
     return 0
 
 def _cmd_segment(a):
-    from fsmis.eval.inference import segment_files
+    from fsmis.eval.inference import segment_files, segment_paths
+    segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)  # the checkpoint is read once
     size = a.size if a.size is not None else ck.get('input_size')
     r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, input_size=size)

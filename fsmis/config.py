@@ -10,7 +10,7 @@ import json, dataclasses, math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import atomic_write
-from .data.datasets import get_spec, DATASETS
+from .data.datasets import get_spec
 
 # %% auto #0
 __all__ = ['PAPER_CONFIGS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config', 'ouyang_config', 'eval_classes',

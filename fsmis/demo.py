@@ -18,8 +18,6 @@ from .data.folds import FoldSplit
 from .eval.metrics import df_markdown
 from .config import DEMO_DEFAULTS, demo_config
 from .train import train_fold, initial_model
-from .eval.protocols import evaluate
-from .learner import save_checkpoint
 
 # %% auto #0
 __all__ = ['demo_dataset', 'demo_split', 'train_demo', 'dice_table', 'table_markdown', 'ep2_predictions', 'demo_figure',

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 import numpy as np
-import torch, torch.nn as nn
+import torch.nn as nn
 from .core import quiet_imports
 with quiet_imports(): from fastai.callback.core import Callback
 from .core import set_seed, default_device

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from ..core import resize_slices, _size2
+from ..core import resize_slices
 from ..data.io import read_nifti, write_nifti
 from ..data.datasets import check_image, zscore
 
 # %% auto #0
 __all__ = ['MAX_CLASSES', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with', 'learned_threshold',
-           'predict_tasks', 'fg_of', 'segment_volume', 'support_slice', 'check_support_mask', 'segment_files']
+           'predict_tasks', 'fg_of', 'segment_volume', 'support_slice', 'check_support_mask', 'segment_paths',
+           'segment_files']
 
 # %% ../../nbs/22_eval.inference.ipynb #5cb6fc79
 def model_device(model:nn.Module) -> torch.device:
@@ -196,6 +196,18 @@ def _same_file(a, b) -> bool:
     try: return a.exists() and b.exists() and a.samefile(b)
     except OSError: return False
 
+def segment_paths(query, support, support_mask, out) -> tuple:
+    "({'query': .., 'support': .., 'support mask': ..}, out) as Paths, checked before any work: inputs exist, `out` is a new NIfTI path."
+    paths = {'query': Path(query), 'support': Path(support), 'support mask': Path(support_mask)}
+    for what, p in paths.items():
+        if not p.is_file(): raise FileNotFoundError(f"{what} not found: {p}")
+    out = Path(out)
+    if not (out.name.endswith('.nii') or out.name.endswith('.nii.gz')): raise ValueError(f"--out must end with .nii or .nii.gz, got {out}")
+    for what, p in paths.items():
+        if _same_file(out, p): raise ValueError(f"--out {out} is the {what} file: refusing to overwrite an input")
+    if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder, not a file")
+    return paths, out
+
 def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_model(checkpoint)`)
                   query, # query scan (.nii/.nii.gz)
                   support, # support scan (.nii/.nii.gz)
@@ -205,14 +217,7 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
                   input_size: int | None = None, # slice size the model sees (None: as stored)
                  ) -> dict:
     "`fsmis segment`: check the files, z-score, bring the support slice to the query's size, segment, write; returns a summary."
-    paths = {'query': Path(query), 'support': Path(support), 'support mask': Path(support_mask)}
-    for what, p in paths.items():
-        if not p.is_file(): raise FileNotFoundError(f"{what} not found: {p}")
-    out = Path(out)
-    if not (out.name.endswith('.nii') or out.name.endswith('.nii.gz')): raise ValueError(f"--out must end with .nii or .nii.gz, got {out}")
-    for what, p in paths.items():
-        if _same_file(out, p): raise ValueError(f"--out {out} is the {what} file: refusing to overwrite an input")
-    if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder, not a file")
+    paths, out = segment_paths(query, support, support_mask, out)
     q, _, q_aff = read_nifti(paths['query']); s, _, _ = read_nifti(paths['support'])
     m = check_support_mask(read_nifti(paths['support mask'], dtype=None)[0], paths['support mask'])
     if m.shape != s.shape: raise ValueError(f"support mask shape {m.shape} (z,h,w) != support image shape {s.shape}")
