@@ -192,7 +192,7 @@ def test_faithful_to_reference(data_root, tmp_path, name, ref_range):
 
 def test_numpy1_introsort_recorded():
     "The introsort re-implementation against permutations recorded from numpy 1.26.4's plain C argsort."
-    from fsmis.data.supervoxels import _np1_sort_pairs
+    from fsmis.data.sv_kernels import _np1_sort_pairs
     k = np.array([.1] * 10 + [0, .1, .1, 0, 0, .1, .1]); idx = np.arange(17, dtype=np.int32)
     _np1_sort_pairs(k, idx)
     assert list(idx) == [14, 13, 10, 0, 12, 11, 9, 15, 8, 6, 5, 4, 3, 2, 1, 7, 16]
