@@ -11,20 +11,32 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_float', 'device_name', 'build_parser', 'main']
+__all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_float', 'device_name', 'subcommand',
+           'build_parser', 'main']
 
-# %% ../nbs/51_cli.ipynb #838e6b7f
+# %% ../nbs/51_cli.ipynb #d2d1649c
 class UserError(Exception):
     "A mistake in how fsmis was called (bad path, bad option): reported in one line, exit code 2."
 
 _USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
 
+# %% ../nbs/51_cli.ipynb #4e2dba16
 def _existing(path, what='file'):
     "`path` as a Path, or a UserError naming it when it does not exist."
     p = Path(path)
     if not p.exists(): raise UserError(f"{what} not found: {p}")
     return p
 
+def _writable_dir(path, what):
+    "Fail before the work: `path` must be a folder we can create and write."
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise UserError(f"{what} {p}: exists and is not a folder")
+    parent = next((q for q in [p, *p.parents] if q.exists()), Path('.'))
+    if not parent.is_dir(): raise UserError(f"{what} {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK): raise UserError(f"{what} {p}: {parent} is not writable")
+    return p
+
+# %% ../nbs/51_cli.ipynb #b875e3be
 def whole_number(lo: int): # smallest accepted value
     "An argparse type accepting whole numbers >= `lo`, refusing anything else at parse time."
     def parse(s: str) -> int:
@@ -36,6 +48,7 @@ def whole_number(lo: int): # smallest accepted value
 
 positive_int, nonneg_int = whole_number(1), whole_number(0)
 
+# %% ../nbs/51_cli.ipynb #3cfce571
 def positive_float(s: str) -> float:
     "argparse type: a finite number > 0."
     try: v = float(s)
@@ -49,6 +62,7 @@ def device_name(s: str) -> str:
     if not re.fullmatch(r'cpu|cuda(:\d+)?|mps', s): raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {s!r}")
     return s
 
+# %% ../nbs/51_cli.ipynb #bd0da12a
 def _one_line(e: BaseException) -> str:
     "The message of an exception on one line."
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -59,16 +73,84 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
-# %% ../nbs/51_cli.ipynb #009b82f2
+# %% ../nbs/51_cli.ipynb #3cdebaf7
+_SUBCOMMANDS: dict = {}  # name -> add (arguments), run (handler), help, description, device, quiet; in registration order
+
+def subcommand(name: str, # `fsmis NAME`
+               run, # handler: parsed arguments -> exit code
+               help: str, # one line in `fsmis --help`
+               description: str, # the paragraph of `fsmis NAME --help`
+               device: bool = True, # add --device
+               quiet: bool = True, # add --quiet
+              ):
+    "Decorator: register `add_arguments(parser)` as the arguments of `fsmis NAME`, handled by `run`."
+    def deco(add_arguments):
+        _SUBCOMMANDS[name] = dict(add=add_arguments, run=run, help=help, description=description, device=device, quiet=quiet)
+        return add_arguments
+    return deco
+
+# %% ../nbs/51_cli.ipynb #4758725f
+def build_parser() -> argparse.ArgumentParser:
+    "The `fsmis` argument parser: one subparser per registered subcommand."
+    p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.',
+                epilog='Outputs: every file is written atomically (a temporary file, then a rename), so an interrupted command leaves '
+                       'no half-written file; an existing output file is replaced, except that an output path which is one of '
+                       "the command's inputs is refused; `preprocess` skips cases already done unless --overwrite. User errors: "
+                       'one line on stderr, exit code 2.')
+    p.add_argument('--version', action='store_true', help='print the version and exit')
+    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
+    for name, c in _SUBCOMMANDS.items():
+        s = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=c['help'], description=c['description'])
+        c['add'](s)
+        if c['device']: s.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
+        if c['quiet']: s.add_argument('--quiet', action='store_true', help='no progress bars')
+        s.set_defaults(func=c['run'])
+    return p
+
+# %% ../nbs/51_cli.ipynb #1b016b8f
+def main(argv=None # arguments (default: sys.argv[1:])
+        ) -> int:
+    "Entry point of the `fsmis` command: run a subcommand; user errors -> one line on stderr and exit code 2."
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.version:
+        import fsmis; print(fsmis.__version__); return 0
+    if a.cmd is None: p.print_help(); return 2
+    try: return int(a.func(a) or 0)
+    except _USER_ERRORS as e:
+        if os.environ.get('FSMIS_TRACEBACK'): raise  # debugging: the full traceback instead of the one line
+        print(f"fsmis {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fsmis {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+# %% ../nbs/51_cli.ipynb #0bac7ef5
 def _cmd_demo(a):
     from fsmis.demo import run_demo
     if a.data is not None: _existing(a.data, 'dataset folder')
-    if a.iters < 0: raise UserError(f"--iters must be >= 0, got {a.iters}")
-    run_demo(a.out, data=a.data, iters=a.iters, device=a.device, seed=a.seed, n_cases=a.n_cases, n_queries=a.n_queries,
+    run_demo(a.out, data=a.data, n_steps=a.n_steps, device=a.device, seed=a.seed, n_cases=a.n_cases, n_queries=a.n_queries,
              size=a.size or None, lr=a.lr, progress=not a.quiet, threads=a.threads or None)
     print(f"results written to {a.out}/ (results.json, dice.csv, dice.md, per_volume.csv, demo.png, model.pth)")
     return 0
 
+# %% ../nbs/51_cli.ipynb #efda9210
+@subcommand('demo', _cmd_demo, help='the main job: phantoms, supervoxels, self-supervised ADNet, EP2 vs untrained',
+            description='Build phantom cases, compute supervoxels, train ADNet self-supervised, evaluate EP2 on held-out '
+                        'cases against the untrained network, and write results.json, Dice tables and a figure.')
+def _args_demo(p):
+    from fsmis.config import DEMO_DEFAULTS as D
+    p.add_argument('--out', default='fsmis-demo', help='output folder')
+    p.add_argument('--data', default=None, help='a normalized dataset folder (image_<id>/label_<id> NIfTI) instead of phantoms')
+    p.add_argument('--steps', '--iters', dest='n_steps', type=nonneg_int, default=D['n_steps'], help='training steps')
+    p.add_argument('--seed', type=int, default=0, help='seed of cases, episodes and weights')
+    p.add_argument('--n-cases', type=positive_int, default=D['n_cases'], help='phantom cases (with --data: the first N cases)')
+    p.add_argument('--n-queries', type=positive_int, default=D['n_queries'], help='held-out query cases')
+    p.add_argument('--size', type=nonneg_int, default=D['size'], help='slice size the network sees (0: as stored)')
+    p.add_argument('--lr', type=positive_float, default=D['lr'], help='SGD learning rate')
+    p.add_argument('--threads', type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
+
+# %% ../nbs/51_cli.ipynb #4c69ad4d
 def _cmd_preprocess(a):
     from fsmis.data.preprocess import preprocess_folder
     _existing(a.src, 'source folder')
@@ -77,6 +159,19 @@ def _cmd_preprocess(a):
     print(f"{len(df)} cases written to {a.dst} (manifest.json, manifest.csv)")
     return 0
 
+# %% ../nbs/51_cli.ipynb #d6282e0f
+@subcommand('preprocess', _cmd_preprocess, help='raw scans to the normalized layout',
+            description='Clip/window intensities, resample to 1.25 mm in-plane, crop/pad to SIZE, write image_<id>/label_<id> '
+                        'NIfTI files and a manifest (fsmis.data.preprocess.preprocess_folder).', device=False)
+def _args_preprocess(p):
+    p.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
+    p.add_argument('dst', help='output folder')
+    p.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
+    p.add_argument('--size', type=positive_int, default=256, help='in-plane output size')
+    p.add_argument('--no-labels', action='store_true', help='images only (label files are not required)')
+    p.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist')
+
+# %% ../nbs/51_cli.ipynb #5744f14f
 def _open_folder(folder, dataset=None, require_labels=True):
     "`fsmis.data.datasets.open_dataset` of a folder, with a one-line error for a missing one."
     from fsmis.data.datasets import open_dataset
@@ -84,6 +179,13 @@ def _open_folder(folder, dataset=None, require_labels=True):
     if not folder.is_dir(): raise UserError(f"not a folder: {folder}")
     return open_dataset(folder, dataset=dataset, require_labels=require_labels)
 
+def _open_any(name):
+    "A dataset by registry name (files or built in), or a folder path."
+    from fsmis.data.datasets import DATASETS, open_dataset
+    if name in DATASETS and name != 'folder': return open_dataset(name)
+    return _open_folder(name)
+
+# %% ../nbs/51_cli.ipynb #dca2fb74
 def _cmd_supervoxels(a):
     from fsmis.data.supervoxels import dataset_supervoxels, write_supervoxels, supervoxel_stats
     ds = _open_folder(a.folder, a.dataset, require_labels=False)
@@ -93,8 +195,8 @@ def _cmd_supervoxels(a):
         if bad: raise UserError(f"--cases: {bad} not in {a.folder} (cases: {' '.join(ds.case_ids)})")
     mode = '2d' if a.superpixels else '3d'
     kw = {} if mode == '3d' else dict(min_size=a.min_size)
+    out = _writable_dir(a.out or f"supervoxels_{ds.name}", '--out')  # checked before minutes of work
     svs = dataset_supervoxels(ds, rho=a.rho, mode=mode, case_ids=ids, n_workers=a.workers, progress=not a.quiet, **kw)
-    out = Path(a.out or f"supervoxels_{ds.name}")
     tag = a.tag or ('MIDDLE' if mode == '3d' else 'SUPERPIX')
     paths = write_supervoxels(svs, out, ds, tag=tag)
     for cid, sv in svs.items():
@@ -103,24 +205,35 @@ def _cmd_supervoxels(a):
     print(f"{len(paths)} files written to {out}")
     return 0
 
+# %% ../nbs/51_cli.ipynb #1d7005be
+@subcommand('supervoxels', _cmd_supervoxels, help="a dataset folder's supervoxels (or 2D superpixels) as NIfTI files",
+            description='ADNet 3D supervoxels (or, with --superpixels, SSL-ALPNet 2D superpixels) of every case of a '
+                        'dataset folder, cached, written as superpix-<TAG>_<id>.nii.gz with the images\' geometry.', device=False)
+def _args_supervoxels(p):
+    p.add_argument('folder', help='dataset folder of image_<id>.nii[.gz] files')
+    p.add_argument('--out', default=None, help='output folder (default: ./supervoxels_<dataset>)')
+    p.add_argument('--rho', type=positive_int, default=None, help="minimum supervoxel size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
+    p.add_argument('--superpixels', '--2d', action='store_true', help='2D Felzenszwalb superpixels per slice instead (SSL-ALPNet)')
+    p.add_argument('--min-size', type=positive_int, default=400, help='superpixel minimum size in pixels (--superpixels)')
+    p.add_argument('--dataset', default=None, help='registered dataset name (default: from the manifest or the folder name)')
+    p.add_argument('--cases', nargs='+', default=None, help='only these case ids')
+    p.add_argument('--workers', type=positive_int, default=None, help='processes (default: the free cores)')
+    p.add_argument('--tag', default=None, help='file name tag (default MIDDLE for supervoxels, SUPERPIX for superpixels)')
+
+# %% ../nbs/51_cli.ipynb #6465e72b
 def _train_config(a):
     "ExperimentConfig from --config, with command-line overrides."
     from fsmis.config import ExperimentConfig
     cfg = ExperimentConfig.load(_existing(a.config, 'config file')) if a.config else ExperimentConfig()
     over = dict(method=a.method, dataset=a.dataset, encoder=a.encoder, lr=a.lr, size=a.size, seed=a.seed,
-                n_steps=a.iters, device=a.device, rho=a.rho, encoder_weights=a.encoder_weights)
+                n_steps=a.n_steps, device=a.device, rho=a.rho, encoder_weights=a.encoder_weights)
     for k, v in over.items():
         if v is not None: setattr(cfg, k, v)
     if a.method in ('alpnet', 'panet') and not a.config: cfg.pseudo_labels = 'superpixels'
     cfg.__post_init__()
     return cfg
 
-def _open_any(name):
-    "A dataset by registry name (files or built in), or a folder path."
-    from fsmis.data.datasets import DATASETS, open_dataset
-    if name in DATASETS and name != 'folder': return open_dataset(name)
-    return _open_folder(name)
-
+# %% ../nbs/51_cli.ipynb #b20c4507
 def _cmd_train(a):
     from fsmis.data.folds import fold_split
     from fsmis.train import train_fold
@@ -141,30 +254,46 @@ def _cmd_train(a):
     print(f"{learn.iteration} steps; final checkpoint {final}")
     return 0
 
-def _writable_dir(path, what):
-    "Fail before the work: `path` must be a folder we can create and write."
-    p = Path(path)
-    if p.exists() and not p.is_dir(): raise UserError(f"{what} {p}: exists and is not a folder")
-    parent = next((q for q in [p, *p.parents] if q.exists()), Path('.'))
-    if not parent.is_dir(): raise UserError(f"{what} {p}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK): raise UserError(f"{what} {p}: {parent} is not writable")
-    return p
+# %% ../nbs/51_cli.ipynb #ec7385bd
+@subcommand('train', _cmd_train, help='train ADNet / ALPNet / PANet on the training cases of a fold',
+            description='Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, '
+                        'superpixel episodes for ALPNet/PANet), with periodic checkpoints, exact --resume and a final '
+                        'checkpoint DIR/final.pth. Options override the --config file.')
+def _args_train(p):
+    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='method (default adnet)')
+    p.add_argument('--dataset', default=None, help="registered dataset ('chaos_t2', 'ms_cmrseg_bssfp', 'phantom') or a folder (default chaos_t2)")
+    p.add_argument('--fold', type=nonneg_int, default=0, help='fold whose training cases are used')
+    p.add_argument('--config', default=None, help='ExperimentConfig YAML/JSON file')
+    p.add_argument('--checkpoints', default=None, help='checkpoint folder (default ./checkpoints_<method>_<dataset>_fold<k>)')
+    p.add_argument('--resume', default=None, help="checkpoint file, or 'last' for the newest in the checkpoint folder")
+    p.add_argument('--steps', '--iters', dest='n_steps', type=nonneg_int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
+    p.add_argument('--checkpoint-every', type=positive_int, default=None, help='steps between checkpoints')
+    p.add_argument('--encoder', default=None, help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101' (default small)")
+    p.add_argument('--encoder-weights', default=None, help='local encoder weights file to start from (e.g. from DenseCL pretraining)')
+    p.add_argument('--lr', type=positive_float, default=None, help='SGD learning rate')
+    p.add_argument('--size', type=positive_int, default=None, help='resize slices to SIZE x SIZE')
+    p.add_argument('--rho', type=positive_int, default=None, help="supervoxel minimum size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
+    p.add_argument('--seed', type=int, default=None, help='seed')
+    p.add_argument('--workers', type=positive_int, default=None, help='processes for the supervoxels (default: the free cores)')
 
+# %% ../nbs/51_cli.ipynb #6e4d536d
 def _load_model(path, device=None, method=None, encoder='small'):
     "(model, checkpoint dict) from a fsmis checkpoint, or from a bare state dict given --method."
     import torch
     from fsmis.learner import read_checkpoint, load_model, build_model
     from fsmis.core import default_device
     ck = read_checkpoint(_existing(path, 'checkpoint'))
-    if 'model_kind' in ck: return load_model(path, device), ck
+    if 'model_kind' in ck: return load_model(path, device, ck=ck), ck
     if method is None: raise UserError(f"{path}: a bare state dict (no model kind stored): pass --method and --encoder")
     m = build_model(method, encoder=encoder)
     try: m.load_state_dict(ck.get('model', ck))
     except RuntimeError as e: raise UserError(f"{path}: does not match {method} with encoder {encoder} ({_one_line(e)[:200]})") from None
     return m.to(default_device(device)).eval(), {}
 
+# %% ../nbs/51_cli.ipynb #2e6ddd87
 _PROTOCOLS = {'EP1': ('EP1', 'adnet'), 'EP2': ('EP2', 'adnet'), 'setting1': ('ouyang', 'ouyang'), 'setting2': ('ouyang', 'ouyang')}
 
+# %% ../nbs/51_cli.ipynb #0581b1bb
 def _cmd_evaluate(a):
     import pandas as pd
     from fsmis.core import atomic_write
@@ -199,6 +328,22 @@ def _cmd_evaluate(a):
         print(f"tables written to {out}/tables.md and {out}/results.csv")
     return 0
 
+# %% ../nbs/51_cli.ipynb #c718d8f0
+@subcommand('evaluate', _cmd_evaluate, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2',
+            description='Dice per query volume and class on the test cases of the given folds; paper-style tables. '
+                        'setting1 and setting2 both use Ouyang\'s protocol (they differ in training, not in evaluation).')
+def _args_evaluate(p):
+    p.add_argument('checkpoint', help='checkpoint file (fsmis train / fsmis demo / run_experiment)')
+    p.add_argument('--dataset', default=None, help='registered dataset or folder (default: the one stored in the checkpoint)')
+    p.add_argument('--protocol', choices=list(_PROTOCOLS), default='EP2', help='evaluation protocol')
+    p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help="folds (default: the checkpoint's fold, else 0)")
+    p.add_argument('--classes', nargs='+', default=None, help='class names (default: the dataset\'s test classes)')
+    p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
+    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
+    p.add_argument('--encoder', default='small', help='for bare state dicts only')
+    p.add_argument('--out', default=None, help='folder for results.csv and tables.md')
+
+# %% ../nbs/51_cli.ipynb #46e04d37
 def _cmd_segment(a):
     from fsmis.eval.inference import segment_files, segment_paths
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
@@ -210,6 +355,46 @@ def _cmd_segment(a):
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
     return 0
 
+# %% ../nbs/51_cli.ipynb #4aebcc2b
+@subcommand('segment', _cmd_segment, help='segment a query scan from a labelled support slice',
+            description='Segment QUERY (NIfTI) from one labelled slice of SUPPORT (NIfTI + mask NIfTI of class indices); '
+                        'writes the predicted class-index volume as NIfTI with the query\'s geometry.', quiet=False)
+def _args_segment(p):
+    p.add_argument('query', help='query image (.nii/.nii.gz)')
+    p.add_argument('support', help='support image (.nii/.nii.gz)')
+    p.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
+    p.add_argument('--checkpoint', required=True, help='trained model (e.g. fsmis-demo/model.pth)')
+    p.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
+    p.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
+    p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
+    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
+    p.add_argument('--encoder', default='small', help='for bare state dicts only')
+
+# %% ../nbs/51_cli.ipynb #6b9db87a
+def _cmd_pretrain(a):
+    from fsmis.pretrain.densecl import pretrain_densecl
+    if a.steps is None and a.minutes is None and a.resume is None: raise UserError("give --steps or --minutes (or --resume)")
+    out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
+                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
+    print(f"encoder weights written to {out}")
+    return 0
+
+# %% ../nbs/51_cli.ipynb #1bcc35fd
+@subcommand('pretrain', _cmd_pretrain, help='self-supervised encoder pretraining (DenseCL, DenseMP stage 1)',
+            description='Dense contrastive pretraining of an fsmis encoder on unlabeled slices of datasets, folders or '
+                        'NIfTI files (labels are never read); writes an encoder weights file for --encoder-weights.')
+def _args_pretrain(p):
+    p.add_argument('method', choices=['densecl'], help='pretraining method')
+    p.add_argument('data', nargs='+', help='registered dataset names, dataset folders or NIfTI files')
+    p.add_argument('--encoder', default='small', help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101'")
+    p.add_argument('--steps', type=positive_int, default=None, help='training steps')
+    p.add_argument('--minutes', type=positive_float, default=None, help='training minutes (instead of --steps)')
+    p.add_argument('--out', default=None, help='encoder weights file (default ./densecl_<encoder>.pth)')
+    p.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
+    p.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
+    p.add_argument('--seed', type=int, default=0, help='seed')
+
+# %% ../nbs/51_cli.ipynb #06b039cb
 def _cmd_reproduce(a):
     from fsmis.experiments import run_experiment
     from fsmis.config import PAPER_CONFIGS, reproduce_config
@@ -224,166 +409,21 @@ def _cmd_reproduce(a):
     print(res)
     return 0
 
-def _cmd_pretrain(a):
-    from fsmis.pretrain.densecl import pretrain_densecl
-    if a.steps is None and a.minutes is None and a.resume is None: raise UserError("give --steps or --minutes (or --resume)")
-    out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
-                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
-    print(f"encoder weights written to {out}")
-    return 0
-
-
-# %% ../nbs/51_cli.ipynb #51df415a
-def _add_common(p, device=True, quiet=True):
-    if device: p.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
-    if quiet: p.add_argument('--quiet', action='store_true', help='no progress bars')
-
-def build_parser() -> argparse.ArgumentParser:
-    "The `fsmis` argument parser with its seven subcommands."
-    from fsmis.config import DEMO_DEFAULTS as D
-    P = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.',
-                epilog='Outputs: every file is written atomically (a temporary file, then a rename), so an interrupted command leaves '
-                       'no half-written file; an existing output file is replaced, except that an output path which is one of '
-                       "the command's inputs is refused; `preprocess` skips cases already done unless --overwrite. User errors: "
-                       'one line on stderr, exit code 2.')
-    p.add_argument('--version', action='store_true', help='print the version and exit')
-    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
-    s = sub.add_parser('demo', formatter_class=P, help='the main job: phantoms, supervoxels, self-supervised ADNet, EP2 vs untrained',
-                       description='Build phantom cases, compute supervoxels, train ADNet self-supervised, evaluate EP2 on held-out '
-                                   'cases against the untrained network, and write results.json, Dice tables and a figure.')
-    s.add_argument('--out', default='fsmis-demo', help='output folder')
-    s.add_argument('--data', default=None, help='a normalized dataset folder (image_<id>/label_<id> NIfTI) instead of phantoms')
-    s.add_argument('--iters', '--steps', dest='iters', type=nonneg_int, default=D['n_steps'], help='training steps')
-    s.add_argument('--seed', type=int, default=0, help='seed of cases, episodes and weights')
-    s.add_argument('--n-cases', type=positive_int, default=D['n_cases'], help='phantom cases (with --data: the first N cases)')
-    s.add_argument('--n-queries', type=positive_int, default=D['n_queries'], help='held-out query cases')
-    s.add_argument('--size', type=nonneg_int, default=D['size'], help='slice size the network sees (0: as stored)')
-    s.add_argument('--lr', type=positive_float, default=D['lr'], help='SGD learning rate')
-    s.add_argument('--threads', type=nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
-    _add_common(s); s.set_defaults(func=_cmd_demo)
-
-    s = sub.add_parser('preprocess', formatter_class=P, help='raw scans to the normalized layout',
-                       description='Clip/window intensities, resample to 1.25 mm in-plane, crop/pad to SIZE, write image_<id>/label_<id> '
-                                   'NIfTI files and a manifest (fsmis.data.preprocess.preprocess_folder).')
-    s.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
-    s.add_argument('dst', help='output folder')
-    s.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
-    s.add_argument('--size', type=positive_int, default=256, help='in-plane output size')
-    s.add_argument('--no-labels', action='store_true', help='images only (label files are not required)')
-    s.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist')
-    _add_common(s, device=False); s.set_defaults(func=_cmd_preprocess)
-
-    s = sub.add_parser('supervoxels', formatter_class=P, help="a dataset folder's supervoxels (or 2D superpixels) as NIfTI files",
-                       description='ADNet 3D supervoxels (or, with --superpixels, SSL-ALPNet 2D superpixels) of every case of a '
-                                   'dataset folder, cached, written as superpix-<TAG>_<id>.nii.gz with the images\' geometry.')
-    s.add_argument('folder', help='dataset folder of image_<id>.nii[.gz] files')
-    s.add_argument('--out', default=None, help='output folder (default: ./supervoxels_<dataset>)')
-    s.add_argument('--rho', type=positive_int, default=None, help="minimum supervoxel size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
-    s.add_argument('--superpixels', '--2d', action='store_true', help='2D Felzenszwalb superpixels per slice instead (SSL-ALPNet)')
-    s.add_argument('--min-size', type=positive_int, default=400, help='superpixel minimum size in pixels (--superpixels)')
-    s.add_argument('--dataset', default=None, help='registered dataset name (default: from the manifest or the folder name)')
-    s.add_argument('--cases', nargs='+', default=None, help='only these case ids')
-    s.add_argument('--workers', type=positive_int, default=None, help='processes (default: the free cores)')
-    s.add_argument('--tag', default=None, help='file name tag (default MIDDLE for supervoxels, SUPERPIX for superpixels)')
-    _add_common(s, device=False); s.set_defaults(func=_cmd_supervoxels)
-
-    s = sub.add_parser('train', formatter_class=P, help='train ADNet / ALPNet / PANet on the training cases of a fold',
-                       description='Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, '
-                                   'superpixel episodes for ALPNet/PANet), with periodic checkpoints, exact --resume and a final '
-                                   'checkpoint DIR/final.pth. Options override the --config file.')
-    s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='method (default adnet)')
-    s.add_argument('--dataset', default=None, help="registered dataset ('chaos_t2', 'ms_cmrseg_bssfp', 'phantom') or a folder (default chaos_t2)")
-    s.add_argument('--fold', type=nonneg_int, default=0, help='fold whose training cases are used')
-    s.add_argument('--config', default=None, help='ExperimentConfig YAML/JSON file')
-    s.add_argument('--checkpoints', default=None, help='checkpoint folder (default ./checkpoints_<method>_<dataset>_fold<k>)')
-    s.add_argument('--resume', default=None, help="checkpoint file, or 'last' for the newest in the checkpoint folder")
-    s.add_argument('--iters', '--steps', dest='iters', type=nonneg_int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
-    s.add_argument('--checkpoint-every', type=positive_int, default=None, help='steps between checkpoints')
-    s.add_argument('--encoder', default=None, help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101' (default small)")
-    s.add_argument('--encoder-weights', default=None, help='local encoder weights file to start from (e.g. from DenseCL pretraining)')
-    s.add_argument('--lr', type=positive_float, default=None, help='SGD learning rate')
-    s.add_argument('--size', type=positive_int, default=None, help='resize slices to SIZE x SIZE')
-    s.add_argument('--rho', type=positive_int, default=None, help="supervoxel minimum size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
-    s.add_argument('--seed', type=int, default=None, help='seed')
-    s.add_argument('--workers', type=positive_int, default=None, help='processes for the supervoxels (default: the free cores)')
-    _add_common(s); s.set_defaults(func=_cmd_train)
-
-    s = sub.add_parser('evaluate', formatter_class=P, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2',
-                       description='Dice per query volume and class on the test cases of the given folds; paper-style tables. '
-                                   'setting1 and setting2 both use Ouyang\'s protocol (they differ in training, not in evaluation).')
-    s.add_argument('checkpoint', help='checkpoint file (fsmis train / fsmis demo / run_experiment)')
-    s.add_argument('--dataset', default=None, help='registered dataset or folder (default: the one stored in the checkpoint)')
-    s.add_argument('--protocol', choices=list(_PROTOCOLS), default='EP2', help='evaluation protocol')
-    s.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help="folds (default: the checkpoint's fold, else 0)")
-    s.add_argument('--classes', nargs='+', default=None, help='class names (default: the dataset\'s test classes)')
-    s.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
-    s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
-    s.add_argument('--encoder', default='small', help='for bare state dicts only')
-    s.add_argument('--out', default=None, help='folder for results.csv and tables.md')
-    _add_common(s); s.set_defaults(func=_cmd_evaluate)
-
-    s = sub.add_parser('segment', formatter_class=P, help='segment a query scan from a labelled support slice',
-                       description='Segment QUERY (NIfTI) from one labelled slice of SUPPORT (NIfTI + mask NIfTI of class indices); '
-                                   'writes the predicted class-index volume as NIfTI with the query\'s geometry.')
-    s.add_argument('query', help='query image (.nii/.nii.gz)')
-    s.add_argument('support', help='support image (.nii/.nii.gz)')
-    s.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
-    s.add_argument('--checkpoint', required=True, help='trained model (e.g. fsmis-demo/model.pth)')
-    s.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
-    s.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
-    s.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
-    s.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
-    s.add_argument('--encoder', default='small', help='for bare state dicts only')
-    _add_common(s, quiet=False); s.set_defaults(func=_cmd_segment)
-
-    s = sub.add_parser('pretrain', formatter_class=P, help='self-supervised encoder pretraining (DenseCL, DenseMP stage 1)',
-                       description='Dense contrastive pretraining of an fsmis encoder on unlabeled slices of datasets, folders or '
-                                   'NIfTI files (labels are never read); writes an encoder weights file for --encoder-weights.')
-    s.add_argument('method', choices=['densecl'], help='pretraining method')
-    s.add_argument('data', nargs='+', help='registered dataset names, dataset folders or NIfTI files')
-    s.add_argument('--encoder', default='small', help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101'")
-    s.add_argument('--steps', type=positive_int, default=None, help='training steps')
-    s.add_argument('--minutes', type=positive_float, default=None, help='training minutes (instead of --steps)')
-    s.add_argument('--out', default=None, help='encoder weights file (default ./densecl_<encoder>.pth)')
-    s.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
-    s.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
-    s.add_argument('--seed', type=int, default=0, help='seed')
-    _add_common(s); s.set_defaults(func=_cmd_pretrain)
-
-    s = sub.add_parser('reproduce', formatter_class=P, help='run a named paper configuration (--list to see them)',
-                       description='Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). '
-                                   '--budget cpu: small encoder, MINUTES per fold; --budget paper: the published budget, for a GPU.')
-    s.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
-    s.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
-    s.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
-    s.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
-    s.add_argument('--runs', type=positive_int, default=None, help='runs per fold')
-    s.add_argument('--seed', type=int, default=None, help='base seed')
-    s.add_argument('--out', default=None, help='results folder (default ./reproduce_<name>_<budget>)')
-    s.add_argument('--list', action='store_true', help='list the configurations')
-    s.add_argument('--print-config', action='store_true', help='print the configuration and exit')
-    _add_common(s, quiet=False); s.set_defaults(func=_cmd_reproduce)
-    return p
-
-# %% ../nbs/51_cli.ipynb #1b016b8f
-def main(argv=None # arguments (default: sys.argv[1:])
-        ) -> int:
-    "Entry point of the `fsmis` command: run a subcommand; user errors -> one line on stderr and exit code 2."
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.version:
-        import fsmis; print(fsmis.__version__); return 0
-    if a.cmd is None: p.print_help(); return 2
-    try: return int(a.func(a) or 0)
-    except _USER_ERRORS as e:
-        if os.environ.get('FSMIS_TRACEBACK'): raise  # debugging: the full traceback instead of the one line
-        print(f"fsmis {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fsmis {a.cmd}: interrupted", file=sys.stderr)
-        return 130
+# %% ../nbs/51_cli.ipynb #cae48bd5
+@subcommand('reproduce', _cmd_reproduce, help='run a named paper configuration (--list to see them)',
+            description='Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). '
+                        '--budget cpu: small encoder, MINUTES per fold; --budget paper: the published budget, for a GPU.', quiet=False)
+def _args_reproduce(p):
+    p.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
+    p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
+    p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
+    p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
+    p.add_argument('--runs', type=positive_int, default=None, help='runs per fold')
+    p.add_argument('--seed', type=int, default=None, help='base seed')
+    p.add_argument('--out', default=None, help='results folder (default ./reproduce_<name>_<budget>)')
+    p.add_argument('--list', action='store_true', help='list the configurations')
+    p.add_argument('--print-config', action='store_true', help='print the configuration and exit')
 
 # %% ../nbs/51_cli.ipynb #635c309a
-import builtins
-if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__'): sys.exit(main())  # `python -m fsmis.cli` (not in notebooks)
+import builtins  # `python -m fsmis.cli`: last, once every subcommand is registered (not in notebooks)
+if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__'): sys.exit(main())

@@ -49,7 +49,7 @@ def demo_split(case_ids, # all case ids
 # %% ../nbs/52_demo.ipynb #307771fd
 def train_demo(ds, # dataset (`demo_dataset`)
                train_ids, # training case ids (their labels are never used)
-               iters: int = DEMO_DEFAULTS['n_steps'], # SGD steps (one episode each)
+               n_steps: int = DEMO_DEFAULTS['n_steps'], # SGD steps (one episode each)
                size: int | None = DEMO_DEFAULTS['size'], # slice size the network sees (None: as stored)
                lr: float = DEMO_DEFAULTS['lr'], # SGD learning rate
                encoder: str = DEMO_DEFAULTS['encoder'], # encoder name
@@ -60,8 +60,8 @@ def train_demo(ds, # dataset (`demo_dataset`)
                cache_dir=None, # supervoxel cache folder (default: fsmis.core.cache_dir('supervoxels'))
               ) -> tuple:
     "Self-supervised ADNet training through `fsmis.train.train_fold` (the demo's configuration); returns (learner, untrained copy, timings)."
-    if int(iters) < 0: raise ValueError(f"iters must be >= 0, got {iters}")
-    cfg = demo_config(n_steps=int(iters), size=size, lr=lr, encoder=encoder, seed=seed, rho=rho, device=None if device is None else str(device))
+    if int(n_steps) < 0: raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    cfg = demo_config(n_steps=int(n_steps), size=size, lr=lr, encoder=encoder, seed=seed, rho=rho, device=None if device is None else str(device))
     small = all(np.prod(ds.load(c, normalize=False).shape) < 2**20 for c in train_ids[:1])  # phantoms: no process pool
     learn = train_fold(cfg, ds, train_ids, seed=seed, progress=progress, n_workers=1 if small else None, cache_dir=cache_dir)
     untrained = initial_model(cfg, seed).to(default_device(cfg.device)).eval()
@@ -110,26 +110,12 @@ def demo_figure(models: dict, # {name: model}
                 panel: float = 1.9, # inches per panel
                 dpi: int = 80, # figure resolution
                ):
-    "Support slices with masks (top), then per model: query slices with prediction (filled) and truth (outline)."
-    import matplotlib.pyplot as plt
-    from fsmis.eval.protocols import labelled_slices
-    from fsmis.viz import overlay, pick_slices, class_colors, _legend
-    sup_z = {c: int(labelled_slices(support.label, c)[len(labelled_slices(support.label, c)) // 2]) for c in classes}
-    qz = pick_slices(query.label, n_slices)
-    ncol = max(len(classes), len(qz)); n = max(classes)
-    fig, axs = plt.subplots(1 + len(models), ncol, figsize=(panel * ncol, panel * (1 + len(models)) + 0.4), dpi=dpi,
-                            squeeze=False, layout='constrained')
-    for ax in axs.ravel(): ax.set_axis_off()
-    for j, (c, z) in enumerate(sup_z.items()):
-        overlay(axs[0, j], support.image[z], (support.label[z] == c) * c, n_classes=n, title=f'support {support.case_id} z={z}: {classes[c]}')
-    for r, (name, m) in enumerate(models.items(), 1):
-        pred = ep2_predictions(m, support, query, classes, size)
-        for j, z in enumerate(qz):
-            ax = overlay(axs[r, j], query.image[z], pred[z], n_classes=n, title=f'{name}: query {query.case_id} z={z}')
-            lab = np.where(np.isin(query.label[z], list(classes)), query.label[z], 0)
-            if lab.any(): ax.contour(lab > 0, levels=[0.5], colors='white', linewidths=0.8)
-    _legend(fig, classes, set(classes), n)
-    return fig
+    "`fsmis.viz.prediction_figure` of each model's EP2 prediction, each class's support slice chosen as EP2 does."
+    from fsmis.viz import prediction_figure
+    from fsmis.eval.inference import support_slice
+    sup_z = {c: support_slice(support.label == c) for c in classes}
+    preds = {name: ep2_predictions(m, support, query, classes, size) for name, m in models.items()}
+    return prediction_figure(support, query, preds, classes, sup_z, n_slices=n_slices, panel=panel, dpi=dpi)
 
 # %% ../nbs/52_demo.ipynb #96eb31c9
 def _files(out): return {k: str(Path(out)/v) for k, v in dict(results='results.json', table_csv='dice.csv', table_md='dice.md',
@@ -137,7 +123,7 @@ def _files(out): return {k: str(Path(out)/v) for k, v in dict(results='results.j
 
 def run_demo(out='fsmis-demo', # output folder (created)
              data=None, # None: built-in phantoms; or a normalized dataset folder
-             iters: int = DEMO_DEFAULTS['n_steps'], # training steps
+             n_steps: int = DEMO_DEFAULTS['n_steps'], # training steps
              device=None, # 'cpu', 'cuda' or None (best available)
              seed: int = 0, # seed of cases, episodes and weights
              n_cases: int | None = DEMO_DEFAULTS['n_cases'], # phantom cases (folder: first n cases; None: all)
@@ -158,10 +144,10 @@ def run_demo(out='fsmis-demo', # output folder (created)
     dev = default_device(device)
     old_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(int(threads))
-    try: return _run(out, data, iters, dev, seed, n_cases, n_queries, size, lr, encoder, rho, progress, cache_dir, say, t_start)
+    try: return _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, rho, progress, cache_dir, say, t_start)
     finally: torch.set_num_threads(old_threads)
 
-def _run(out, data, iters, dev, seed, n_cases, n_queries, size, lr, encoder, rho, progress, cache_dir, say, t_start):
+def _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, rho, progress, cache_dir, say, t_start):
     "The body of `run_demo`."
     from fsmis.eval.protocols import evaluate
     from fsmis.learner import save_checkpoint
@@ -173,8 +159,8 @@ def _run(out, data, iters, dev, seed, n_cases, n_queries, size, lr, encoder, rho
     t_cases = time.perf_counter() - t_start
     say(f"      {len(split.train_ids)} training cases (labels unused), support case {split.support_id}, "
         f"query cases {' '.join(split.query_ids)}; classes {', '.join(classes.values())}")
-    say(f"[2/5] supervoxels and [3/5] self-supervised ADNet training ({iters} steps, {encoder} encoder, {dev})")
-    learn, untrained, tt = train_demo(ds, split.train_ids, iters, size, lr, encoder, seed, dev, rho, progress, cache_dir)
+    say(f"[2/5] supervoxels and [3/5] self-supervised ADNet training ({n_steps} steps, {encoder} encoder, {dev})")
+    learn, untrained, tt = train_demo(ds, split.train_ids, n_steps, size, lr, encoder, seed, dev, rho, progress, cache_dir)
     trained = learn.model.eval()
     say(f"[4/5] EP2 evaluation on {len(split.query_ids)} query volumes (support case {split.support_id})")
     t0 = time.perf_counter()
@@ -195,7 +181,7 @@ def _run(out, data, iters, dev, seed, n_cases, n_queries, size, lr, encoder, rho
     with atomic_write(files['figure'], 'wb') as f: fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
     save_checkpoint(learn, files['checkpoint'])  # with its metadata (input size, classes), written once
-    res = dict(dataset=ds.name, data=None if data is None else str(data), seed=seed, iters=int(iters), size=size, lr=lr,
+    res = dict(dataset=ds.name, data=None if data is None else str(data), seed=seed, n_steps=int(n_steps), size=size, lr=lr,
                encoder=encoder, device=str(dev), protocol='EP2', support=split.support_id, queries=list(split.query_ids),
                train=list(split.train_ids), classes=list(classes.values()), units='Dice %, mean over query volumes',
                dice={m: {k: round(float(v), 2) for k, v in table.loc[m].items()} for m in table.index},

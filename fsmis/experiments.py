@@ -19,10 +19,10 @@ from .eval.metrics import summarize, to_markdown, paired_wilcoxon, df_markdown
 from .eval.protocols import evaluate, IntensityPrototype, learned_threshold
 from .config import ExperimentConfig, cpu_budget_config, eval_classes
 from .train import train_fold, initial_model
+from .viz import plot_results, plot_threshold_sweep
 
 # %% auto #0
-__all__ = ['ExperimentResult', 'make_tables', 'run_experiment', 'load_experiment', 'plot_results', 'plot_threshold_sweep',
-           'experiment_main']
+__all__ = ['ExperimentResult', 'make_tables', 'run_experiment', 'load_experiment', 'experiment_main']
 
 # %% ../nbs/42_experiments.ipynb #32d21e61
 @dataclass
@@ -142,51 +142,6 @@ def load_experiment(out_dir # folder written by `run_experiment`
     runs = pd.read_csv(out_dir/'runs.csv') if (out_dir/'runs.csv').is_file() else pd.DataFrame()
     order = _paper_order(cfg.dataset, res)
     return ExperimentResult(res, runs, make_tables(res, order, cfg.method if cfg.method != 'intensity' else None), out_dir)
-
-# %% ../nbs/42_experiments.ipynb #15f15361
-def plot_results(results:pd.DataFrame, # rows of `run_experiment`
-                 order=None, # class order
-                 path=None, # save the figure here (PNG)
-                ):
-    "Bar chart: mean Dice per class (error bar: std over folds x runs), one panel per protocol."
-    import matplotlib; import matplotlib.pyplot as plt
-    r = results[~results['threshold_sweep']] if 'threshold_sweep' in results else results
-    protos = list(dict.fromkeys(r.protocol))
-    fig, axs = plt.subplots(1, len(protos), figsize=(4*len(protos), 3), squeeze=False)
-    for ax, p in zip(axs[0], protos):
-        rm = r[r.protocol == p].groupby(['method', 'fold', 'run', 'class'])['dice'].mean().reset_index()
-        g = rm.groupby(['class', 'method'])['dice'].agg(['mean', 'std']).unstack('method') * 100
-        if order: g = g.reindex([c for c in order if c in g.index])
-        g['mean'].plot.bar(ax=ax, yerr=g['std'].fillna(0), rot=30, fontsize=8)
-        ax.set_title(p); ax.set_ylabel('Dice (%)'); ax.set_ylim(0, 100); ax.legend(fontsize=7); ax.set_xlabel('')
-    fig.tight_layout()
-    if path is not None:
-        with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=80)
-        plt.close(fig)
-    return fig
-
-def plot_threshold_sweep(results:pd.DataFrame, # rows with threshold_sweep=True
-                         runs:pd.DataFrame|None=None, # runs table with the learned `T` per run
-                         path=None, # save here (PNG)
-                        ):
-    "Mean Dice over classes vs inference threshold (± std over folds x runs), learned T as a vertical line."
-    import matplotlib.pyplot as plt
-    s = results[results['threshold_sweep']] if 'threshold_sweep' in results else results
-    per_run = s.groupby(['fold', 'run', 'threshold', 'class'])['dice'].mean().groupby(['fold', 'run', 'threshold']).mean()
-    g = per_run.groupby('threshold').agg(['mean', 'std']) * 100
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(g.index, g['mean'], marker='o'); ax.fill_between(g.index, g['mean'] - g['std'].fillna(0), g['mean'] + g['std'].fillna(0), alpha=.3)
-    if runs is not None and 'T' in runs and runs['T'].notna().any():
-        ts = runs['T'].dropna(); ax.axvline(ts.mean(), color='k', label=f'learned T = {ts.mean():.2f}')
-        if len(ts) > 1: ax.axvspan(ts.min(), ts.max(), color='gray', alpha=.2)
-        ax.legend(fontsize=8)
-    ax.set_xlabel('threshold T at inference'); ax.set_ylabel('mean Dice (%)')
-    ax.set_title(f"threshold line search ({', '.join(dict.fromkeys(s.protocol))})", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=80)
-        plt.close(fig)
-    return fig
 
 # %% ../nbs/42_experiments.ipynb #f5619146
 def experiment_main(argv=None # command-line arguments (default: sys.argv[1:])

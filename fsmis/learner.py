@@ -180,17 +180,17 @@ def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
     return float(2 * (p & t).sum() / (p.sum() + t.sum()).clamp(min=1))
 
 class EpisodeLog(Callback):
-    "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_iter`."
+    "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_steps`."
     order = 90
-    def __init__(self, n_iter: int, # target iteration (for the bar)
+    def __init__(self, n_steps: int, # target iteration (for the bar)
                  show: bool = True, # show the progress bar
                  avg: int = 20, # running-mean window of the bar comment
-                ): self.n_iter, self.show, self.avg, self.pb = n_iter, show, avg, None
+                ): self.n_steps, self.show, self.avg, self.pb = n_steps, show, avg, None
     def before_fit(self):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
         start = getattr(self.learn, 'iteration', 0)
-        if self.show and self.n_iter > start:
-            self.start = start; self.pb = progress_bar(range(start, self.n_iter), leave=True, desc='training steps'); self.pb.update(0)
+        if self.show and self.n_steps > start:
+            self.start = start; self.pb = progress_bar(range(start, self.n_steps), leave=True, desc='training steps'); self.pb.update(0)
     def after_batch(self):
         if not self.training: return
         m = self.model
@@ -305,7 +305,7 @@ def resolve_resume(resume, # None, a checkpoint file, or 'last'
 
 # %% ../nbs/14_learner.ipynb #1aa3ce0e
 def fit_iters(learn: Learner, # a Learner from the factories below (or any with a few-shot model)
-              n_iter: int | None, # total iterations to reach (None: until `minutes` are up)
+              n_steps: int | None, # total iterations to reach (None: until `minutes` are up)
               minutes: float | None = None, # also stop after this many minutes of training
               ckpt_every: int | None = None, # save a checkpoint every this many iterations
               ckpt_dir=None, # checkpoint folder (default learn.path/'checkpoints')
@@ -316,21 +316,21 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
               weights_only: bool = True, # safe checkpoint loading (see `read_checkpoint`)
               cbs: list | None = None, # extra callbacks for this fit (e.g. `fsmis.train.ValCheckpoint`)
              ) -> Learner:
-    "Train `learn` up to iteration `n_iter` with the paper's SGD schedule, checkpoints and exact resume."
-    if n_iter is None and minutes is None: raise ValueError("fit_iters needs n_iter or minutes")
-    if n_iter is not None and n_iter < 0: raise ValueError(f"n_iter={n_iter}: must be >= 0")
+    "Train `learn` up to iteration `n_steps` with the paper's SGD schedule, checkpoints and exact resume."
+    if n_steps is None and minutes is None: raise ValueError("fit_iters needs n_steps or minutes")
+    if n_steps is not None and n_steps < 0: raise ValueError(f"n_steps={n_steps}: must be >= 0")
     if len(learn.dls.train) == 0: raise ValueError("learn.dls.train is empty: it yields no episode batch")
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
     resume = resolve_resume(resume, ckpt_dir)
     if resume is not None: load_checkpoint(learn, resume, weights_only=weights_only)
     sched = learn.fsmis_schedule if hasattr(learn, 'fsmis_schedule') else {'lr': learn.lr, 'decay': 0.98, 'decay_every': 1000}
     extra = cbs or []
-    cbs = [IterTrainer(validate=validate, **sched), FiniteGuard(), StopAfter(n_iter, minutes),
-           EpisodeLog(n_iter if n_iter is not None else 0, show=show_progress and n_iter is not None)]
+    cbs = [IterTrainer(validate=validate, **sched), FiniteGuard(), StopAfter(n_steps, minutes),
+           EpisodeLog(n_steps if n_steps is not None else 0, show=show_progress and n_steps is not None)]
     if ckpt_every: cbs.append(Checkpointer(ckpt_dir, ckpt_every, keep))
     cbs += list(extra)
     start = getattr(learn, 'iteration', 0)
-    n_ep = 10**9 if n_iter is None else max(1, math.ceil((n_iter - start) / max(1, len(learn.dls.train))) + 1)
+    n_ep = 10**9 if n_steps is None else max(1, math.ceil((n_steps - start) / max(1, len(learn.dls.train))) + 1)
     with learn.no_bar(), learn.no_logging(): learn.fit(n_ep, cbs=cbs)
     return learn
 
@@ -351,9 +351,10 @@ def build_model(kind: str, # 'adnet', 'alpnet' or 'panet'
 def load_model(path, # checkpoint written by `save_checkpoint` / `fit_iters`
                device=None, # device for the model (default: best available)
                weights_only: bool = True, # see `read_checkpoint`
+               ck: dict | None = None, # the checkpoint dict when it has been read already (`path` is then not read again)
               ) -> nn.Module:
     "Rebuild a trained few-shot model from a checkpoint, in eval mode (for evaluation and the CLI)."
-    ck = read_checkpoint(path, weights_only)
+    if ck is None: ck = read_checkpoint(path, weights_only)
     if 'model_kind' not in ck or 'model' not in ck: raise ValueError(f"checkpoint {path}: no model kind and weights stored (not written by fsmis)")
     m = build_model(ck['model_kind'], **dict(ck.get('model_config') or {}))
     try: m.load_state_dict(ck['model'])

@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.patches import Patch
 from skimage.segmentation import mark_boundaries
-from .core import Case
+from .core import Case, atomic_write
 
 # %% auto #0
-__all__ = ['class_colors', 'overlay', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode', 'dice_bars',
-           'plot_dice_table', 'VolumeViewer']
+__all__ = ['class_colors', 'overlay', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode', 'episode_row',
+           'episode_grid', 'show_supervoxels', 'prediction_figure', 'dice_bars', 'plot_dice_table', 'plot_results',
+           'plot_threshold_sweep', 'VolumeViewer']
 
 # %% ../nbs/50_viz.ipynb #dfb06690
 def _np(x):
@@ -209,6 +210,98 @@ def show_episode(sup_img, # support images [K,1,H,W] (or [K,H,W], [H,W], with a 
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
+# %% ../nbs/50_viz.ipynb #897e47b6
+def episode_row(sup_imgs, # support slices [K,1,H,W] (tensor or array)
+                sup_masks, # support masks [K,H,W]
+                qry_imgs, # query slices [Q,1,H,W]
+                qry_masks, # query masks [Q,H,W]
+                preds=None, # predicted query masks [Q,H,W] (yellow contours)
+                titles=None, # one title per panel (K + Q)
+                axs=None, # K + Q axes to draw on (default: a new figure)
+                size: float = 2.2, # inches per panel of a new figure
+               ):
+    "One episode on a row: slices in gray, support masks as red contours, query masks green, predictions yellow."
+    si, sm, qi, qm = (_np(x) for x in (sup_imgs, sup_masks, qry_imgs, qry_masks))
+    pr = None if preds is None else _np(preds)
+    n = len(si) + len(qi)
+    if axs is None: _, axs = plt.subplots(1, n, figsize=(size * n, size), dpi=72, squeeze=False); axs = axs[0]
+    items = [(i, m, 'r') for i, m in zip(si, sm)] + [(i, m, 'lime') for i, m in zip(qi, qm)]
+    for j, (ax, (img, msk, col)) in enumerate(zip(axs, items)):
+        ax.imshow(np.asarray(img, np.float32).reshape(img.shape[-2:]), cmap='gray')
+        if msk.any(): ax.contour(np.asarray(msk, np.float32), [0.5], colors=col, linewidths=1)
+        k = j - len(si)
+        if pr is not None and k >= 0 and pr[k].any(): ax.contour(np.asarray(pr[k], np.float32), [0.5], colors='yellow', linewidths=1)
+        if titles: ax.set_title(titles[j], fontsize=8)
+        ax.set_xticks([]); ax.set_yticks([])
+    return axs
+
+def episode_grid(sup_imgs, # a batch of support slices [B,K,1,H,W]
+                 sup_masks, # [B,K,H,W]
+                 qry_imgs, # [B,Q,1,H,W]
+                 qry_masks, # [B,Q,H,W]
+                 preds=None, # predicted query masks [B,Q,H,W]
+                 max_n: int = 4, # episodes drawn
+                 size: float = 2.0, # inches per panel
+                ):
+    "Up to `max_n` episodes of a batch, one `episode_row` each (what `EpisodeDL.show_batch` draws); returns the axes."
+    si, sm, qi, qm = (_np(x) for x in (sup_imgs, sup_masks, qry_imgs, qry_masks))
+    n = min(max_n, len(si)); K, Q = si.shape[1], qi.shape[1]
+    fig, axs = plt.subplots(n, K + Q, figsize=(size * (K + Q), size * n), dpi=72, squeeze=False)
+    for r in range(n):
+        episode_row(si[r], sm[r], qi[r], qm[r], None if preds is None else _np(preds)[r], axs=axs[r],
+                    titles=[f"support {k}" for k in range(K)] + [f"query {q}" for q in range(Q)])
+    fig.tight_layout()
+    return axs
+
+# %% ../nbs/50_viz.ipynb #187a2c5a
+def show_supervoxels(image, # (z, h, w) image
+                     sv, # (z, h, w) labels of the same shape
+                     slices=None, # slice indices to show (default: 4 evenly spaced through the body)
+                     figsize=(10, 3), # matplotlib figure size
+                    ):
+    "Supervoxel boundaries (yellow) over a few slices; returns the figure."
+    image, sv = np.asarray(image, np.float64), np.asarray(sv)
+    if image.shape != sv.shape: raise ValueError(f"image shape {image.shape} != supervoxel shape {sv.shape}")
+    if slices is None:
+        zs = np.nonzero(sv.any(axis=(1, 2)))[0]
+        zs = zs if len(zs) else np.arange(len(sv))
+        slices = np.unique(zs[np.linspace(0, len(zs) - 1, min(4, len(zs))).round().astype(int)])
+    img = (image - image.min()) / max(np.ptp(image), 1e-12)
+    fig, axs = plt.subplots(1, len(slices), figsize=figsize, squeeze=False)
+    for ax, z in zip(axs[0], slices):
+        ax.imshow(mark_boundaries(img[z], sv[z], color=(1, 1, 0), mode='inner')); ax.set_axis_off()
+        ax.set_title(f'slice {z}: {len(np.unique(sv[z][sv[z] > 0]))} sv', fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/50_viz.ipynb #62d8562e
+def prediction_figure(support, # support `Case` (image and label)
+                      query, # query `Case`
+                      preds: dict, # {name: class-index prediction volume of the query (z, h, w)}
+                      classes: dict, # {class index: name}
+                      support_z: dict, # {class index: support slice}
+                      n_slices: int = 4, # query slices shown
+                      panel: float = 1.9, # inches per panel
+                      dpi: int = 80, # figure resolution
+                     ):
+    "Support slice of each class with its mask (top), then per prediction: query slices, prediction filled, truth outlined."
+    qz = pick_slices(query.label, n_slices)
+    ncol = max(len(classes), len(qz)); n = max(classes)
+    fig, axs = plt.subplots(1 + len(preds), ncol, figsize=(panel * ncol, panel * (1 + len(preds)) + 0.4), dpi=dpi,
+                            squeeze=False, layout='constrained')
+    for ax in axs.ravel(): ax.set_axis_off()
+    for j, c in enumerate(classes):
+        z = support_z[c]
+        overlay(axs[0, j], support.image[z], (support.label[z] == c) * c, n_classes=n, title=f'support {support.case_id} z={z}: {classes[c]}')
+    for r, (name, pred) in enumerate(preds.items(), 1):
+        if pred.shape != query.image.shape: raise ValueError(f"prediction {name!r}: shape {pred.shape} != query shape {query.image.shape}")
+        for j, z in enumerate(qz):
+            ax = overlay(axs[r, j], query.image[z], pred[z], n_classes=n, title=f'{name}: query {query.case_id} z={z}')
+            lab = np.where(np.isin(query.label[z], list(classes)), query.label[z], 0)
+            if lab.any(): ax.contour(lab > 0, levels=[0.5], colors='white', linewidths=0.8)
+    _legend(fig, classes, set(classes), n)
+    return fig
+
 # %% ../nbs/50_viz.ipynb #daa4264a
 def _table(scores):
     "DataFrame (rows: methods, columns: classes) from a DataFrame, Series, dict of dicts or flat dict."
@@ -276,6 +369,49 @@ def plot_dice_table(scores, # DataFrame (rows: methods, cols: classes), dict of 
     for s in ax.spines.values(): s.set_visible(False)
     if title: ax.set_title(title, fontsize=10, pad=18)
     return ax
+
+# %% ../nbs/50_viz.ipynb #ab746546
+def plot_results(results:pd.DataFrame, # rows of `run_experiment`
+                 order=None, # class order
+                 path=None, # save the figure here (PNG)
+                ):
+    "Bar chart: mean Dice per class (error bar: std over folds x runs), one panel per protocol."
+    r = results[~results['threshold_sweep']] if 'threshold_sweep' in results else results
+    protos = list(dict.fromkeys(r.protocol))
+    fig, axs = plt.subplots(1, len(protos), figsize=(4*len(protos), 3), squeeze=False)
+    for ax, p in zip(axs[0], protos):
+        rm = r[r.protocol == p].groupby(['method', 'fold', 'run', 'class'])['dice'].mean().reset_index()
+        g = rm.groupby(['class', 'method'])['dice'].agg(['mean', 'std']).unstack('method') * 100
+        if order: g = g.reindex([c for c in order if c in g.index])
+        g['mean'].plot.bar(ax=ax, yerr=g['std'].fillna(0), rot=30, fontsize=8)
+        ax.set_title(p); ax.set_ylabel('Dice (%)'); ax.set_ylim(0, 100); ax.legend(fontsize=7); ax.set_xlabel('')
+    fig.tight_layout()
+    if path is not None:
+        with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=80)
+        plt.close(fig)
+    return fig
+
+def plot_threshold_sweep(results:pd.DataFrame, # rows with threshold_sweep=True
+                         runs:pd.DataFrame|None=None, # runs table with the learned `T` per run
+                         path=None, # save here (PNG)
+                        ):
+    "Mean Dice over classes vs inference threshold (± std over folds x runs), learned T as a vertical line."
+    s = results[results['threshold_sweep']] if 'threshold_sweep' in results else results
+    per_run = s.groupby(['fold', 'run', 'threshold', 'class'])['dice'].mean().groupby(['fold', 'run', 'threshold']).mean()
+    g = per_run.groupby('threshold').agg(['mean', 'std']) * 100
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(g.index, g['mean'], marker='o'); ax.fill_between(g.index, g['mean'] - g['std'].fillna(0), g['mean'] + g['std'].fillna(0), alpha=.3)
+    if runs is not None and 'T' in runs and runs['T'].notna().any():
+        ts = runs['T'].dropna(); ax.axvline(ts.mean(), color='k', label=f'learned T = {ts.mean():.2f}')
+        if len(ts) > 1: ax.axvspan(ts.min(), ts.max(), color='gray', alpha=.2)
+        ax.legend(fontsize=8)
+    ax.set_xlabel('threshold T at inference'); ax.set_ylabel('mean Dice (%)')
+    ax.set_title(f"threshold line search ({', '.join(dict.fromkeys(s.protocol))})", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=80)
+        plt.close(fig)
+    return fig
 
 # %% ../nbs/50_viz.ipynb #3bdb73c6
 import ipywidgets as widgets

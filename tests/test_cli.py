@@ -168,7 +168,7 @@ def test_demo_end_to_end(tmp_path):
     for m in ('trained', 'untrained'):
         assert set(res['dice'][m]) == {'liver', 'right kidney', 'left kidney', 'spleen', 'mean'}
         assert all(0 <= v <= 100 for v in res['dice'][m].values())
-    assert res['iters'] == 10 and res['queries'] == ['5'] and res['support'] == '4'
+    assert res['n_steps'] == 10 and res['queries'] == ['5'] and res['support'] == '4'
     for f in ('dice.csv', 'dice.md', 'per_volume.csv', 'demo.png', 'model.pth'): assert (out/f).is_file(), f
     assert 'trained' in r.stdout and 'untrained' in r.stdout
 

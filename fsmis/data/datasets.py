@@ -269,12 +269,24 @@ class FileDataset(Dataset):
         return c
 
 # %% ../../nbs/02_data.datasets.ipynb #cab48449
+def _manifest_spec(settings: dict, man: Path) -> DatasetSpec:
+    "The spec a manifest written by `preprocess_folder` carries, for a dataset not registered in this process."
+    try:
+        return DatasetSpec(settings['dataset'], settings.get('modality', 'MR'), settings['classes'],
+                           label_codes={int(k): int(v) for k, v in (settings.get('label_codes') or {}).items() if int(k) != 0} or None,
+                           rho=settings.get('rho', 5000), test_classes=None if settings.get('test_classes') is None else tuple(settings['test_classes']),
+                           label_groups=settings.get('label_groups') or {}, paper_order=None if settings.get('paper_order') is None else tuple(settings['paper_order']),
+                           description=f"described by {man.name}")
+    except (KeyError, TypeError, ValueError) as e: raise ValueError(f"{man}: its dataset settings are incomplete or invalid ({e})") from None
+
 def _folder_spec(folder: Path, dataset, require_labels, classes, label_codes, modality) -> DatasetSpec:
     "The spec of a folder: `dataset=`, else its manifest's dataset, else its registered folder name, else `classes=`, else the label files' codes."
     name, man = dataset, folder/'manifest.json'
+    settings = {}
     if name is None and classes is None and man.is_file():
-        try: name = json.loads(man.read_text()).get('settings', {}).get('dataset')
+        try: settings = json.loads(man.read_text()).get('settings', {}); name = settings.get('dataset')
         except (json.JSONDecodeError, AttributeError) as e: raise ValueError(f"{man}: not a valid fsmis manifest ({e})") from None
+        if name is not None and name not in DATASETS and 'classes' in settings: return _manifest_spec(settings, man)
     if name is None and classes is None and folder.name in DATASETS: name = folder.name
     if name is not None and name != 'folder': return get_spec(name)
     if classes is None:

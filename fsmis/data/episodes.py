@@ -15,7 +15,6 @@ from ..core import quiet_imports
 with quiet_imports():
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
-import matplotlib.pyplot as plt
 from ..core import Case, default_device, resize_slices
 from .augment import EpisodeAugment, adnet_augment, alpnet_augment
 from .folds import setting_keep
@@ -45,27 +44,15 @@ class Episode:
              size: float = 2.2, # inches per panel for a new figure
             ):
         "Draw the support (red contour) and query (green contour) slices with their masks."
-        n = len(self.sup_imgs) + len(self.qry_imgs)
-        if axs is None: _, axs = plt.subplots(1, n, figsize=(size * n, size), dpi=72, squeeze=False); axs = axs[0]
-        _show_row(axs, self.sup_imgs, self.sup_masks, self.qry_imgs, self.qry_masks,
-                  [f"S {c}:{z}" for c, z in self.support] + [f"Q {c}:{z}" for c, z in self.query])
+        from fsmis.viz import episode_row
+        axs = episode_row(self.sup_imgs, self.sup_masks, self.qry_imgs, self.qry_masks, axs=axs, size=size,
+                          titles=[f"S {c}:{z}" for c, z in self.support] + [f"Q {c}:{z}" for c, z in self.query])
         axs[0].set_ylabel(f"{self.kind} {self.label}")
         return axs
 
     def __repr__(self):
         return (f"Episode({self.kind}, label={self.label}, K={len(self.sup_imgs)}, Q={len(self.qry_imgs)}, "
                 f"size={tuple(self.sup_imgs.shape[-2:])}, support={self.support}, query={self.query})")
-
-def _show_row(axs, si, sm, qi, qm, titles=None, preds=None):
-    "Draw one episode's slices on a row of axes: images in gray, masks as contours (prediction in yellow)."
-    items = [(i, m, 'r') for i, m in zip(si, sm)] + [(i, m, 'lime') for i, m in zip(qi, qm)]
-    for j, (ax, (img, msk, col)) in enumerate(zip(axs, items)):
-        ax.imshow(img[0].float().cpu(), cmap='gray')
-        if msk.any(): ax.contour(msk.float().cpu(), [0.5], colors=col, linewidths=1)
-        k = j - len(si)
-        if preds is not None and k >= 0 and preds[k].any(): ax.contour(preds[k].float().cpu(), [0.5], colors='yellow', linewidths=1)
-        if titles: ax.set_title(titles[j], fontsize=8)
-        ax.set_xticks([]); ax.set_yticks([])
 
 # %% ../../nbs/08_data.episodes.ipynb #bba1cad8
 def _as_size(size):
@@ -437,15 +424,9 @@ def _decode_pred(out):
     return out > 0.5 if out.is_floating_point() else out > 0
 
 def _show_episodes(b, out, max_n, size):
-    si, sm, qi, qm = (t.detach().cpu() for t in b[:4])
-    n = min(max_n, len(si)); K, Q = si.shape[1], qi.shape[1]
-    preds = None if out is None else _decode_pred(out)
-    fig, axs = plt.subplots(n, K + Q, figsize=(size * (K + Q), size * n), dpi=72, squeeze=False)
-    for r in range(n):
-        _show_row(axs[r], si[r], sm[r], qi[r], qm[r], [f"support {k}" for k in range(K)] + [f"query {q}" for q in range(Q)],
-                  None if preds is None else preds[r])
-    fig.tight_layout()
-    return axs
+    "Draw a batch (and decoded predictions) with `fsmis.viz.episode_grid`."
+    from fsmis.viz import episode_grid
+    return episode_grid(*b[:4], preds=None if out is None else _decode_pred(out), max_n=max_n, size=size)
 
 # %% ../../nbs/08_data.episodes.ipynb #309533da
 _SAMPLERS = {'vssl': VSSLSampler, 'pssl': PSSLSampler, 'supervised': SupervisedSampler}

@@ -198,7 +198,9 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
     df = pd.DataFrame(rows)
     settings = dict(dataset=spec.name, modality=spec.modality, target_spacing=list(target_spacing), size=size, inplane=inplane,
                     border_crop=border_crop, classes={str(k): v for k, v in spec.classes.items()},
-                    label_codes={str(k): v for k, v in spec.codes.items()})
+                    label_codes={str(k): v for k, v in spec.codes.items()}, rho=spec.rho,  # the dataset's facts: a folder that
+                    test_classes=None if spec.test_classes is None else list(spec.test_classes),  # describes itself
+                    label_groups=spec.label_groups, paper_order=None if spec.paper_order is None else list(spec.paper_order))
     with atomic_write(dst/'manifest.json', 'w') as f:
         json.dump(dict(settings=settings, cases=json.loads(df.to_json(orient='records'))), f, indent=1)
     with atomic_write(dst/'manifest.csv', 'w') as f: df.to_csv(f, index=False)

@@ -20,8 +20,8 @@ from .sv_kernels import _felzenszwalb_3d, _relabel
 
 # %% auto #0
 __all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzenszwalb_3d', 'body_mask', 'supervoxels',
-           'superpixels', 'supervoxel_table', 'supervoxel_stats', 'show_supervoxels', 'cache_key', 'cached_supervoxels',
-           'case_supervoxels', 'dataset_supervoxels', 'write_supervoxels', 'adjusted_rand_index', 'reference_agreement']
+           'superpixels', 'supervoxel_table', 'supervoxel_stats', 'cache_key', 'cached_supervoxels', 'case_supervoxels',
+           'dataset_supervoxels', 'write_supervoxels', 'adjusted_rand_index', 'reference_agreement']
 
 # %% ../../nbs/06_data.supervoxels.ipynb #601e9d92
 def _check_volume(volume, name='volume') -> np.ndarray:
@@ -164,28 +164,6 @@ def supervoxel_stats(sv, # int label volume (z, h, w), 0 = outside
             'size_min': int(t.voxels.min()) if len(t) else 0, 'size_median': q(t.voxels, 50),
             'size_max': int(t.voxels.max()) if len(t) else 0, 'slices_median': q(t.slices, 50),
             'slices_max': int(t.slices.max()) if len(t) else 0, 'inside_body': float((np.asarray(sv) > 0).mean())}
-
-def show_supervoxels(image, # (z, h, w) image
-                     sv, # (z, h, w) labels of the same shape
-                     slices=None, # slice indices to show (default: 4 evenly spaced through the body)
-                     figsize=(10, 3), # matplotlib figure size
-                    ):
-    "Supervoxel boundaries (yellow) over a few slices; returns the figure."
-    import matplotlib.pyplot as plt
-    from skimage.segmentation import mark_boundaries
-    image, sv = np.asarray(image, np.float64), np.asarray(sv)
-    if image.shape != sv.shape: raise ValueError(f"image shape {image.shape} != supervoxel shape {sv.shape}")
-    if slices is None:
-        zs = np.nonzero(sv.any(axis=(1, 2)))[0]
-        zs = zs if len(zs) else np.arange(len(sv))
-        slices = np.unique(zs[np.linspace(0, len(zs) - 1, min(4, len(zs))).round().astype(int)])
-    img = (image - image.min()) / max(np.ptp(image), 1e-12)
-    fig, axs = plt.subplots(1, len(slices), figsize=figsize, squeeze=False)
-    for ax, z in zip(axs[0], slices):
-        ax.imshow(mark_boundaries(img[z], sv[z], color=(1, 1, 0), mode='inner')); ax.set_axis_off()
-        ax.set_title(f'slice {z}: {len(np.unique(sv[z][sv[z] > 0]))} sv', fontsize=9)
-    fig.tight_layout()
-    return fig
 
 # %% ../../nbs/06_data.supervoxels.ipynb #887aa382
 ALGO_VERSION = 1  # bump when the output of supervoxels/superpixels changes: old cache files are then ignored
