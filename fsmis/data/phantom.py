@@ -87,40 +87,33 @@ def _soft(sd, pv):
     "Partial-volume membership in [0, 1] from a signed distance and an edge width (both mm)."
     return np.clip(0.5 - sd / pv, 0.0, 1.0).astype(np.float32)
 
-# %% ../../nbs/05_data.phantom.ipynb #7afe1723
-def make_phantom(seed: int = 0, # random seed: the same seed always gives the same case
-                 shape: tuple = (32, 128, 128), # (z, h, w) voxels
-                 spacing: tuple = (4.0, 1.5, 1.5), # (z, h, w) mm
-                 case_id: str | None = None, # id stored in the Case (default str(seed))
-                 noise: float = 0.02, # Rician noise std (intensities before scaling: liver ~0.3, spleen ~0.6, fluid ~0.9)
-                 bias: float = 0.25, # strength of the smooth multiplicative bias field (0 = none)
-                ) -> Case:
-    "One synthetic abdominal MR-like case: float32 image (z,h,w) and labels 1 liver, 2 right kidney, 3 left kidney, 4 spleen."
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 4: raise ValueError(f"shape must be 3 sizes >= 4 (z, h, w), got {shape}")
-    rng = np.random.default_rng(seed)
-    G = _Geo(shape, spacing)
-    U = lambda lo, hi: float(rng.uniform(lo, hi))
-    fine = _smooth_noise(rng, shape, (0.4, 0.7, 0.7))
-    med = _smooth_noise(rng, shape, (0.7, 2.5, 2.5), down=2)
-    coarse = _smooth_noise(rng, shape, (1.5, 6.0, 6.0), down=4)
-    warps = [_smooth_noise(rng, shape, (2.0, 8.0, 8.0), down=4) for _ in range(3)]
-    img = np.zeros(shape, np.float32); lab = np.zeros(shape, np.uint8)
+# %% ../../nbs/05_data.phantom.ipynb #5ba54584
+class _Canvas:
+    "The volume being painted: image and labels, the case's random draws, its geometry and three noise textures."
+    def __init__(self, rng, shape, spacing):
+        self.rng, self.shape, self.spacing, self.G = rng, shape, spacing, _Geo(shape, spacing)
+        self.fine = _smooth_noise(rng, shape, (0.4, 0.7, 0.7))
+        self.med = _smooth_noise(rng, shape, (0.7, 2.5, 2.5), down=2)
+        self.coarse = _smooth_noise(rng, shape, (1.5, 6.0, 6.0), down=4)
+        self.warps = [_smooth_noise(rng, shape, (2.0, 8.0, 8.0), down=4) for _ in range(3)]
+        self.img = np.zeros(shape, np.float32); self.lab = np.zeros(shape, np.uint8)
+    def U(self, lo, hi) -> float: return float(self.rng.uniform(lo, hi))
+    def paint(self, m, value, label=None):
+        "Alpha-composite `value` with membership `m`; set (or, label 0, clear) labels where m > 0.5."
+        self.img += m * (value - self.img)
+        if label is not None: self.lab[m > 0.5] = label
 
-    def paint(m, value, label=None):
-        "Alpha-composite `value` with membership `m`; set or clear labels where m > 0.5."
-        nonlocal img
-        img += m * (value - img)
-        if label is not None: lab[m > 0.5] = label
-
-    # body: elliptic cylinder, slightly wider at the bottom, outline wobbling along z
+# %% ../../nbs/05_data.phantom.ipynb #7e316f18
+def _paint_body(cv):
+    "Body: an elliptic cylinder, slightly wider at the bottom, its outline wobbling along z; fat, muscle wall, bowel; returns the inside and the body centre and height."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     bw, bh, bc = U(0.78, 0.9), U(0.56, 0.66), U(-0.04, 0.04)
     zf = 1 + 0.06*(-G.z/G.half[0])
     r_h, r_w = bh*G.half[1]*zf, bw*G.half[2]*zf
     qh, qw = (G.h - bc*G.half[1])/r_h, G.w/r_w
     n = np.sqrt(qh*qh + qw*qw) + 0.02*warps[0]
     g = np.sqrt((qh/r_h)**2 + (qw/r_w)**2) + 1e-9
-    body_sd = (n - 1)*n/g; body_pv = np.float32(max(spacing[1], spacing[2]))
+    body_sd = (n - 1)*n/g; body_pv = np.float32(max(cv.spacing[1], cv.spacing[2]))
     fat_mm, wall_mm = U(5, 10), U(3, 6)
     paint(_soft(body_sd, body_pv), 0.34 + 0.05*fine)                                  # subcutaneous fat (suppressed)
     paint(_soft(body_sd + fat_mm, body_pv), 0.16 + 0.04*fine)                          # abdominal wall muscle
@@ -130,14 +123,21 @@ def make_phantom(seed: int = 0, # random seed: the same seed always gives the sa
     gas = np.clip((-med - 1.7) * 2, 0, 1)                                              # dark gas pockets
     bg = bg + bowel*(U(0.45, 0.6) - bg) + gas*(0.04 - bg)
     paint(inner, bg)
+    return inner, bc, bh
 
-    # stomach (patient's left, anterior, upper) with mixed content
+# %% ../../nbs/05_data.phantom.ipynb #73007487
+def _paint_stomach(cv, inner):
+    "Stomach (patient's left, anterior, upper) with mixed content."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     st_c = (U(0.35, 0.6), U(0.25, 0.4), U(0.25, 0.4))
     st_sd, st_pv = G.ellipsoid(st_c, (U(0.25, 0.35), U(0.18, 0.25), U(0.16, 0.24)), U(-0.5, 0.5), warps[1], 0.15)
     paint(_soft(st_sd, st_pv) * inner, 0.28 + 0.03*fine)
     paint(_soft(st_sd + 3.0, st_pv) * inner, U(0.45, 0.7) + 0.12*med)
 
-    # liver: right lobe + left lobe, irregular, fine texture with bright vessels
+# %% ../../nbs/05_data.phantom.ipynb #f833e48f
+def _paint_liver(cv, inner):
+    "Liver (label 1): right lobe + left lobe, irregular, fine texture with bright vessels; returns its centre and extent for the gallbladder."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     lz, lsz = U(0.3, 0.45), U(0.55, 0.7)
     li_c = (lz, U(0.0, 0.15), U(-0.45, -0.35))
     li_sd, li_pv = G.ellipsoid(li_c, (lsz, U(0.42, 0.52), U(0.38, 0.46)), U(-0.3, 0.3), warps[2], 0.12)
@@ -152,20 +152,29 @@ def make_phantom(seed: int = 0, # random seed: the same seed always gives the sa
         v = _soft(G.tube(hil, tip, U(1.5, 3.0)), np.float32(1.5))
         liver_val = liver_val + v*(U(0.5, 0.65) - liver_val)
     paint(liver_m, liver_val, 1)
+    return lz, lsz, li_c
 
-    # gallbladder (fluid, bright) at the inferior medial edge of the liver, most cases
+# %% ../../nbs/05_data.phantom.ipynb #16d443d9
+def _paint_gallbladder(cv, inner, lz, lsz, li_c):
+    "Gallbladder (fluid, bright, no label) at the inferior medial edge of the liver, in 3 cases of 4."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     if rng.random() < 0.75:
         gb_sd, gb_pv = G.ellipsoid((lz - lsz*0.45, li_c[1] + 0.3, li_c[2] + 0.2), (U(0.12, 0.2), U(0.07, 0.1), U(0.06, 0.09)), U(-0.5, 0.5))
         paint(_soft(gb_sd, gb_pv) * inner, U(0.8, 0.95) + 0.02*fine, 0)
 
-    # spleen: patient's left, posterior, smooth and bright
+# %% ../../nbs/05_data.phantom.ipynb #ab942148
+def _paint_spleen(cv, inner):
+    "Spleen (label 4): patient's left, posterior, smooth and bright, with a fat rim."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     sp_sd, sp_pv = G.ellipsoid((U(0.25, 0.45), U(-0.25, -0.1), U(0.5, 0.6)), (U(0.36, 0.46), U(0.26, 0.34), U(0.15, 0.2)),
                                U(-0.6, -0.2), warps[2], 0.12)
     paint(_soft(sp_sd - U(1.5, 2.5), sp_pv) * inner, 0.12 + 0.02*fine)                   # perisplenic fat rim
     paint(_soft(sp_sd, sp_pv) * inner, U(0.56, 0.62) + 0.012*fine + 0.015*coarse, 4)
 
-    # kidneys: perirenal fat capsule, cortex, medulla with pyramids, sinus fat in a medial notch
-    sc_h = bc - bh*U(0.6, 0.7)                                                          # spine centre (posterior = top)
+# %% ../../nbs/05_data.phantom.ipynb #5281b7c7
+def _paint_kidneys(cv, inner, sc_h):
+    "Kidneys (labels 2 right, 3 left): perirenal fat capsule, cortex, medulla with pyramids, sinus fat in a medial notch."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     for lbl, side in ((2, -1), (3, 1)):
         kc = (U(-0.25, 0.0) + (0.1 if side > 0 else 0), sc_h + U(0.08, 0.16), side*U(0.38, 0.46))
         kr = (U(0.32, 0.42), U(0.19, 0.23), U(0.12, 0.15))
@@ -183,13 +192,14 @@ def make_phantom(seed: int = 0, # random seed: the same seed always gives the sa
         val = cortex + _soft(med_sd, med_pv)*(medulla - cortex)
         paint(_soft(k_sd, k_pv) * inner, val, lbl)
 
-    # great vessels in front of the spine: aorta (bright, patient's left) and vena cava (right)
+# %% ../../nbs/05_data.phantom.ipynb #64db31cc
+def _paint_vessels_and_spine(cv, inner, sc_h):
+    "Aorta and vena cava in front of the spine; paraspinal muscles, vertebral body (cortex, marrow) and the bright spinal canal."
+    G, U, rng, paint, fine, med, coarse, warps = cv.G, cv.U, cv.rng, cv.paint, cv.fine, cv.med, cv.coarse, cv.warps
     ao_sd, ao_pv = G.ellipsoid((0, sc_h + 0.2, 0.1), (1e3, 0.07, 0.07))
     paint(_soft(ao_sd, ao_pv) * inner, U(0.6, 0.7) + 0.02*fine, 0)
     ivc_sd, ivc_pv = G.ellipsoid((0, sc_h + 0.22, -0.14), (1e3, 0.06, 0.09))
     paint(_soft(ivc_sd, ivc_pv) * inner, U(0.45, 0.55) + 0.02*fine, 0)
-
-    # spine: paraspinal muscles, vertebral body (cortex + marrow), spinal canal (CSF, bright)
     for side in (-1, 1):
         ps_sd, ps_pv = G.ellipsoid((0, sc_h - 0.06, side*0.17), (1e3, 0.11, 0.12))
         paint(_soft(ps_sd, ps_pv), 0.14 + 0.05*med, 0)
@@ -199,7 +209,10 @@ def make_phantom(seed: int = 0, # random seed: the same seed always gives the sa
     cn_sd, cn_pv = G.ellipsoid((0, sc_h - 0.12, 0), (1e3, 0.05, 0.045))
     paint(_soft(cn_sd, cn_pv), 0.85, 0)
 
-    # acquisition: slight in-plane blur (PSF), smooth bias field, Rician noise, scale to MR-like integers range
+# %% ../../nbs/05_data.phantom.ipynb #f1298558
+def _acquire(cv, noise, bias) -> np.ndarray:
+    "Acquisition: slight in-plane blur (PSF), smooth multiplicative bias field, Rician noise, MR-like intensity range."
+    G, rng, img, shape = cv.G, cv.rng, cv.img, cv.shape
     img = ndi.gaussian_filter(img, (0, 0.5, 0.5))
     if bias:
         hh, ww, zz = G.h/G.half[1], G.w/G.half[2], G.z/G.half[0]
@@ -209,7 +222,31 @@ def make_phantom(seed: int = 0, # random seed: the same seed always gives the sa
     re = img + noise*rng.standard_normal(shape, dtype=np.float32)
     im = noise*rng.standard_normal(shape, dtype=np.float32)
     img = np.sqrt(re*re + im*im) * 1000
-    return Case(img.astype(np.float32), lab, spacing, None, str(seed) if case_id is None else str(case_id), dict(CHAOS_CLASSES))
+    return img
+
+# %% ../../nbs/05_data.phantom.ipynb #97db669e
+def make_phantom(seed: int = 0, # random seed: the same seed always gives the same case
+                 shape: tuple = (32, 128, 128), # (z, h, w) voxels
+                 spacing: tuple = (4.0, 1.5, 1.5), # (z, h, w) mm
+                 case_id: str | None = None, # id stored in the Case (default str(seed))
+                 noise: float = 0.02, # Rician noise std (intensities before scaling: liver ~0.3, spleen ~0.6, fluid ~0.9)
+                 bias: float = 0.25, # strength of the smooth multiplicative bias field (0 = none)
+                ) -> Case:
+    "One synthetic abdominal MR-like case: float32 image (z,h,w) and labels 1 liver, 2 right kidney, 3 left kidney, 4 spleen."
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 4: raise ValueError(f"shape must be 3 sizes >= 4 (z, h, w), got {shape}")
+    rng = np.random.default_rng(seed)
+    cv = _Canvas(rng, shape, spacing)
+    inner, bc, bh = _paint_body(cv)
+    _paint_stomach(cv, inner)
+    lz, lsz, li_c = _paint_liver(cv, inner)
+    _paint_gallbladder(cv, inner, lz, lsz, li_c)
+    _paint_spleen(cv, inner)
+    sc_h = bc - bh*cv.U(0.6, 0.7)  # spine centre (posterior = top)
+    _paint_kidneys(cv, inner, sc_h)
+    _paint_vessels_and_spine(cv, inner, sc_h)
+    img = _acquire(cv, noise, bias)
+    return Case(img.astype(np.float32), cv.lab, spacing, None, str(seed) if case_id is None else str(case_id), dict(CHAOS_CLASSES))
 
 # %% ../../nbs/05_data.phantom.ipynb #0b39d3f6
 def threshold_dice(image: np.ndarray, # intensity volume
