@@ -6,15 +6,15 @@ Docs: https://fsmis.github.io/fsmis/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #0edd1585
 from __future__ import annotations
-import os, random, tempfile, contextlib
+import os, glob, random, tempfile, contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['Case', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path', 'resize_slices',
-           'quiet_imports', 'LineProgress', 'progress_bar']
+__all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path',
+           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -46,6 +46,22 @@ class Case:
     def __repr__(self):
         lab = 'no label' if self.label is None else f"classes {sorted(int(c) for c in np.unique(self.label) if c)}"
         return f"Case({self.case_id!r}, shape={self.shape}, spacing={self.spacing}, {lab})"
+
+# %% ../nbs/00_core.ipynb #416d0f8d
+def check_volume(volume, # array-like, expected (z, h, w)
+                 source='volume', # file name, case id or argument name for the message
+                 allow_constant: bool = True, # False: refuse a constant volume (it cannot be z-scored)
+                ) -> np.ndarray:
+    "The volume as an ndarray (dtype kept) if it is a 3D, non-empty, numeric, finite volume, else a ValueError naming `source`."
+    v = np.asarray(volume)
+    if v.ndim != 3: raise ValueError(f"{source}: expected a 3D volume (z, h, w), got shape {v.shape}")
+    if v.size == 0: raise ValueError(f"{source}: empty volume of shape {v.shape}")
+    if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool) or np.iscomplexobj(v):
+        raise ValueError(f"{source}: expected real numbers, got dtype {v.dtype}")
+    if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+        raise ValueError(f"{source}: contains {int((~np.isfinite(v)).sum())} non-finite values (NaN or inf)")
+    if not allow_constant and v.min() == v.max(): raise ValueError(f"{source}: volume is constant (every voxel = {v.min()}), cannot normalize it")
+    return v
 
 # %% ../nbs/00_core.ipynb #b3cebb44
 def set_seed(seed: int = 0, # seed for python, numpy and torch
@@ -88,14 +104,29 @@ def _default_mode():
     um = os.umask(0); os.umask(um)
     return 0o666 & ~um
 
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # someone else's live process
+    return True
+
+def _temp_for(path: Path, suffix: str):
+    "(fd, name) of a new temporary file beside `path`, `.<name>.<pid>.<random><suffix>`; first removes the temporaries of `path` left by killed writers."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f'.{glob.escape(path.name)}.*.*.tmp*'):
+        pid = old.name[len(path.name) + 2:].split('.')[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError): old.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix=suffix, dir=path.parent)
+    os.chmod(tmp, _default_mode())
+    return fd, tmp
+
 @contextlib.contextmanager
 def atomic_write(path, # destination file
                  mode: str = 'wb', # 'wb' or 'w'
                 ):
     "Context manager yielding a temporary file object that replaces `path` only on success."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.'+path.name+'.', suffix='.tmp', dir=path.parent)
-    os.chmod(tmp, _default_mode())
+    path = Path(path); fd, tmp = _temp_for(path, '.tmp')
     try:
         with os.fdopen(fd, mode) as f: yield f
         os.replace(tmp, path)
@@ -106,10 +137,8 @@ def atomic_write(path, # destination file
 def atomic_path(path # destination file
                ):
     "Context manager yielding a temporary path (same folder and suffix) that is renamed to `path` on success."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ''.join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix='.'+path.name.split('.')[0]+'.', suffix='.tmp'+suffix, dir=path.parent)
-    os.close(fd); os.chmod(tmp, _default_mode())
+    path = Path(path); fd, tmp = _temp_for(path, '.tmp' + ''.join(path.suffixes))
+    os.close(fd)
     @contextlib.contextmanager
     def _cm():
         try:

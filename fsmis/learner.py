@@ -156,6 +156,8 @@ class StopAfter(Callback):
 
 class NonFiniteLoss(ValueError):
     "Training diverged: a loss or gradient that is NaN or infinite."
+    def __init__(self, message: str): super().__init__(message); self.message = message
+    def __str__(self): return self.message  # fastai rewrites the args of an exception raised in a callback; the message stays ours
 
 class FiniteGuard(Callback):
     "Stop with `NonFiniteLoss` naming the step (and lr) when a loss or a gradient is not finite, before the optimizer step."

@@ -206,3 +206,104 @@ def test_api_broken_supervoxel_cache_is_recomputed(tmp_path):
     f.write_bytes(f.read_bytes()[:40])
     b = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
     assert np.array_equal(a, b) and np.load(f)['labels'].shape == a.shape
+
+
+def test_api_nonfinite_message_is_ours_not_fastais(tmp_path):
+    "fastai prefixes errors raised in callbacks; the divergence message reaches the user as one clean line."
+    from fsmis.learner import toy_dls, adnet_learner, fit_iters, NonFiniteLoss
+    learn = adnet_learner(toy_dls(8, size=32), 'small', lr=float('nan'), path=tmp_path)
+    with pytest.raises(NonFiniteLoss) as e: fit_iters(learn, 3, show_progress=False)
+    assert str(e.value).startswith('training diverged at step 1') and 'Exception occured' not in str(e.value)
+
+
+def _task(k=1, n=2, size=32):
+    return torch.randn(k, 1, size, size), (torch.rand(k, 1, size, size) > .5).float(), torch.randn(n, 1, size, size)
+
+
+MODEL_CASES = {  # name: (change to the (sup_imgs, sup_masks, qry_imgs) task, exception, text of the message)
+    'integer images': (lambda s, m, q: ((s * 100).short(), m, q), TypeError, 'sup_imgs: dtype torch.int16'),
+    'integer query': (lambda s, m, q: (s, m, q.long()), TypeError, 'qry_imgs: dtype torch.int64'),
+    'numpy images': (lambda s, m, q: (s.numpy(), m, q), TypeError, 'sup_imgs must be a torch.Tensor'),
+    'zero shots': (lambda s, m, q: (s[:0], m[:0], q), ValueError, 'at least one support shot'),
+    'zero queries': (lambda s, m, q: (s, m, q[:0]), ValueError, 'one query'),
+    'mask of another size': (lambda s, m, q: (s, m[..., :16, :16], q), ValueError, 'does not match'),
+    'mask shots differ': (lambda s, m, q: (s, torch.cat([m, m]), q), ValueError, 'does not match'),
+    'mask values 0..255': (lambda s, m, q: (s, m * 255, q), ValueError, '0/1'),
+    'negative mask': (lambda s, m, q: (s, -m, q), ValueError, '0/1'),
+    'NaN query': (lambda s, m, q: (s, m, q.index_fill(0, torch.tensor([0]), float('nan'))), ValueError, 'qry_imgs contains NaN'),
+    'inf support': (lambda s, m, q: (s.index_fill(0, torch.tensor([0]), float('inf')), m, q), ValueError, 'sup_imgs contains NaN or inf'),
+    'channels differ': (lambda s, m, q: (s, m, q.expand(-1, 3, -1, -1)), ValueError, 'expected'),
+    '3D images': (lambda s, m, q: (s[:, 0], m, q), ValueError, 'expected'),
+}
+
+
+@pytest.mark.parametrize('kind', ['adnet', 'alpnet', 'panet'])
+@pytest.mark.parametrize('case', list(MODEL_CASES))
+def test_api_model_predict_boundary(kind, case):
+    from fsmis.learner import build_model
+    torch.manual_seed(0)
+    model = build_model(kind, encoder='small').eval()
+    change, exc, text = MODEL_CASES[case]
+    with pytest.raises(exc, match=text.replace('(', r'\(')): model.predict(*change(*_task()))
+
+
+def test_api_model_casts_float64_and_trains_on_float16_free_input():
+    from fsmis.learner import build_model
+    torch.manual_seed(0)
+    model = build_model('adnet', encoder='small').eval()
+    s, m, q = _task()
+    assert torch.allclose(model.predict(s.double(), m, q.double()), model.predict(s, m, q))
+    out = model(s[None], m[:, 0][None], q[None])  # forward (a training batch) checks shapes without a pass over the data
+    assert out['qry'].shape == (1, 2, 2, 32, 32)
+    with pytest.raises(ValueError, match='does not match'): model(s[None], m[:, 0, :16][None], q[None])
+
+
+def test_api_segment_volume_refuses_nonfinite_and_out_of_range():
+    from fsmis.learner import build_model
+    from fsmis.eval.inference import segment_volume
+    model = build_model('adnet', encoder='small').eval()
+    img = np.random.default_rng(0).normal(size=(4, 32, 32)).astype(np.float32); lab = (img[1] > 0).astype(int)
+    nan = img.copy(); nan[2, 3, 3] = np.nan
+    with pytest.raises(ValueError, match='query image: contains 1 non-finite'): segment_volume(model, nan, img[1], lab)
+    with pytest.raises(ValueError, match='support image'): segment_volume(model, img, nan[2], lab)
+    huge = img.astype(np.float64); huge[0, 0, 0] = 1e39
+    with pytest.raises(ValueError, match='float32 range'): segment_volume(model, huge, img[1], lab)
+    assert segment_volume(model, img, img[1], lab).shape == img.shape
+
+
+@pytest.mark.parametrize('dtype', [np.complex64, object, 'U3'])
+def test_api_write_nifti_refuses_what_nifti_cannot_hold(tmp_path, dtype):
+    a = np.zeros((2, 3, 4), dtype)
+    with pytest.raises(ValueError, match=f'dtype .* cannot be written as NIfTI'): write_nifti(tmp_path/'x.nii.gz', a)
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary left
+
+
+def test_api_zscore_of_huge_values_is_finite():
+    from fsmis.data.datasets import zscore
+    v = np.zeros((2, 4, 4), np.float32); v[0, 0, 0] = 3e38
+    z = zscore(v)
+    assert np.isfinite(z).all() and z[0, 0, 0] > 0
+
+
+def test_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    import signal, subprocess, sys, time
+    target = tmp_path/'big.bin'
+    code = ("import time; from fsmis.core import atomic_write\n"
+            f"with atomic_write({str(target)!r}) as f:\n    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == 'writing'
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    left = [f for f in tmp_path.iterdir() if f.name != 'big.bin']
+    assert len(left) == 1 and str(p.pid) in left[0].name and not target.exists()  # a killed writer cannot clean up
+    from fsmis.core import atomic_write
+    with atomic_write(target) as f: f.write(b'done')
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['big.bin'] and target.read_bytes() == b'done'
+
+
+def test_supervoxels_out_checked_before_the_work(files, capsys, tmp_path):
+    import time
+    blocker = tmp_path/'afile'; blocker.write_text('x')
+    t = time.perf_counter()
+    code, _, err = run(capsys, 'supervoxels', files/'data', '--out', blocker/'sub', '--quiet', '--workers', 1)
+    assert code == 2 and time.perf_counter() - t < 5
+    one_line(err, '--out', 'afile')

@@ -10,7 +10,7 @@ import json, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from ..core import Case, data_root
+from ..core import Case, data_root, check_volume
 from .io import read_nifti
 
 # %% auto #0
@@ -141,15 +141,13 @@ def sort_ids(ids) -> list:
 
 def check_image(image: np.ndarray, # image volume (z, h, w)
                 source='image', # file name or case id for error messages
+                allow_constant: bool = False, # True where the volume is not normalized by its own statistics
                ) -> np.ndarray:
-    "Validate an image volume (3D, finite, not constant) and return it as float32."
-    image = np.asarray(image)
-    if image.ndim != 3: raise ValueError(f"{source}: expected a 3D volume (z, h, w), got shape {image.shape}")
-    if image.size == 0: raise ValueError(f"{source}: empty volume of shape {image.shape}")
-    image = image.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(image)): raise ValueError(f"{source}: image contains NaN or inf values")
-    if image.min() == image.max(): raise ValueError(f"{source}: image is constant (every voxel = {image.min()}), cannot normalize it")
-    return image
+    "An image volume checked by `fsmis.core.check_volume` (3D, finite, not constant), as float32 (which it must fit)."
+    image = check_volume(image, source, allow_constant=allow_constant)
+    if image.dtype.itemsize > 4 and np.abs(image).max() > np.finfo(np.float32).max:
+        raise ValueError(f"{source}: values beyond the float32 range (|x| > 3.4e38)")
+    return image.astype(np.float32, copy=False)
 
 def zscore(image: np.ndarray, # float volume
            mean=None, # mean to subtract; None uses the volume's own
@@ -157,10 +155,10 @@ def zscore(image: np.ndarray, # float volume
           ) -> np.ndarray:
     "Z-score a volume with its own statistics (MR) or given global ones (CT), as float32."
     image = np.asarray(image, dtype=np.float32)
-    m = float(image.mean()) if mean is None else float(mean)
-    s = float(image.std()) if std is None else float(std)
+    m = float(image.mean(dtype=np.float64)) if mean is None else float(mean)  # float64: no overflow for huge values
+    s = float(image.std(dtype=np.float64)) if std is None else float(std)
     if not s > 0: raise ValueError(f"cannot z-score: standard deviation is {s}")
-    return ((image - m) / s).astype(np.float32)
+    return ((image - m) / s).astype(np.float32) if np.abs(image).max() < 1e30 else ((image.astype(np.float64) - m) / s).astype(np.float32)
 
 # %% ../../nbs/02_data.datasets.ipynb #cd8e485d
 class Dataset:

@@ -75,6 +75,8 @@ def write_nifti(path, # destination .nii or .nii.gz
     if not (path.name.endswith('.nii') or path.name.endswith('.nii.gz')):
         raise ValueError(f"{path}: file name must end with .nii or .nii.gz")
     if array.ndim != 3: raise ValueError(f"{path}: array must be 3D (z, h, w), got shape {array.shape}")
+    if np.iscomplexobj(array) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{path}: dtype {array.dtype} cannot be written as NIfTI here (real numbers or bool only)")
     if affine is None: affine = spacing_to_affine(spacing if spacing is not None else (1., 1., 1.))
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4): raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")

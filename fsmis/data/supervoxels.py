@@ -13,7 +13,7 @@ import multiprocessing as mp
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from ..core import Case, cache_dir as _cache_dir, atomic_write
+from ..core import Case, cache_dir as _cache_dir, atomic_write, check_volume
 from numba import set_num_threads, get_num_threads
 from .sv_kernels import _felzenszwalb_3d, _relabel
 
@@ -24,16 +24,6 @@ __all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzensz
            'dataset_supervoxels', 'write_supervoxels', 'adjusted_rand_index', 'reference_agreement']
 
 # %% ../../nbs/06_data.supervoxels.ipynb #601e9d92
-def _check_volume(volume, name='volume') -> np.ndarray:
-    "A 3D finite, non-constant numeric array, or a ValueError naming the problem."
-    v = np.asarray(volume)
-    if v.ndim != 3: raise ValueError(f"{name} must be a 3D (z, h, w) array, got shape {v.shape}")
-    if min(v.shape) < 1: raise ValueError(f"{name} is empty: shape {v.shape}")
-    if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool): raise ValueError(f"{name} must be numeric, got dtype {v.dtype}")
-    if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-        raise ValueError(f"{name} has {int((~np.isfinite(v)).sum())} non-finite values (NaN or inf)")
-    return v
-
 def _check_spacing(spacing) -> tuple:
     "Three positive finite numbers (z, h, w), or a ValueError."
     try: sp = tuple(float(s) for s in spacing)
@@ -73,7 +63,7 @@ def felzenszwalb_3d(volume, # 3D (z, h, w) array, already on the intensity scale
                     tie_order: str = 'stable', # equal costs: 'stable' (enumeration order, fast) or 'numpy1' (the original's introsort, exact, slower)
                    ) -> np.ndarray:
     "ADNet's 3D Felzenszwalb (26-neighbourhood, no smoothing) without masking: int32 labels 1..n in C order of appearance."
-    v = _check_volume(volume)
+    v = check_volume(volume)
     sp = _check_spacing(spacing)
     if not (np.isfinite(scale) and scale > 0): raise ValueError(f"scale must be a positive number, got {scale!r}")
     if int(min_size) < 1: raise ValueError(f"min_size must be >= 1, got {min_size!r}")
@@ -101,7 +91,7 @@ def body_mask(volume, # 3D (z, h, w) array
               rescale: bool = True, # min-max rescale the whole volume to [0, 255] first (ADNet); False: raw (SSL-ALPNet)
              ) -> np.ndarray:
     "Per-slice body mask: threshold, largest connected component, holes filled; bool (z, h, w)."
-    v = _check_volume(volume)
+    v = check_volume(volume)
     if rescale: v = rescale_255(v)
     return np.stack([_mask_slice(sl, thresh) for sl in v])
 
@@ -114,7 +104,7 @@ def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it 
                 tie_order: str = 'stable', # 'stable' (fast) or 'numpy1' (bit-exact to the authors' files, ~3x slower)
                ) -> np.ndarray:
     "ADNet's 3D supervoxels: int32 (z, h, w), 0 outside the body, ids 1..n."
-    v = _check_volume(volume)
+    v = check_volume(volume)
     if not np.isscalar(rho) or not rho > 0: raise ValueError(f"rho must be a positive number of voxels, got {rho!r}")
     v255 = rescale_255(v)
     sp = _check_spacing(spacing)
@@ -132,7 +122,7 @@ def superpixels(volume, # 3D (z, h, w) image with raw intensities (as SSL-ALPNet
                ) -> np.ndarray:
     "SSL-ALPNet's 2D superpixels: skimage Felzenszwalb per slice, body-masked; int32 (z, h, w), ids 1..n per slice."
     from skimage.segmentation import felzenszwalb
-    v = _check_volume(volume).astype(np.float64)
+    v = check_volume(volume).astype(np.float64)
     if not min_size >= 1: raise ValueError(f"min_size must be >= 1, got {min_size!r}")
     if not (v > fg_thresh).any():
         raise ValueError(f"no voxel is above the body-mask threshold fg_thresh={fg_thresh} (volume range {v.min():.4g} to "
@@ -210,7 +200,7 @@ def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see
                        **kw, # passed to `supervoxels` / `superpixels`
                       ) -> np.ndarray:
     "`supervoxels`/`superpixels` computed once: read from the cache when present, else computed and stored."
-    v = _check_volume(volume)
+    v = check_volume(volume)
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir('supervoxels')
     path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, spacing, kw)))
     sv = _load_cached(path) if path.is_file() else None
@@ -257,7 +247,7 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
     out, todo = {}, []
     for cid in ids:
         c = ds.load(cid, normalize=False)  # raw intensities: the originals worked on them (ties depend on rounding)
-        v = _check_volume(c.image, f'case {cid!r} image')
+        v = check_volume(c.image, f'case {cid!r} image')
         path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, c.spacing, kw)))
         sv = _load_cached(path) if path.is_file() else None
         if sv is not None: out[cid] = sv

@@ -139,9 +139,10 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
                    input_size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
                   ) -> np.ndarray:
     "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s)."
-    image = np.asarray(image, np.float32)
-    si, sl = np.asarray(sup_images, np.float32), np.asarray(sup_labels)
+    image = check_image(image, 'query image', allow_constant=True)
+    si, sl = np.asarray(sup_images), np.asarray(sup_labels)
     if si.ndim == 2: si, sl = si[None], sl[None]
+    si = check_image(si, 'support image(s)', allow_constant=True)
     if si.shape != sl.shape or si.shape[1:] != image.shape[1:]:
         raise ValueError(f"sup_images {si.shape}, sup_labels {sl.shape} and query slices {image.shape[1:]} must match in (H, W)")
     classes = [int(c) for c in np.unique(sl) if c] if classes is None else [int(c) for c in classes]

@@ -10,7 +10,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .encoders import make_encoder
 
 # %% auto #0
-__all__ = ['interp_matrix', 'mask_weights', 'weighted_sum', 'masked_average_pool', 'FewShotModel', 'cosine_map', 'ADNet']
+__all__ = ['interp_matrix', 'mask_weights', 'weighted_sum', 'masked_average_pool', 'check_shots', 'FewShotModel', 'cosine_map',
+           'ADNet']
 
 # %% ../../nbs/11_models.adnet.ipynb #0def73d8
 _MATS = {}
@@ -47,6 +48,36 @@ def masked_average_pool(feats, # [K, C, h, w] features
     w = mask_weights(masks.to(feats.dtype), feats.shape[-2:])
     return weighted_sum(feats, w) / (masks.sum((-2, -1))[..., None].to(feats.dtype) + eps)
 
+# %% ../../nbs/11_models.adnet.ipynb #40898eb1
+def check_shots(sup_imgs, # [B,K,C,H,W] (batched) or [K,C,H,W]
+                sup_masks, # [B,K,H,W] (batched) or [K,n_cls,H,W]
+                qry_imgs, # [B,Q,C,H,W] (batched) or [N,C,h,w]
+                batched: bool, # a training batch of episodes (`forward`) or one task (`predict`)
+                values: bool = False, # also check values (finite images, 0/1 masks): one pass over the data
+               ):
+    "The boundary of the few-shot models: tensors of the right shapes and dtypes, at least one shot, masks the size of their images."
+    for n, x in (('sup_imgs', sup_imgs), ('sup_masks', sup_masks), ('qry_imgs', qry_imgs)):
+        if not torch.is_tensor(x): raise TypeError(f"{n} must be a torch.Tensor, got {type(x).__name__}")
+    for n, x in (('sup_imgs', sup_imgs), ('qry_imgs', qry_imgs)):
+        if not x.is_floating_point():
+            raise TypeError(f"{n}: dtype {x.dtype}; images must be floating point (normalized intensities): normalize, then .float()")
+    want = ('sup_imgs [B,K,C,H,W], sup_masks [B,K,H,W], qry_imgs [B,Q,C,H,W]' if batched else
+            'sup_imgs [K,C,H,W], sup_masks [K,n_cls,H,W] or [K,H,W], qry_imgs [N,C,H,W]')
+    nd = (5, 4, 5) if batched else (4, 4, 4)
+    if (sup_imgs.ndim, sup_masks.ndim, qry_imgs.ndim) != nd or sup_imgs.shape[-3] != qry_imgs.shape[-3]:
+        raise ValueError(f"expected {want}; got {tuple(sup_imgs.shape)}, {tuple(sup_masks.shape)}, {tuple(qry_imgs.shape)}")
+    k = sup_imgs.shape[1] if batched else sup_imgs.shape[0]
+    if k < 1 or qry_imgs.shape[-4] < 1: raise ValueError(f"at least one support shot and one query are needed; got {k} shots, {qry_imgs.shape[-4]} queries")
+    lead = sup_imgs.shape[:2] if batched else sup_imgs.shape[:1]
+    if sup_masks.shape[:len(lead)] != lead or sup_masks.shape[-2:] != sup_imgs.shape[-2:]:
+        raise ValueError(f"sup_masks {tuple(sup_masks.shape)} does not match sup_imgs {tuple(sup_imgs.shape)} (shots and H, W)")
+    if batched and qry_imgs.shape[0] != sup_imgs.shape[0]: raise ValueError(f"qry_imgs has {qry_imgs.shape[0]} episodes, sup_imgs {sup_imgs.shape[0]}")
+    if values:
+        for n, x in (('sup_imgs', sup_imgs), ('qry_imgs', qry_imgs)):
+            if not torch.isfinite(x).all(): raise ValueError(f"{n} contains NaN or inf")
+        if not ((sup_masks == 0) | (sup_masks == 1)).all():
+            raise ValueError(f"sup_masks must be 0/1 per class (one channel per class), got values {sup_masks.unique()[:8].tolist()}")
+
 # %% ../../nbs/11_models.adnet.ipynb #4cb2bb8d
 class FewShotModel(nn.Module):
     "Base class: an encoder plus a prototype head; subclasses define `prototypes`, `_scores` and `_forward_episode`."
@@ -60,7 +91,10 @@ class FewShotModel(nn.Module):
 
     def encode(self, imgs # images [N,1,H,W]
               ):
-        "Features [N,C,h,w] (float32, also under autocast)."
+        "Features [N,C,h,w] (float32, also under autocast); floating images of another precision are cast to the weights'."
+        w = next(self.encoder.parameters(), None)
+        if w is not None and imgs.dtype != w.dtype and imgs.is_floating_point() and not torch.is_autocast_enabled(imgs.device.type):
+            imgs = imgs.to(w.dtype)
         return self.encoder(imgs).float()
 
     def forward(self, sup_imgs, # [B,K,1,H,W]
@@ -68,9 +102,7 @@ class FewShotModel(nn.Module):
                 qry_imgs, # [B,Q,1,H,W]
                ) -> dict:
         "Training prediction for a batch of episodes (see above)."
-        if sup_imgs.ndim != 5 or qry_imgs.ndim != 5 or sup_masks.ndim != 4:
-            raise ValueError(f"expected sup_imgs [B,K,1,H,W], sup_masks [B,K,H,W], qry_imgs [B,Q,1,H,W]; got "
-                             f"{tuple(sup_imgs.shape)}, {tuple(sup_masks.shape)}, {tuple(qry_imgs.shape)}")
+        check_shots(sup_imgs, sup_masks, qry_imgs, batched=True)
         B, K = sup_imgs.shape[:2]; Q = qry_imgs.shape[1]
         feats = self.encode(torch.cat([sup_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
         # split/unbind (not slicing): their backward concatenates instead of zero-filling full-size gradients
@@ -88,7 +120,8 @@ class FewShotModel(nn.Module):
                 **kw # passed to `segment`
                ):
         "Convenience: encode, build prototypes and segment in one call -> probs [N,1+n_cls,H,W]."
-        if sup_masks.ndim == 3: sup_masks = sup_masks[:, None]
+        if torch.is_tensor(sup_masks) and sup_masks.ndim == 3: sup_masks = sup_masks[:, None]
+        check_shots(sup_imgs, sup_masks, qry_imgs, batched=False, values=True)
         protos = self.prototypes(self.encode(sup_imgs), sup_masks.float())
         return self.segment(self.encode(qry_imgs), protos, size=qry_imgs.shape[-2:], **kw)
 
