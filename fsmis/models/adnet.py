@@ -114,6 +114,13 @@ class FewShotModel(nn.Module):
         if self.par: res['sup'] = torch.stack([o[1] for o in outs])
         return res
 
+    def segment(self, qry_feats, # [N,C,h,w]
+                protos, # from `prototypes`
+                size, # output (H, W)
+               ):
+        "Probabilities [N,1+n_cls,H,W]: the softmax over background and classes of the subclass's `scores` (ADNet has its own)."
+        return self.scores(qry_feats, protos, size).softmax(1)
+
     def predict(self, sup_imgs, # support images [K,1,H,W]
                 sup_masks, # support masks [K,n_cls,H,W] (or [K,H,W] for one class)
                 qry_imgs, # query images [N,1,H,W]

@@ -67,12 +67,6 @@ class ALPNet(FewShotModel):
         s = torch.stack([proto_score(qry_feats, p, self.scale) for p in [protos['bg'], *protos['fg']]], 1)
         return F.interpolate(s, size=tuple(size), mode='bilinear', align_corners=False)
 
-    def segment(self, qry_feats, # [N,C,h,w]
-                protos, # from `prototypes`
-                size, # output (H, W)
-               ):
-        "Probabilities [N,1+n_cls,H,W] (softmax over background and classes)."
-        return self.scores(qry_feats, protos, size).softmax(1)
 
     def _forward_episode(self, sf, sm, qf, size):
         q = self.scores(qf, self.prototypes(sf, sm[:, None]), size)  # logits [Q,2,H,W]
@@ -102,11 +96,5 @@ class PANet(FewShotModel):
         s = self.scale * cosine_map(qry_feats, protos, eps=1e-4)
         return F.interpolate(s, size=tuple(size), mode='bilinear', align_corners=False)
 
-    def segment(self, qry_feats, # [N,C,h,w]
-                protos, # from `prototypes`
-                size, # output (H, W)
-               ):
-        "Probabilities [N,1+n_cls,H,W]."
-        return self.scores(qry_feats, protos, size).softmax(1)
 
     _forward_episode = ALPNet._forward_episode
