@@ -424,6 +424,47 @@ def _args_reproduce(p):
     p.add_argument('--list', action='store_true', help='list the configurations')
     p.add_argument('--print-config', action='store_true', help='print the configuration and exit')
 
+# %% ../nbs/51_cli.ipynb #80e4310c
+def _cmd_ablate(a):
+    from fsmis.ablate import ABLATIONS, get_ablation, run_ablation, ablation_tables, ablation_cells
+    if a.list or a.name is None:
+        for k, v in ABLATIONS.items(): print(f"{k:20s} {v.title}")
+        return 0
+    abl = get_ablation(a.name)
+    over = {k: v for k, v in dict(size=a.size, device=a.device).items() if v is not None}
+    if a.steps is not None: over.update(n_steps=a.steps, time_budget_min=None)
+    out = _writable_dir(a.out or f"ablation_{abl.name}_{a.budget}", '--out')
+    if a.table:
+        tables = ablation_tables(abl, out)
+        if not tables: raise UserError(f"{out}: no finished cell yet")
+    else:
+        if a.cell is not None:
+            n = len(ablation_cells(abl, a.budget, a.folds, a.runs, a.minutes, over))
+            bad = [c for c in a.cell if c >= n]
+            if bad: raise UserError(f"--cell {bad[0]}: {abl.name} has cells 0..{n - 1} with these options")
+        tables = run_ablation(abl, out, a.budget, a.folds, a.runs, a.minutes, a.workers, a.cell, over, progress=not a.quiet)['tables']
+    print(f"{abl.title}" + (f"\n{abl.note}" if abl.note else ''))
+    for proto, t in tables.items(): print(f"\n{proto}, Dice % (mean ± std over folds x runs):\n{t}")
+    return 0
+
+# %% ../nbs/51_cli.ipynb #0a21a4f8
+@subcommand('ablate', _cmd_ablate, help="an ablation of the ADNet paper as a resumable grid (--list to see them)",
+            description='Run the cells of a named ablation (rows x folds x runs), each into its own folder; finished cells are '
+                        'never rerun; print the table in the paper\'s layout from the finished cells.')
+def _args_ablate(p):
+    p.add_argument('name', nargs='?', default=None, help='ablation name (see --list)')
+    p.add_argument('--list', action='store_true', help='list the ablations')
+    p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget of every cell')
+    p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per cell (cpu budget)')
+    p.add_argument('--steps', type=positive_int, default=None, help='training steps per cell (instead of --minutes: a reduced budget)')
+    p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
+    p.add_argument('--runs', type=positive_int, default=None, help='runs per fold (default: cpu 1, paper 3)')
+    p.add_argument('--size', type=positive_int, default=None, help='slice size (default: the budget\'s)')
+    p.add_argument('--workers', type=positive_int, default=1, help='worker processes (one torch thread each)')
+    p.add_argument('--cell', type=nonneg_int, nargs='+', default=None, help='run only these cells (e.g. $SLURM_ARRAY_TASK_ID)')
+    p.add_argument('--table', action='store_true', help='only print the table of the finished cells')
+    p.add_argument('--out', default=None, help='ablation folder (default ./ablation_<name>_<budget>)')
+
 # %% ../nbs/51_cli.ipynb #635c309a
 import builtins  # `python -m fsmis.cli`: last, once every subcommand is registered (not in notebooks)
 if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__'): sys.exit(main())

@@ -210,7 +210,7 @@ def test_error_nan_inf(tmp_path, bad):
 def test_error_constant_volume(tmp_path):
     img, lab = _good(); img[:] = 7
     _pair(tmp_path, '1', img, lab)
-    with pytest.raises(ValueError, match=r'image_1\.nii\.gz: image is constant'): _folder_ds(tmp_path).load('1')
+    with pytest.raises(ValueError, match=r'image_1\.nii\.gz: volume is constant'): _folder_ds(tmp_path).load('1')
 
 
 def test_error_unknown_label_codes(tmp_path):

@@ -1,0 +1,70 @@
+"""The ablation runner: a killed run continues where it stopped (finished cells are never rerun), parallel workers give
+the same table as one process, one cell runs alone, and the named ablations are the paper's grids."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+from fsmis.ablate import ABLATIONS, ablation_cells, run_ablation, ablation_tables, finished_cells
+
+TOY = dict(n_steps=6, time_budget_min=None, size=32, device='cpu', n_val=0)
+CLI_TOY = ['--steps', '6', '--size', '32', '--folds', '0', '1', '--device', 'cpu']
+
+
+def _fsmis(*args, **kw):
+    return subprocess.Popen([sys.executable, '-m', 'fsmis.cli', *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_runner_continues_and_never_reruns_a_finished_cell(tmp_path):
+    out = tmp_path/'abl'
+    p = _fsmis('ablate', 'phantom-losses', *CLI_TOY, '--runs', '2', '--out', out)  # 2 rows x 2 folds x 2 runs = 8 cells
+    t0 = time.time()
+    while not list(out.glob('*/done.json')) and time.time() - t0 < 300: time.sleep(0.2)
+    p.send_signal(signal.SIGKILL); p.wait()
+    done = {d.parent.name: d.stat().st_mtime_ns for d in out.glob('*/done.json')}
+    assert 1 <= len(done) < 8, done
+    r = _fsmis('ablate', 'phantom-losses', *CLI_TOY, '--runs', '2', '--out', out, '--quiet'); o, e = r.communicate(timeout=600)
+    assert r.returncode == 0, e
+    after = {d.parent.name: d.stat().st_mtime_ns for d in out.glob('*/done.json')}
+    assert len(after) == 8 and all(after[k] == v for k, v in done.items())  # finished cells untouched
+    assert 'L_S only' in o and 'p (default > row)' in o
+
+
+def test_workers_give_the_same_table_as_one_process(tmp_path):
+    a = run_ablation('phantom-losses', tmp_path/'one', folds=[0, 1], over=TOY, progress=False)
+    b = run_ablation('phantom-losses', tmp_path/'two', folds=[0, 1], over=TOY, workers=2, progress=False)
+    assert a['tables'] == b['tables'] and len(b['cells']) == 4
+    assert (finished_cells(tmp_path/'two')['overhead_s'] < 5).all()  # runner overhead per cell (target < 5 s)
+
+
+def test_one_cell_alone_and_a_table_from_what_finished(tmp_path):
+    r = run_ablation('phantom-losses', tmp_path, folds=[0, 1], over=TOY, cells=[3], progress=False)
+    assert [p.name for p in tmp_path.glob('*/done.json')] == ['done.json'] and len(r['cells']) == 1
+    t = ablation_tables('phantom-losses', tmp_path)['EP2']
+    assert 'not run' in t.splitlines()[2] and 'L_S only' in t  # the default row has no finished cell yet
+    with pytest.raises(ValueError, match='has cells 0..3'): run_ablation('phantom-losses', tmp_path, folds=[0, 1], over=TOY, cells=[4])
+
+
+def test_interrupted_cell_starts_afresh(tmp_path):
+    c = ablation_cells('phantom-losses', folds=[0, 1], over=TOY)[0]
+    d = tmp_path/c.folder; d.mkdir(parents=True); (d/'results.csv').write_text('half written')
+    run_ablation('phantom-losses', tmp_path, folds=[0, 1], over=TOY, cells=[0], progress=False)
+    assert (d/'done.json').is_file() and (d/'results.csv').read_text().startswith(('fold', 'case', 'method', 'protocol', 'support', 'class', 'dice'))
+
+
+def test_named_ablations_are_the_papers_grids():
+    rows = {k: list(a.rows) for k, a in ABLATIONS.items()}
+    assert rows['adnet-table5'] == ['rho 500', 'rho 1000', 'rho 1500', 'rho 2000', 'rho 5000']
+    assert [c.cfg.learner_kw['kappa'] for c in ablation_cells('adnet-table6')] == [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    t4 = {c.row: c.cfg.learner_kw for c in ablation_cells('adnet-table4')}
+    assert t4 == {'L_S + L_T + L_PAR': {}, 'without L_T': {'thresh': False}, 'without L_PAR': {'par': False}, 'L_S only': {'thresh': False, 'par': False}}
+    t7 = {c.row: (c.cfg.method, c.cfg.pseudo_labels, c.cfg.protocols) for c in ablation_cells('adnet-table7-chaos')}
+    assert t7['ALPNet pSSL'] == ('alpnet', 'superpixels', ['EP2']) and t7['ADNet vSSL'] == ('adnet', 'supervoxels', ['EP2'])
+    assert all(c.cfg.dataset == 'ms_cmrseg_bssfp' and c.cfg.protocols == ['EP1'] for c in ablation_cells('adnet-table5'))
+    paper = ablation_cells('adnet-main-chaos', budget='paper')
+    assert len(paper) == 15 and paper[0].cfg.protocols == ['EP1', 'EP2']  # 5 folds x 3 runs
+
+
+@pytest.mark.parametrize('args, text', [(['ablate', 'nope'], 'unknown ablation'), (['ablate', 'phantom-losses', '--steps', '0'], '--steps'),
+                                        (['ablate', 'phantom-losses', '--cell', '-1'], '--cell')])
+def test_cli_bad_input(args, text, tmp_path):
+    r = _fsmis(*args, '--out', tmp_path/'x'); o, e = r.communicate(timeout=120)
+    assert r.returncode == 2 and len(e.strip().splitlines()) == 1 and text in e, e
