@@ -109,6 +109,7 @@ def get_ablation(ablation # a name in ABLATIONS, or an Ablation
     if ablation not in ABLATIONS: raise ValueError(f"unknown ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
     return ABLATIONS[ablation]
 
+# %% ../nbs/43_ablate.ipynb #2c26241e
 @dataclass
 class Cell:
     "One (row, fold, run) of an ablation: its index, label and configuration."
@@ -122,6 +123,7 @@ class Cell:
         "The cell's folder name: index, row, fold, run."
         return f"{self.index:03d}_{re.sub(r'[^A-Za-z0-9.]+', '-', self.row).strip('-')}_fold{self.fold}_run{self.run}"
 
+# %% ../nbs/43_ablate.ipynb #a590ff81
 def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
                    budget: str = 'cpu', # 'cpu' or 'paper' (`reproduce_config`)
                    folds=None, # folds (default: the budget's: cpu 0, paper 0-4)
@@ -212,6 +214,7 @@ def finished_cells(out # an ablation folder
     recs = [json.loads(p.read_text()) for p in sorted(Path(out).glob('*/done.json'))]
     return pd.DataFrame(recs)
 
+# %% ../nbs/43_ablate.ipynb #687d491f
 def _cell_results(a, out) -> pd.DataFrame:
     rows = []
     for p in sorted(Path(out).glob('*/done.json')):

@@ -71,6 +71,7 @@ def set_seed(seed: int = 0, # seed for python, numpy and torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
 
+# %% ../nbs/00_core.ipynb #c5083499
 def default_device(device=None # 'cpu', 'cuda', 'cuda:1', a torch.device, or None for the best available
                   ) -> torch.device:
     "The device to use: the one asked for, else CUDA when available, else CPU."
@@ -91,6 +92,7 @@ def data_root() -> Path | None:
             if cand.is_dir(): return cand.resolve()
     return None
 
+# %% ../nbs/00_core.ipynb #1d3cf56a
 def cache_dir(sub: str = '' # optional sub-folder
              ) -> Path:
     "Cache folder ($FSMIS_CACHE, else ~/.cache/fsmis), created on demand."
@@ -134,6 +136,7 @@ def atomic_write(path, # destination file
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
+# %% ../nbs/00_core.ipynb #5abe1dfe
 def atomic_path(path # destination file
                ):
     "Context manager yielding a temporary path (same folder and suffix) that is renamed to `path` on success."
@@ -198,6 +201,7 @@ class LineProgress:
             yield x
             self.update(i + 1)
 
+# %% ../nbs/00_core.ipynb #89acae9e
 def _interactive() -> bool:
     "True in a terminal or a notebook (where fastprogress draws its bar)."
     if 'ipykernel' in sys.modules: return True

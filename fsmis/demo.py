@@ -36,6 +36,7 @@ def demo_dataset(data=None, # None for the built-in phantoms, or a folder of ima
     if n_cases is not None and n_cases < len(ds): ds.case_ids = ds.case_ids[:int(n_cases)]
     return ds
 
+# %% ../nbs/52_demo.ipynb #763a768e
 def demo_split(case_ids, # all case ids
                n_queries: int = 3, # query cases held out (plus one support case)
               ) -> FoldSplit:
@@ -78,6 +79,7 @@ def dice_table(rows: pd.DataFrame, # per-volume rows with columns method, class,
     t.columns.name = None
     return t.loc[list(dict.fromkeys(rows['method']))]
 
+# %% ../nbs/52_demo.ipynb #086385d5
 def table_markdown(t: pd.DataFrame, # output of `dice_table`
                    digits: int = 1, # decimals
                   ) -> str:
@@ -101,6 +103,7 @@ def ep2_predictions(model, # few-shot model (inference API)
     for c in classes: out[pred[c] > 0] = c
     return out
 
+# %% ../nbs/52_demo.ipynb #0af2fc79
 def demo_figure(models: dict, # {name: model}
                 support, # support `Case`
                 query, # query `Case`

@@ -59,6 +59,7 @@ class ToyEpisodes(torch.utils.data.Dataset):
         imgs, masks = torch.stack([s[0] for s in sl]), torch.stack([s[1] for s in sl])
         return imgs[:self.k], masks[:self.k], imgs[self.k:], masks[self.k:].long()
 
+# %% ../nbs/14_learner.ipynb #cc80688d
 def toy_dls(n: int = 1000, # episodes per epoch
             size: int = 64, # image size
             bs: int = 1, # episodes per batch
@@ -134,6 +135,7 @@ class IterTrainer(Callback):
     def before_validate(self):
         if not self.validate: raise CancelValidException()
 
+# %% ../nbs/14_learner.ipynb #c7205f53
 class StopAfter(Callback):
     "The one stop rule: end `fit` when `learn.iteration` reaches `n_steps` or after `minutes` of training, whichever comes first."
     order = 100  # last: checkpoints and logs see the final iteration first
@@ -154,11 +156,13 @@ class StopAfter(Callback):
     def after_batch(self):
         if self.training and self._done(): raise CancelFitException()
 
+# %% ../nbs/14_learner.ipynb #efed4aef
 class NonFiniteLoss(ValueError):
     "Training diverged: a loss or gradient that is NaN or infinite."
     def __init__(self, message: str): super().__init__(message); self.message = message
     def __str__(self): return self.message  # fastai rewrites the args of an exception raised in a callback; the message stays ours
 
+# %% ../nbs/14_learner.ipynb #179944d6
 class FiniteGuard(Callback):
     "Stop with `NonFiniteLoss` naming the step (and lr) when a loss or a gradient is not finite, before the optimizer step."
     order = 30
@@ -181,6 +185,7 @@ def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
     p, t = (pred[:, :, 1] > pred[:, :, 0]), (target == 1)  # argmax of a 2-channel prediction
     return float(2 * (p & t).sum() / (p.sum() + t.sum()).clamp(min=1))
 
+# %% ../nbs/14_learner.ipynb #e27ed232
 class EpisodeLog(Callback):
     "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_steps`."
     order = 90
@@ -227,6 +232,7 @@ def read_checkpoint(path, # checkpoint file
         raise ValueError(f"checkpoint {path}: holds a {type(ck).__name__}, not a checkpoint (a dict with the model's state)")
     return ck
 
+# %% ../nbs/14_learner.ipynb #9f822fd7
 def save_checkpoint(learn: Learner, # learner to save
                     path, # destination file (written atomically)
                     scaler=None, # mixed-precision gradient scaler to save (default: `learn.scaler`, if any)
@@ -246,6 +252,7 @@ def save_checkpoint(learn: Learner, # learner to save
     with atomic_write(path) as f: torch.save(ck, f)
     return Path(path)
 
+# %% ../nbs/14_learner.ipynb #e3b704e8
 def load_checkpoint(learn: Learner, # learner built like the one that saved the checkpoint
                     path, # checkpoint file
                     weights_only: bool = True, # see `read_checkpoint`
@@ -271,6 +278,7 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
     learn._pending_state = {'rng': ck['rng'], 'scaler': ck.get('scaler'), 'data': ck.get('data')}
     return learn
 
+# %% ../nbs/14_learner.ipynb #4fa41924
 class Checkpointer(Callback):
     "Save a checkpoint every `every` iterations and at the end of the fit to `folder/iter_XXXXXXX.pth`, keeping the newest `keep`."
     order = 80
@@ -291,11 +299,13 @@ class Checkpointer(Callback):
     def after_fit(self):  # the final state too, so the end of every run can be resumed or evaluated
         if self.learn.iteration > self.saved: self._save()
 
+# %% ../nbs/14_learner.ipynb #79b642cf
 def list_checkpoints(folder # checkpoint folder
                     ) -> list:
     "Checkpoint files of a folder, oldest iteration first."
     return sorted(Path(folder).glob('iter_*.pth'), key=lambda p: int(re.findall(r'\d+', p.stem)[0]))
 
+# %% ../nbs/14_learner.ipynb #b378abf1
 def resolve_resume(resume, # None, a checkpoint file, or 'last'
                    ckpt_dir, # the checkpoint folder 'last' looks in
                   ):
@@ -343,6 +353,7 @@ class FewShotLearner(Learner):
     "fastai `Learner` whose `get_preds` keeps batch order (the model output is a dict, which fastai cannot reorder)."
     def get_preds(self, *args, reorder: bool = False, **kwargs): return super().get_preds(*args, reorder=reorder, **kwargs)
 
+# %% ../nbs/14_learner.ipynb #c6a22d25
 def build_model(kind: str, # 'adnet', 'alpnet' or 'panet'
                 **config # constructor arguments (encoder name, alpha, ...)
                ) -> nn.Module:
@@ -350,6 +361,7 @@ def build_model(kind: str, # 'adnet', 'alpnet' or 'panet'
     if kind not in MODELS: raise ValueError(f"model kind={kind!r}: expected one of {list(MODELS)}")
     return MODELS[kind](**config)
 
+# %% ../nbs/14_learner.ipynb #d6cd9145
 def load_model(path, # checkpoint written by `save_checkpoint` / `fit_iters`
                device=None, # device for the model (default: best available)
                weights_only: bool = True, # see `read_checkpoint`
@@ -365,6 +377,7 @@ def load_model(path, # checkpoint written by `save_checkpoint` / `fit_iters`
                          f"({' '.join(str(e).split())[:160]})") from None
     return m.to(default_device(device)).eval()
 
+# %% ../nbs/14_learner.ipynb #00765800
 def _learner(dls, kind, loss, config, lr, momentum, wd, decay, decay_every, amp, channels_last, path, enc_kw):
     model = build_model(kind, **config, **enc_kw)
     model.par = bool(getattr(loss, 'par', False))
@@ -404,6 +417,7 @@ def adnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
     return _learner(dls, 'adnet', ADNetLoss(w_bg, seg, thresh, par), dict(encoder=encoder, alpha=alpha, kappa=kappa, t_init=t_init),
                     lr, momentum, wd, decay, decay_every, amp, channels_last, path, dict(weights=weights, tv_weights=tv_weights))
 
+# %% ../nbs/14_learner.ipynb #b483e91b
 def alpnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                    encoder: str = 'small', # encoder name
                    weights=None, # local encoder weights
@@ -420,6 +434,7 @@ def alpnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
     return _learner(dls, 'alpnet', ProtoCELoss(w_bg, par=par), dict(encoder=encoder, window_train=window_train, window_test=window_test),
                     lr, momentum, wd, decay, decay_every, amp, channels_last, path, dict(weights=weights, tv_weights=tv_weights))
 
+# %% ../nbs/14_learner.ipynb #0f632400
 def panet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                   encoder: str = 'small', # encoder name
                   weights=None, # local encoder weights

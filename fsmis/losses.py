@@ -52,6 +52,7 @@ class ADNetLoss(_ProtoLoss):
         self.last = {k: float(v.detach()) for k, v in terms.items()}
         return sum(terms.values())
 
+# %% ../nbs/13_losses.ipynb #ed329d34
 class ProtoCELoss(_ProtoLoss):
     "Cross-entropy of ALPNet/PANet logits (background weight 0.05 for ALPNet) plus the unweighted PAR term."
     def __init__(self, w_bg: float = 0.05, # weight of the background class (ALPNet 0.05, PANet 1.0)

@@ -100,6 +100,7 @@ def pick_slices(label, # class-index volume (z, h, w) or None
     if n >= len(idx): return [int(i) for i in idx]
     return [int(idx[int(round(j))]) for j in np.linspace(0, len(idx)-1, n)]
 
+# %% ../nbs/50_viz.ipynb #b6817101
 def show_slices(volume, # image volume (z, h, w) or a `Case` (then its label and class names are used)
                 label=None, # class-index volume (z, h, w) to overlay
                 slices=None, # slice indices to show (default: `n` evenly spaced labelled slices)
@@ -235,6 +236,7 @@ def episode_row(sup_imgs, # support slices [K,1,H,W] (tensor or array)
         ax.set_xticks([]); ax.set_yticks([])
     return axs
 
+# %% ../nbs/50_viz.ipynb #99ad833d
 def episode_grid(sup_imgs, # a batch of support slices [B,K,1,H,W]
                  sup_masks, # [B,K,H,W]
                  qry_imgs, # [B,Q,1,H,W]
@@ -344,6 +346,7 @@ def dice_bars(scores, # DataFrame (rows: methods, cols: classes), dict of dicts,
     ax.grid(axis='y', alpha=0.3)
     return ax
 
+# %% ../nbs/50_viz.ipynb #0f1be197
 def plot_dice_table(scores, # DataFrame (rows: methods, cols: classes), dict of dicts, or {class: dice}
                     ax=None, # axes to draw into (default: a new figure sized to the table)
                     fmt: str = '{:.1f}', # cell text format
@@ -391,6 +394,7 @@ def plot_results(results:pd.DataFrame, # rows of `run_experiment`
         plt.close(fig)
     return fig
 
+# %% ../nbs/50_viz.ipynb #188cdce1
 def plot_threshold_sweep(results:pd.DataFrame, # rows with threshold_sweep=True
                          runs:pd.DataFrame|None=None, # runs table with the learned `T` per run
                          path=None, # save here (PNG)

@@ -27,6 +27,7 @@ def gamma_transform(img: torch.Tensor, # float image (any shape); min and max ta
     rng = (hi - lo).clamp_min(eps)
     return lo + rng * ((img - lo) / rng).clamp(0, 1).pow(gamma)
 
+# %% ../../nbs/07_data.augment.ipynb #b8635c84
 class RandomGamma(v2.Transform):
     "Random gamma (γ uniform in `gamma`) on `tv_tensors.Image` inputs, via `gamma_transform`; masks pass through."
     _transformed_types = (tv_tensors.Image,)
@@ -49,6 +50,7 @@ def gaussian_kernel1d(sigma: float, # standard deviation in pixels
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
 
+# %% ../../nbs/07_data.augment.ipynb #9cdbe32b
 @functools.lru_cache(maxsize=16)
 def _gauss_transfer(h, w, sigma):
     fy, fx = torch.fft.fftfreq(h), torch.fft.rfftfreq(w)
@@ -64,6 +66,7 @@ def smooth_noise(shape: tuple, # (n, h, w): n independent fields
     if sigma <= 0: return u
     return torch.fft.irfft2(torch.fft.rfft2(u) * _gauss_transfer(h, w, float(sigma)), s=(h, w))
 
+# %% ../../nbs/07_data.augment.ipynb #b4048bbe
 class ElasticTransform(v2.ElasticTransform):
     "`v2.ElasticTransform` with `alpha` in pixels (Simard / the papers) and a fast (FFT) smoothing of the noise."
     def __init__(self, alpha: float = 10., # displacement scale in pixels (papers: 10)
@@ -97,6 +100,7 @@ def inverse_affine_matrix(angle: float, # rotation in degrees
     t = -m @ torch.tensor([float(translate[0]), float(translate[1])], dtype=torch.float64)
     return torch.cat([m, t[:, None]], 1)
 
+# %% ../../nbs/07_data.augment.ipynb #4c9e01c1
 class AffineElastic(v2.Transform):
     "`v2.RandomAffine` followed by `ElasticTransform`, composed into one sampling grid: one interpolation per tensor."
     _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
@@ -134,6 +138,7 @@ class AffineElastic(v2.Transform):
 
     def __repr__(self): return f"AffineElastic({self.affine!r}, alpha={self.alpha}, sigma={self.sigma})"
 
+# %% ../../nbs/07_data.augment.ipynb #f7c90910
 def paper_geometry(rotate: float = 5., # max rotation in degrees (uniform in ±rotate)
                    shift: float = 5., # max shift in pixels along each axis
                    shear: float = 5., # max shear angle in degrees
@@ -150,6 +155,7 @@ def paper_geometry(rotate: float = 5., # max rotation in degrees (uniform in ±r
     if fused: return AffineElastic(aff, alpha, sigma)
     return v2.Compose([aff] + ([ElasticTransform(alpha, sigma, fill=0)] if alpha > 0 else []))
 
+# %% ../../nbs/07_data.augment.ipynb #ffb2df77
 def augment_slice(img: torch.Tensor, # float image (1, h, w) or (h, w)
                   mask: torch.Tensor | None = None, # integer/binary mask (h, w) following the image, or None
                   geom: v2.Transform | None = None, # geometric transform applied to both (e.g. `paper_geometry()`)
@@ -216,12 +222,14 @@ class EpisodeAugment:
 
     def __repr__(self): return f"EpisodeAugment(geom_on={self.geom_on!r}, gamma_on={self.gamma_on!r}, fill={self.fill!r})"
 
+# %% ../../nbs/07_data.augment.ipynb #7fa419d5
 def adnet_augment(size: int | tuple = 256, # slice size (for the shift in pixels)
                   **kwargs, # overrides passed to `EpisodeAugment`
                  ) -> EpisodeAugment:
     "ADNet's policy: gamma on support or query, geometry (affine + elastic) on support or query."
     return EpisodeAugment(**{'geom_on': 'one', 'gamma_on': 'one', 'size': size, **kwargs})
 
+# %% ../../nbs/07_data.augment.ipynb #8a4e48de
 def alpnet_augment(size: int | tuple = 256, # slice size (for the shift in pixels)
                    **kwargs, # overrides passed to `EpisodeAugment`
                   ) -> EpisodeAugment:

@@ -126,6 +126,7 @@ def register_dataset(spec: DatasetSpec, # the dataset's facts
     DATASETS[spec.name] = spec
     return spec
 
+# %% ../../nbs/02_data.datasets.ipynb #abf83e63
 def get_spec(name: str # registry name, e.g. 'chaos_t2'
             ) -> DatasetSpec:
     "The `DatasetSpec` registered under `name`; a clear error for unknown names."
@@ -139,6 +140,7 @@ def sort_ids(ids) -> list:
     ids = [str(i) for i in ids]
     return sorted(ids, key=int) if all(re.fullmatch(r'\d+', i) for i in ids) else sorted(ids)
 
+# %% ../../nbs/02_data.datasets.ipynb #e70f8cb2
 def check_image(image: np.ndarray, # image volume (z, h, w)
                 source='image', # file name or case id for error messages
                 allow_constant: bool = False, # True where the volume is not normalized by its own statistics
@@ -149,6 +151,7 @@ def check_image(image: np.ndarray, # image volume (z, h, w)
         raise ValueError(f"{source}: values beyond the float32 range (|x| > 3.4e38)")
     return image.astype(np.float32, copy=False)
 
+# %% ../../nbs/02_data.datasets.ipynb #4ca29fde
 def zscore(image: np.ndarray, # float volume
            mean=None, # mean to subtract; None uses the volume's own
            std=None, # std to divide by; None uses the volume's own

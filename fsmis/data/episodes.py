@@ -97,6 +97,7 @@ def slice_counts(vol: np.ndarray # integer (z, h, w) volume of ids >= 0
     flat = (np.arange(z, dtype=np.int64)[:, None] * n + vol.reshape(z, -1)).ravel()
     return np.bincount(flat, minlength=z * n).reshape(z, n)
 
+# %% ../../nbs/08_data.episodes.ipynb #ca83be13
 class EpisodeSampler:
     "Base class: validated cases, output size and augmentation; subclasses implement `sample(rng) -> Episode`."
     kind = ''
@@ -347,6 +348,7 @@ class MixtureSampler:
     def __call__(self, rng=None): return self.sample(np.random.default_rng(rng))
     def __repr__(self): return f"MixtureSampler({', '.join(f'{w:.2f} {type(s).__name__}' for s, w in zip(self.samplers, self.weights))})"
 
+# %% ../../nbs/08_data.episodes.ipynb #7bbf146b
 def densemp_finetune_sampler(cases: list, # labelled training cases
                              superpixels, # their superpixel volumes (list or {case_id: vol})
                              classes, # training label group (never the test classes)
@@ -379,6 +381,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i): return self.episode(i).as_tuple()
     def __repr__(self): return f"EpisodeDataset({self.n_episodes} episodes, seed={self.seed}, epoch={self.epoch}, {self.sampler!r})"
 
+# %% ../../nbs/08_data.episodes.ipynb #8b9e9543
 class EpisodeDL(DataLoader):
     "fastai DataLoader of episode batches, `n_inp=3`; `fresh=True` draws new episodes at every pass."
     n_inp = 3
@@ -472,6 +475,7 @@ def make_sampler(sampler, # 'vssl', 'pssl', 'supervised', or a sampler (returned
     if sampler == 'supervised': return SupervisedSampler(cases, **kwargs)
     return _SAMPLERS[sampler](cases, pseudo_labels, **kwargs)
 
+# %% ../../nbs/08_data.episodes.ipynb #e7068df3
 def episode_dls(source, # list of `Case`, or a dataset from `fsmis.data.datasets.open_dataset`
                 case_ids=None, # training case ids (default: all cases of `source`)
                 pseudo_labels=None, # {case_id: volume} / list aligned with the cases / 'supervoxels' / 'superpixels'

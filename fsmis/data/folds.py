@@ -21,6 +21,7 @@ class FoldSplit(NamedTuple):
     support_id: str
     query_ids: list
 
+# %% ../../nbs/03_data.folds.ipynb #00ba8d58
 FOLD_VARIANTS = ('adnet', 'ouyang')
 
 def fold_split(case_ids, # all case ids of the dataset (sorted here, numerically when possible)
@@ -43,6 +44,7 @@ def fold_split(case_ids, # all case ids of the dataset (sorted here, numerically
     in_fold = set(idx)
     return FoldSplit(k, [ids[i] for i in range(n) if i not in in_fold], ids[sup], [ids[i] for i in sorted(in_fold) if i != sup])
 
+# %% ../../nbs/03_data.folds.ipynb #5225b08f
 def fold_table(case_ids, # all case ids of the dataset
                n_folds: int = 5, # number of folds
                variant: str = 'adnet', # 'adnet' or 'ouyang'
@@ -63,6 +65,7 @@ def setting2_keep(label, # training label volume (z, h, w)
     if not test_classes: raise ValueError("test_classes is empty: Setting 2 needs the classes to exclude")
     return ~np.isin(label, test_classes).reshape(label.shape[0], -1).any(1)
 
+# %% ../../nbs/03_data.folds.ipynb #251086cd
 def setting_keep(label, # training label volume
                  test_classes, # evaluated class indices
                  setting:int=1, # 1: keep every slice; 2: drop slices containing any test class

@@ -22,11 +22,13 @@ def nifti_to_zhw(arr: np.ndarray # array in NIfTI (x, y, z) index order
     "NIfTI (x, y, z) array -> memory (z, h, w): `arr.transpose(2, 1, 0)` (h = y, w = x)."
     return np.asarray(arr).transpose(2, 1, 0)
 
+# %% ../../nbs/01_data.io.ipynb #f4a8696c
 def zhw_to_nifti(arr: np.ndarray # array in memory (z, h, w) order
                 ) -> np.ndarray:
     "Memory (z, h, w) array -> NIfTI (x, y, z): the same transpose `(2, 1, 0)`, which is its own inverse."
     return np.asarray(arr).transpose(2, 1, 0)
 
+# %% ../../nbs/01_data.io.ipynb #60d1e23d
 def spacing_to_affine(spacing # (z, h, w) voxel size in mm
                      ) -> np.ndarray:
     "A plain diagonal NIfTI affine (x, y, z order) for a (z, h, w) spacing."

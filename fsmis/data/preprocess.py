@@ -28,6 +28,7 @@ def clip_top(image: np.ndarray, # MR volume
     image = np.asarray(image, np.float32)
     return np.minimum(image, np.float32(np.percentile(image, pct)))
 
+# %% ../../nbs/04_data.preprocess.ipynb #57668f6a
 def window_ct(image: np.ndarray, # CT volume in Hounsfield units
               lo: float = -125., # lower bound of the window (HU)
               hi: float = 275., # upper bound of the window (HU)
@@ -56,6 +57,7 @@ def resample_geometry(shape, # input (z, h, w) shape
     f = np.array([t / s for s, t in zip(spacing, tgt)])
     return out_shape, tgt, f, 0.5*f - 0.5
 
+# %% ../../nbs/04_data.preprocess.ipynb #9a74edda
 def resample_image(image: np.ndarray, # (z, h, w) volume
                    spacing, # its spacing, mm
                    target_spacing, # output spacing; None entries keep the axis
@@ -67,6 +69,7 @@ def resample_image(image: np.ndarray, # (z, h, w) volume
     out = ndi.affine_transform(np.asarray(image, np.float32), f, offset=off, output_shape=out_shape, order=order, mode='nearest')
     return out.astype(np.float32), tgt
 
+# %% ../../nbs/04_data.preprocess.ipynb #404837e3
 def resample_label(label: np.ndarray, # (z, h, w) integer label map (raw codes or class indices)
                    spacing, # its spacing, mm
                    target_spacing, # output spacing; None entries keep the axis

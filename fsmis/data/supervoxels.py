@@ -40,6 +40,7 @@ def rescale_255(volume # any numeric array
     if ptp == 0: return np.zeros_like(x)
     return 255 * (x - lo) / ptp
 
+# %% ../../nbs/06_data.supervoxels.ipynb #fe8618b1
 def edge_weights(spacing # (z, h, w) voxel size in mm
                 ) -> np.ndarray:
     "The 4 squared-distance weights of ADNet's graph: in-plane, z + one in-plane axis, z + both, pure z."
@@ -114,6 +115,7 @@ def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it 
     mask = body_mask(v255, thresh=fg_thresh, rescale=False)
     return _relabel(roots, mask.ravel()).reshape(v.shape)
 
+# %% ../../nbs/06_data.supervoxels.ipynb #f8a2fa29
 def superpixels(volume, # 3D (z, h, w) image with raw intensities (as SSL-ALPNet: not z-scored)
                 scale: float = 1., # Felzenszwalb scale
                 sigma: float = 1., # Gaussian smoothing before segmentation
@@ -144,6 +146,7 @@ def supervoxel_table(sv # int label volume (z, h, w), 0 = outside
                          'first_slice': [int(z[0]) for z in zs], 'last_slice': [int(z[-1]) for z in zs],
                          'slices': [len(z) for z in zs]})
 
+# %% ../../nbs/06_data.supervoxels.ipynb #1fda319d
 def supervoxel_stats(sv, # int label volume (z, h, w), 0 = outside
                      case_id: str = '', # name of the row
                     ) -> dict:
@@ -173,6 +176,7 @@ def cache_key(volume, # the volume as it will be segmented
     h.update(memoryview(v).cast('B'))
     return h.hexdigest()[:24]
 
+# %% ../../nbs/06_data.supervoxels.ipynb #7bbf86ff
 def _compute(volume, spacing, mode, rho, kw):
     return supervoxels(volume, spacing, rho=rho, **kw) if mode == '3d' else superpixels(volume, **kw)
 
@@ -206,6 +210,7 @@ def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see
     sv = _load_cached(path) if path.is_file() else None
     return sv if sv is not None else _compute_and_store(v, spacing, mode, rho, kw, path)
 
+# %% ../../nbs/06_data.supervoxels.ipynb #16f9c3ba
 def case_supervoxels(case: Case, # a loaded case (its image is used as is)
                      mode: str = '3d', # '3d' or '2d'
                      rho: int = 5000, # minimum supervoxel size (3d mode)
@@ -265,6 +270,7 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
             for i in bar: out[todo[i][0]] = futs[i].result()
     return {cid: out[cid] for cid in ids}
 
+# %% ../../nbs/06_data.supervoxels.ipynb #b3f48102
 def write_supervoxels(svs: dict, # {case_id: (z, h, w) labels}, e.g. from `dataset_supervoxels`
                       out_dir, # destination folder (created)
                       ds=None, # dataset giving each case's affine (else 1 mm diagonal affines)
@@ -296,6 +302,7 @@ def adjusted_rand_index(a, # label array
     denom = (sa + sb) / 2 - expected
     return 1.0 if denom == 0 else (sij - expected) / denom
 
+# %% ../../nbs/06_data.supervoxels.ipynb #a9a02d78
 def reference_agreement(ds, # a file dataset whose folder has reference_supervoxels/
                         rho: int | None = None, # minimum size (default: the dataset's)
                         case_ids=None, # subset (default: all)

@@ -26,6 +26,7 @@ def model_device(model:nn.Module) -> torch.device:
     for t in (*model.parameters(), *model.buffers()): return t.device
     return torch.device('cpu')
 
+# %% ../../nbs/22_eval.inference.ipynb #0372031f
 def _slices_tensor(image, idx, device, size=None):
     "Slices `idx` of a (z,h,w) array as a float tensor [N,1,H,W] (resized to `size` if given)."
     x = torch.as_tensor(np.ascontiguousarray(np.asarray(image)[np.asarray(idx)]), dtype=torch.float32)
@@ -46,6 +47,7 @@ def encode_volume(model:nn.Module, # few-shot model with the inference API
         return torch.cat([model.encode(_slices_tensor(image, idx[i:i+batch_size], dev, size))
                           for i in range(0, len(idx), batch_size)])
 
+# %% ../../nbs/22_eval.inference.ipynb #96bb6257
 @contextlib.contextmanager
 def eval_mode(model:nn.Module):
     "Put `model` in eval mode and restore its training flag afterwards."
@@ -53,6 +55,7 @@ def eval_mode(model:nn.Module):
     try: yield model
     finally: model.train(was)
 
+# %% ../../nbs/22_eval.inference.ipynb #f4eb0227
 @contextlib.contextmanager
 def threshold_override(model:nn.Module, # a model with a settable `threshold` attribute (tensor or float)
                        t:float|None, # threshold to use inside the block; None leaves it alone
@@ -74,6 +77,7 @@ def threshold_override(model:nn.Module, # a model with a settable `threshold` at
     try: yield model
     finally: model.threshold = th
 
+# %% ../../nbs/22_eval.inference.ipynb #71cb31b1
 def segment_with(model:nn.Module, # few-shot model
                  feats, protos, size, # as for `model.segment`
                  T:float|None=None, # threshold override (line search); None: the model's own
@@ -83,6 +87,7 @@ def segment_with(model:nn.Module, # few-shot model
     if 'T' in inspect.signature(model.segment).parameters: return model.segment(feats, protos, size=tuple(size), T=float(T))
     with threshold_override(model, T): return model.segment(feats, protos, size=tuple(size))
 
+# %% ../../nbs/22_eval.inference.ipynb #1b81f5dc
 def learned_threshold(model:nn.Module) -> float|None:
     "The model's threshold T as a float, or None if it has none."
     th = getattr(model, 'threshold', None)
@@ -209,6 +214,7 @@ def segment_paths(query, support, support_mask, out) -> tuple:
     if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder, not a file")
     return paths, out
 
+# %% ../../nbs/22_eval.inference.ipynb #32729bb4
 def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_model(checkpoint)`)
                   query, # query scan (.nii/.nii.gz)
                   support, # support scan (.nii/.nii.gz)

@@ -23,6 +23,7 @@ def dice_counts(pred, # predicted foreground, bool/0-1 array of any shape (e.g. 
     tp = int(np.count_nonzero(pred & target))
     return tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(target)) - tp
 
+# %% ../../nbs/20_eval.metrics.ipynb #504843b3
 def dice_from_counts(tp:int, # true-positive voxels
                      fp:int, # false-positive voxels
                      fn:int, # false-negative voxels
@@ -31,6 +32,7 @@ def dice_from_counts(tp:int, # true-positive voxels
     den = 2*tp + fp + fn
     return float('nan') if den == 0 else 2.0*tp/den
 
+# %% ../../nbs/20_eval.metrics.ipynb #2a13cf5e
 def dice(pred, # predicted foreground (bool or 0/1), any shape
          target, # ground-truth foreground, same shape
         ) -> float:
@@ -47,6 +49,7 @@ def run_means(df:pd.DataFrame, # one row per query volume and class: columns `cl
     if missing: raise ValueError(f"df is missing columns {sorted(missing)}")
     return df.groupby([*by, 'class'], sort=False)['dice'].mean().reset_index()
 
+# %% ../../nbs/20_eval.metrics.ipynb #f5b3a390
 def summarize(df:pd.DataFrame, # per-volume results (columns `class`, `dice` in [0,1], optional method/fold/run)
               classes=None, # class names in column order (default: order of first appearance)
               by=('method', 'fold', 'run'), # columns identifying a run
@@ -68,6 +71,7 @@ def summarize(df:pd.DataFrame, # per-volume results (columns `class`, `dice` in 
         rows.append(row)
     return pd.DataFrame(rows).set_index('method')
 
+# %% ../../nbs/20_eval.metrics.ipynb #14e502f0
 def to_markdown(summary:pd.DataFrame, # output of `summarize`
                 digits:int=2, # decimals
                 stars:dict|None=None, # optional {method: True} to mark a significant Mean with *
@@ -78,6 +82,7 @@ def to_markdown(summary:pd.DataFrame, # output of `summarize`
                               for m, r in summary.iterrows()] for c in cols}, index=summary.index)
     return df_markdown(cells, index='Method')
 
+# %% ../../nbs/20_eval.metrics.ipynb #ed8e21ec
 def df_markdown(df:pd.DataFrame, # any small table
                 digits:int=1, # decimals for floats
                 index:str|None=None, # also write the index, as a first column of this name

@@ -33,6 +33,7 @@ class Task:
     qry_slices: np.ndarray  # query slice indices this support segments
     chunk: int = 0  # chunk number (EP1), 0 otherwise
 
+# %% ../../nbs/21_eval.protocols.ipynb #421272bd
 def labelled_slices(label, # label volume (z, h, w) of class indices
                     cls:int, # class index
                    ) -> np.ndarray:
@@ -41,6 +42,7 @@ def labelled_slices(label, # label volume (z, h, w) of class indices
     if label.ndim != 3: raise ValueError(f"label must be a (z, h, w) volume, got shape {label.shape}")
     return np.flatnonzero((label == cls).reshape(label.shape[0], -1).any(1))
 
+# %% ../../nbs/21_eval.protocols.ipynb #241f75d3
 def support_slice_indices(sup_label, # support label volume (z, h, w)
                           cls:int, # class index
                           n_chunks:int=3, # number of chunks (3 in the papers)
@@ -51,6 +53,7 @@ def support_slice_indices(sup_label, # support label volume (z, h, w)
     if n_chunks < 1: raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
     return [int(lab[min(len(lab)-1, int((2*i+1) / (2*n_chunks) * len(lab)))]) for i in range(n_chunks)]
 
+# %% ../../nbs/21_eval.protocols.ipynb #6fba8e5e
 def query_chunks(qry_label, # query label volume (z, h, w)
                  cls:int, # class index
                  n_chunks:int=3, # number of chunks
@@ -58,6 +61,7 @@ def query_chunks(qry_label, # query label volume (z, h, w)
     "The query's labelled slices split in order into `n_chunks` contiguous, nearly equal chunks."
     return np.array_split(labelled_slices(qry_label, cls), n_chunks)
 
+# %% ../../nbs/21_eval.protocols.ipynb #0555646d
 def ep1_tasks(sup_label, # support label volume
               qry_label, # query label volume (only which slices contain the class is used: weak labels)
               cls:int, # class index
@@ -67,6 +71,7 @@ def ep1_tasks(sup_label, # support label volume
     sup = support_slice_indices(sup_label, cls, n_chunks)
     return [Task(cls, [s], q, i) for i, (s, q) in enumerate(zip(sup, query_chunks(qry_label, cls, n_chunks))) if len(q)]
 
+# %% ../../nbs/21_eval.protocols.ipynb #50398131
 def ep2_tasks(sup_label, # support label volume
               qry_label, # query label volume (only its number of slices is used)
               cls:int, # class index
@@ -77,6 +82,7 @@ def ep2_tasks(sup_label, # support label volume
     if len(lab) == 0: raise ValueError(f"support label volume has no slice with class {cls}")
     return [Task(cls, [int(lab[len(lab)//2])], np.arange(np.asarray(qry_label).shape[0]))]
 
+# %% ../../nbs/21_eval.protocols.ipynb #a080dd6b
 PROTOCOLS = {'EP1': ep1_tasks, 'EP2': ep2_tasks, 'ouyang': ep1_tasks}
 
 def protocol_tasks(protocol:str, # 'EP1', 'EP2' or 'ouyang'
@@ -146,6 +152,7 @@ def evaluate_case(model:nn.Module, # few-shot model with the inference API
                                  dice=dice_from_counts(tp, fp, fn), n_slices=len(ev)))
     return rows
 
+# %% ../../nbs/21_eval.protocols.ipynb #f99d0c0e
 def evaluate(model:nn.Module, # few-shot model
              dataset, # a fsmis Dataset (`ds.load(case_id) -> Case`) or a dict {case_id: Case}
              support_id, # id of the labelled support case

@@ -26,6 +26,7 @@ def interp_matrix(n_in: int, # input length
         _MATS[key] = m.to(device=device, dtype=dtype)
     return _MATS[key]
 
+# %% ../../nbs/11_models.adnet.ipynb #55f68e7c
 def mask_weights(masks, # [..., H, W] float masks at image resolution
                  hw: tuple, # feature size (h, w)
                 ):
@@ -34,12 +35,14 @@ def mask_weights(masks, # [..., H, W] float masks at image resolution
     ah = interp_matrix(hw[0], H, masks.device, masks.dtype); aw = interp_matrix(hw[1], W, masks.device, masks.dtype)
     return ah @ masks @ aw.T
 
+# %% ../../nbs/11_models.adnet.ipynb #6f6c98e7
 def weighted_sum(feats, # [K,C,h,w]
                  w, # [K,n,h,w] weights on the feature grid
                 ):
     "sum_hw feats * w -> [K,n,C], as a batched matmul (its backward yields contiguous feature gradients)."
     return torch.bmm(feats.flatten(2), w.flatten(2).transpose(1, 2)).transpose(1, 2)
 
+# %% ../../nbs/11_models.adnet.ipynb #636854c3
 def masked_average_pool(feats, # [K, C, h, w] features
                         masks, # [K, n, H, W] float masks at image resolution
                         eps: float = 1e-5, # added to the mask area, as the published code
@@ -143,6 +146,7 @@ def cosine_map(feats, # [N,C,h,w]
     dot = (feats[:, None] * pn[None, :, :, None, None]).sum(2) if len(protos) <= 4 else F.conv2d(feats, pn[:, :, None, None])
     return dot / feats.pow(2).sum(1, keepdim=True).sqrt().clamp(min=eps)
 
+# %% ../../nbs/11_models.adnet.ipynb #ecb78a3e
 def _avg_shots(p, masks):
     "Average per-shot prototypes [K,n,C] over the shots whose mask is non-empty -> [n,C]."
     has = (masks.sum((-2, -1)) > 0).to(p.dtype)[..., None]  # [K,n,1]

@@ -32,6 +32,7 @@ def proto_score(feats, # [N,C,h,w]
     d = scale * cosine_map(feats, protos, eps=1e-4)
     return (d.softmax(1) * d).sum(1)
 
+# %% ../../nbs/12_models.alpnet.ipynb #c07999af
 class ALPNet(FewShotModel):
     "SSL-ALPNet: adaptive local prototype pooling (4x4 windows in training, 2x2 at test), 20*cos, softmax."
     def __init__(self, encoder='small', # encoder name or module

@@ -89,6 +89,7 @@ def load_encoder_weights(enc: nn.Module, # encoder from `make_encoder`
     except RuntimeError as e: raise ValueError(f"weights={str(path)!r}: does not match encoder {enc.arch}: {str(e)[:300]}") from None
     return enc
 
+# %% ../../nbs/10_models.encoders.ipynb #7bc3121a
 def make_encoder(name: str = 'small', # one of ENCODERS
                  weights=None, # local weight file (see above) or None for random initialisation
                  tv_weights: str | None = None, # torchvision weight name, downloaded by torchvision (needs internet)
