@@ -19,7 +19,7 @@ from .eval.metrics import paired_wilcoxon, df_markdown
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'apply_overrides', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'run_cell', 'run_ablation',
-           'finished_cells', 'ablation_tables']
+           'finished_cells', 'ablation_tables', 'paper_table']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -261,3 +261,11 @@ def ablation_tables(ablation: str | Ablation, # the ablation
             body[label]['p (default > row)'] = p or 'default'
         tables[proto] = df_markdown(pd.DataFrame(body).T, index='setting')
     return tables
+
+# %% ../nbs/43_ablate.ipynb #547cd137
+def paper_table(ablation: str | Ablation # the ablation
+               ) -> str:
+    "The paper's numbers of an ablation (Dice %, as printed) in the same layout; rows the paper does not give are left out."
+    a = get_ablation(ablation)
+    if not a.paper: return ''
+    return df_markdown(pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper]), index='setting (paper)')
