@@ -128,7 +128,7 @@ def main(argv=None # arguments (default: sys.argv[1:])
 # %% ../nbs/51_cli.ipynb #0bac7ef5
 def _cmd_demo(a):
     from fsmis.demo import run_demo
-    if a.data is not None: _existing(a.data, 'dataset folder')
+    if a.data is not None and not _existing(a.data, 'dataset folder').is_dir(): raise UserError(f"--data {a.data}: not a folder")
     run_demo(a.out, data=a.data, n_steps=a.n_steps, device=a.device, seed=a.seed, n_cases=a.n_cases, n_queries=a.n_queries,
              size=a.size or None, lr=a.lr, progress=not a.quiet, threads=a.threads or None)
     print(f"results written to {a.out}/ (results.json, dice.csv, dice.md, per_volume.csv, demo.png, model.pth)")
@@ -374,6 +374,11 @@ def _args_segment(p):
 def _cmd_pretrain(a):
     from fsmis.pretrain.densecl import pretrain_densecl
     if a.steps is None and a.minutes is None and a.resume is None: raise UserError("give --steps or --minutes (or --resume)")
+    if a.out is not None:
+        o = Path(a.out)
+        if o.name.endswith(('.nii', '.nii.gz')): raise UserError(f"--out {o}: the output is an encoder weights file (.pth), not a NIfTI path")
+        if o.exists() and any(Path(d).exists() and o.resolve() == Path(d).resolve() for d in a.data): raise UserError(f"--out {o}: is one of the inputs")
+        _writable_dir(o.parent if str(o.parent) else Path('.'), '--out')
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
                            size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
     print(f"encoder weights written to {out}")

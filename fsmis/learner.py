@@ -220,6 +220,9 @@ def read_checkpoint(path, # checkpoint file
     "Load a checkpoint dict safely (tensors and plain types only by default)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, 'rb') as f: head = f.read(4)
+    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):  # torch.save: a zip archive (or a legacy pickle)
+        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint file" + (" (it is empty)" if not head else ''))
     try: ck = torch.load(path, map_location='cpu', weights_only=weights_only)
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' not in str(e) and 'Unsupported' not in str(e) and 'GLOBAL' not in str(e):

@@ -307,3 +307,17 @@ def test_supervoxels_out_checked_before_the_work(files, capsys, tmp_path):
     code, _, err = run(capsys, 'supervoxels', files/'data', '--out', blocker/'sub', '--quiet', '--workers', 1)
     assert code == 2 and time.perf_counter() - t < 5
     one_line(err, '--out', 'afile')
+
+
+@pytest.mark.parametrize('args, text', [
+    (['demo', '--data', '{afile}'], 'not a folder'),
+    (['evaluate', '{afile}'], 'not a PyTorch checkpoint'),
+    (['evaluate', '{empty}'], 'it is empty'),
+    (['pretrain', 'densecl', '{data}', '--steps', '1', '--out', '{data}/image_1.nii.gz'], 'not a NIfTI path'),
+])
+def test_more_bad_inputs_found_by_a_sweep(args, text, files, capsys, tmp_path):
+    (tmp_path/'afile').write_text('x'); (tmp_path/'empty.pth').write_bytes(b'')
+    before = {p: p.read_bytes() for p in (files/'data').iterdir()}
+    code, out, err = run(capsys, *[a.format(afile=tmp_path/'afile', empty=tmp_path/'empty.pth', data=files/'data') for a in args])
+    assert code == 2 and text in one_line(err)
+    assert {p: p.read_bytes() for p in (files/'data').iterdir()} == before  # no input touched
