@@ -73,16 +73,18 @@ def _image_files(folder: Path) -> list:
 
 def _read_image(path: Path) -> np.ndarray: return check_image(read_nifti(path, dtype=np.float32)[0], path)
 
-def _source_volumes(item) -> tuple:
-    "(names, raw volumes, norm) of one data source, reading image files only."
+def _source_volumes(item, case_ids=None) -> tuple:
+    "(names, raw volumes, norm) of one data source, reading image files only (of `case_ids` only, for a dataset)."
     if isinstance(item, (str, Path)) and str(item) in DATASETS and str(item) != 'folder': item = open_dataset(str(item))
     if isinstance(item, Dataset):
         names, vols = [], []
-        for cid in item.case_ids:
+        ids = item.case_ids if case_ids is None else [item._check_id(c) for c in case_ids]
+        for cid in ids:
             p = item.image_path(cid)  # a file dataset: read the image file alone (never `load`, which reads the label)
             vols.append(_read_image(p) if p is not None else np.asarray(item._load_raw(cid).image, np.float32))
             names.append(f"{item.name}/{p.name if p is not None else cid}")
         return names, vols, item.spec.norm
+    if case_ids is not None: raise ValueError(f"case_ids: only for a dataset (name or `Dataset`), not for {str(item)!r}")
     p = Path(item)
     if not p.exists(): raise FileNotFoundError(f"data: {p}: no such file or folder (nor a dataset name in {sorted(DATASETS)})")
     files = _image_files(p) if p.is_dir() else [p]
@@ -92,14 +94,18 @@ def _source_volumes(item) -> tuple:
 def unlabeled_slices(data, # dataset name, `Dataset`, folder, NIfTI file, or a list of them
                      min_body: float = 0.05, # slice-skipping rule (see `body_fractions`)
                      norm: str | None = None, # 'volume' or 'global' z-scoring (default: the dataset's; 'volume' for folders)
+                     case_ids=None, # read only these cases of a dataset (e.g. a fold's training ids); None: all
                     ) -> SliceSet:
     "Read the image volumes of `data` (never its labels), z-score them and index the slices with enough body."
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items: raise ValueError("data: empty list of sources")
+    if case_ids is not None:
+        case_ids = [str(c) for c in case_ids]
+        if len(items) != 1 or not case_ids: raise ValueError(f"case_ids={case_ids}: give one dataset and at least one case id")
     if norm not in (None, 'volume', 'global'): raise ValueError(f"norm={norm!r}: expected 'volume', 'global' or None")
     names, out = [], []
     for it in items:
-        n, vols, nm = _source_volumes(it)
+        n, vols, nm = _source_volumes(it, case_ids)
         nm = norm or nm
         if nm == 'global':
             s = np.concatenate([v.ravel() for v in vols]).astype(np.float64)
@@ -553,6 +559,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      amp: bool | None = None, # mixed precision (None: on for CUDA)
                      channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
                      cbs=None, # extra fastai callbacks (e.g. to inspect or stop a run)
+                     case_ids=None, # only these cases of a dataset `data` (a fold's training ids); None: all
                     ) -> Path:
     "DenseCL-pretrain an fsmis encoder on unlabeled slices and write its weights file; returns the file's path."
     if encoder not in ENCODERS: raise ValueError(f"encoder={encoder!r}: expected one of {ENCODERS}")
@@ -577,7 +584,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f"weights: file not found: {weights}")
     rank, world, dev = init_distributed(device)
     set_seed(seed)
-    slices = unlabeled_slices(data, min_body)
+    slices = unlabeled_slices(data, min_body, case_ids=case_ids)
     if queue > len(slices): warnings.warn(f"queue={queue} holds more keys than the {len(slices)} slices: older keys of each slice come back as its negatives")
     dls = densecl_dls(slices, size, bs, rank, world, seed, device=dev, flip=flip)
     learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
@@ -589,6 +596,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     fit_densecl(learn, steps, minutes=minutes, ckpt_every=ckpt_every, ckpt_dir=ckpt_dir, resume=resume, show_progress=progress, cbs=cbs)
     if rank == 0:
         save_encoder_weights(learn, out, meta={'data': slices.names, 'n_slices': len(slices), 'n_skipped': slices.n_skipped,
+                                               'case_ids': None if case_ids is None else [str(i) for i in case_ids],
                                                'view_size': size, 'min_body': min_body, 'flip': flip,
                                                'resumed_from': None if resume is None else str(resume)})
     if world > 1: dist.barrier()
