@@ -27,6 +27,9 @@ class ExperimentConfig:
     method: str = 'adnet'  # 'adnet', 'alpnet', 'panet', or 'intensity' (no training)
     encoder: str = 'small'  # encoder name for the learner ('small', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
     encoder_weights: str | None = None  # local encoder weights file to start from (e.g. a DenseCL stage-1 encoder)
+    pretrain_steps: int | None = None  # stage 1 per fold: DenseCL steps on the fold's training scans (when encoder_weights is empty)
+    pretrain_minutes: float | None = None  # stage 1 per fold: DenseCL wall-clock budget instead of pretrain_steps
+    pretrain_kw: dict = field(default_factory=dict)  # extra `pretrain_densecl` arguments (size, bs, queue, lr, ...)
     folds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])  # folds to run
     n_folds: int = 5  # folds in the split
     fold_variant: str = 'adnet'  # 'adnet' or 'ouyang' (`fold_split`)
@@ -66,6 +69,12 @@ class ExperimentConfig:
         if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho != int(self.rho) or self.rho < 1):
             raise ValueError(f"rho must be a whole number of voxels >= 1 or None, got {self.rho!r}")
         if self.rho is not None: self.rho = int(self.rho)
+        if self.pretrain_steps is not None and self.pretrain_minutes is not None:
+            raise ValueError("pretrain_steps and pretrain_minutes: give one of them, not both")
+        if self.pretrain_steps is not None and (isinstance(self.pretrain_steps, bool) or not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 1):
+            raise ValueError(f"pretrain_steps must be a whole number >= 1 or None, got {self.pretrain_steps!r}")
+        if self.pretrain_minutes is not None and (isinstance(self.pretrain_minutes, bool) or not isinstance(self.pretrain_minutes, (int, float)) or not self.pretrain_minutes > 0):
+            raise ValueError(f"pretrain_minutes must be > 0 minutes or None, got {self.pretrain_minutes!r}")
         if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float)) and self.time_budget_min > 0):
             raise ValueError(f"time_budget_min must be > 0 minutes or None, got {self.time_budget_min!r}")
         if not isinstance(self.folds, (list, tuple)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.folds):

@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/experiments.html.md"""
 
 # %% ../nbs/42_experiments.ipynb #81113782
 from __future__ import annotations
-import time
+import dataclasses, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -22,7 +22,7 @@ from .train import train_fold, initial_model
 from .viz import plot_results, plot_threshold_sweep
 
 # %% auto #0
-__all__ = ['ExperimentResult', 'make_tables', 'run_experiment', 'load_experiment', 'experiment_main']
+__all__ = ['ExperimentResult', 'make_tables', 'stage1_weights', 'run_experiment', 'load_experiment', 'experiment_main']
 
 # %% ../nbs/42_experiments.ipynb #32d21e61
 @dataclass
@@ -54,6 +54,30 @@ def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
         out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
     return out
 
+def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_steps or pretrain_minutes, pretrain_kw, seed, device)
+                   ds, # the opened dataset
+                   train_ids:list, # the fold's training cases: the only scans stage 1 reads (images, never labels)
+                   fold:int, # fold index (file name and seed)
+                   folder, # where the weights file and its checkpoints go (cached: a finished file is reused)
+                   progress:bool=False, # DenseCL progress bar
+                  ) -> Path:
+    "Stage 1 of one fold: DenseCL-pretrain `cfg.encoder` on the fold's training scans; returns the weights file."
+    from fsmis.pretrain import densecl as D
+    from fsmis.learner import list_checkpoints
+    train_ids = sorted(str(c) for c in train_ids)
+    out = Path(folder)/f'densecl_fold{fold}.pth'
+    if out.is_file():
+        made = D.read_encoder_meta(out)
+        if sorted(made.get('case_ids') or []) != train_ids or made.get('encoder') != cfg.encoder:
+            raise ValueError(f"{out}: stage-1 weights of other training cases or encoder ({made.get('encoder')}, {made.get('case_ids')}); "
+                             f"fold {fold} trains {cfg.encoder} on {train_ids}: delete the file or use another output folder")
+        return out
+    ck = out.with_name(out.stem + '_checkpoints')
+    D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
+                       resume='last' if list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
+                       progress=progress, case_ids=train_ids, **cfg.pretrain_kw)
+    return out
+
 def run_experiment(cfg:ExperimentConfig, # the experiment
                    out_dir=None, # results folder (None: nothing written)
                    dataset=None, # an opened dataset (default: `open_dataset(cfg.dataset, **cfg.dataset_kw)`)
@@ -67,14 +91,21 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None: cfg.save(out_dir/'config.yaml')
     rows, runs = [], []
+    stage1 = bool(cfg.pretrain_steps or cfg.pretrain_minutes) and not cfg.encoder_weights and cfg.method != 'intensity'
+    tmp = tempfile.TemporaryDirectory() if stage1 and out_dir is None else None  # weights live as long as the experiment
+    base_cfg = cfg
     for fold in cfg.folds:
         split = fold_split(store.case_ids, fold, cfg.n_folds, cfg.fold_variant)
         if set(split.train_ids) & {split.support_id, *split.query_ids}: raise ValueError(f"fold {fold}: training and test cases overlap")
         if getattr(getattr(ds, 'spec', None), 'norm', None) == 'global':  # CT: one mean/std over this fold's training scans
             ds.fit_norm(split.train_ids); store = CaseStore(ds)
+        if stage1:  # this fold's encoder starts from DenseCL on this fold's training scans only
+            w = stage1_weights(base_cfg, ds, split.train_ids, fold, out_dir if out_dir is not None else tmp.name)
+            cfg = dataclasses.replace(base_cfg, encoder_weights=str(w))
         for run in range(cfg.runs):
             seed = cfg.seed + 100*fold + run
             models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
+            if stage1: info['encoder_weights'] = Path(cfg.encoder_weights).name
             if cfg.method == 'intensity': models['intensity'] = IntensityPrototype()
             else:
                 if 'untrained' in cfg.baselines:
@@ -100,6 +131,7 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
             res = _finish(cfg, pd.concat(rows, ignore_index=True), pd.DataFrame(runs), ds, out_dir)
             if progress: print(f"fold {fold} run {run}: " + ', '.join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                                                   for k, v in info.items() if k not in ('queries', 'val_ids')))
+    if tmp is not None: tmp.cleanup()
     return res
 
 def _paper_order(ds, results) -> list | None:

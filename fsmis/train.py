@@ -44,8 +44,16 @@ def initial_model(cfg: ExperimentConfig, # the experiment
     return L.build_model(cfg.method, encoder=cfg.encoder, **cfg_encoder_kw(cfg))
 
 def cfg_encoder_kw(cfg: ExperimentConfig) -> dict:
-    "Encoder keyword arguments of the learner factories from a configuration (local weights file, if any)."
-    return {'weights': cfg.encoder_weights} if cfg.encoder_weights else {}
+    "Encoder keyword arguments of the learner factories from a configuration (local weights file, if any, checked first)."
+    if not cfg.encoder_weights: return {}
+    path = Path(cfg.encoder_weights)
+    if not path.is_file(): raise FileNotFoundError(f"encoder_weights={str(path)!r}: file not found")
+    import torch
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    made_for = obj['meta'].get('encoder') if isinstance(obj, dict) and isinstance(obj.get('meta'), dict) else None
+    if made_for is not None and made_for != cfg.encoder:  # an fsmis weights file names its encoder
+        raise ValueError(f"encoder_weights={str(path)!r}: weights of a {made_for!r} encoder, but the configuration's encoder is {cfg.encoder!r}")
+    return {'weights': cfg.encoder_weights}
 
 # %% ../nbs/41_train.ipynb #99b704ce
 def validation_split(train_ids:list, # the fold's training cases
@@ -117,6 +125,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     from fsmis.data.supervoxels import dataset_supervoxels
     from fsmis.data.episodes import episode_dls
     if cfg.method not in L.MODELS: raise ValueError(f"method {cfg.method!r} is not trained (choose one of {list(L.MODELS)})")
+    enc_kw = cfg_encoder_kw(cfg)  # a missing or mismatching weights file fails here, before the pseudo-labels
     seed = cfg.seed if seed is None else int(seed)
     train_ids = [str(c) for c in train_ids]
     if not train_ids: raise ValueError("train_ids is empty: no case to train on")
@@ -137,7 +146,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler=sampler, n_episodes=EPISODES_PER_PASS,
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
-    learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **cfg_encoder_kw(cfg), **cfg.learner_kw)
+    learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
     learn.checkpoint_meta = dict(input_size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
                                  **(meta or {}))
     t1 = time.perf_counter()

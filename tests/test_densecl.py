@@ -1,5 +1,6 @@
 "Tests of fsmis.pretrain.densecl: no label read, exact resume, two-process training, weights file, validation (CPU)."
 import math, os, socket
+from pathlib import Path
 import numpy as np
 import pytest, torch, torch.nn.functional as F
 import nibabel
@@ -242,3 +243,92 @@ def test_two_processes_gloo(tmp_path):
     ck = read_checkpoint(tmp_path/'run'/'enc_checkpoints'/'iter_0000003.pth')
     assert all(torch.equal(ck['model'][k], s[k]) for k in s)
     assert read_encoder_meta(tmp_path/'run'/'enc.pth')['settings']['world'] == 2
+
+
+# ---------------------------------------------------------------- stage 1 -> stage 2 wiring (config, train_fold, run_experiment)
+import dataclasses
+from types import SimpleNamespace
+import fsmis.learner as FL
+from fsmis.config import ExperimentConfig
+from fsmis import experiments as X, train as T
+
+
+class _Started(Exception): pass
+
+
+@pytest.fixture
+def small_weights(tmp_path_factory):
+    "A DenseCL weights file of the small encoder (3 steps), and its state dict."
+    out = pretrain_densecl(PH(), 'small', steps=3, out=tmp_path_factory.mktemp('w')/'w.pth', **KW)
+    return out, torch.load(out, weights_only=True)['state_dict']
+
+
+@pytest.mark.parametrize('method', ['adnet', 'panet', 'alpnet'])
+def test_training_starts_from_encoder_weights(small_weights, monkeypatch, tmp_path, method):
+    "train_fold with encoder_weights: the encoder the optimiser starts from is the file's, for every method."
+    monkeypatch.setenv('FSMIS_CACHE', str(tmp_path/'cache'))
+    path, sd = small_weights
+    seen = {}
+    def fit(learn, *a, **k):  # stands in for the training loop: record the weights it would start from
+        seen['enc'] = {k_: v.detach().clone() for k_, v in learn.model.encoder.state_dict().items()}; raise _Started
+    monkeypatch.setattr(FL, 'fit_iters', fit)
+    ds = open_dataset('phantom', n_cases=4, shape=(16, 48, 48))
+    cfg = ExperimentConfig(dataset='phantom', method=method, n_steps=1, size=32, rho=200, device='cpu', encoder_weights=str(path))
+    with pytest.raises(_Started): T.train_fold(cfg, ds, ['1', '2', '3'], seed=0)
+    assert seen['enc'].keys() == sd.keys() and all(torch.equal(seen['enc'][k], v) for k, v in sd.items())
+    # the check can fail: without the file the same seed starts elsewhere
+    with pytest.raises(_Started): T.train_fold(dataclasses.replace(cfg, encoder_weights=None), ds, ['1', '2', '3'], seed=0)
+    assert not torch.equal(seen['enc']['proj.weight'], sd['proj.weight'])
+    assert all(torch.equal(T.initial_model(cfg).encoder.state_dict()[k], v) for k, v in sd.items())  # the 'untrained' baseline too
+
+
+def test_mismatching_encoder_weights_fail_early_with_the_file_name(small_weights, monkeypatch, tmp_path):
+    path, sd = small_weights
+    import fsmis.data.supervoxels as SV
+    monkeypatch.setattr(SV, 'dataset_supervoxels', lambda *a, **k: pytest.fail('pseudo-labels computed before the check'))
+    ds = open_dataset('phantom', n_cases=4, shape=(16, 48, 48))
+    cfg = ExperimentConfig(dataset='phantom', encoder='resnet18', n_steps=1, size=32, device='cpu', encoder_weights=str(path))
+    with pytest.raises(ValueError, match=r"w\.pth.*'small' encoder.*'resnet18'"): T.train_fold(cfg, ds, ['1', '2', '3'])
+    with pytest.raises(ValueError, match=r"w\.pth"): T.initial_model(cfg)
+    torch.save(sd, tmp_path/'plain.pth')  # a bare state dict (no meta): the loader's own check names the file
+    with pytest.raises(ValueError, match=r"plain\.pth.*resnet18"): T.initial_model(dataclasses.replace(cfg, encoder_weights=str(tmp_path/'plain.pth')))
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'): T.train_fold(dataclasses.replace(cfg, encoder_weights=str(tmp_path/'nowhere.pth')), ds, ['1'])
+
+
+def test_stage1_per_fold_reads_only_the_fold_training_scans(tmp_path, monkeypatch):
+    """pretrain_steps in an experiment: stage 1 of each fold opens the image files of that fold's training cases and
+    nothing else (no label, no test case); that fold's few-shot training starts from that file; a rerun reuses it."""
+    from fsmis.data.folds import fold_split
+    from fsmis.eval.protocols import IntensityPrototype
+    import fsmis.pretrain.densecl as D
+    d = tmp_path/'scans'; PhantomDataset(6, shape=(8, 48, 48)).to_folder(d)
+    ds = open_dataset(d, classes={1: 'liver', 2: 'right kidney', 3: 'left kidney', 4: 'spleen'})
+    opened, inside, real_load, real_pre = [], [False], nibabel.load, D.pretrain_densecl
+    def load(f, *a, **k):
+        if inside[0]: opened[-1].append(os.path.basename(str(f)))
+        return real_load(f, *a, **k)
+    def pre(*a, **k):
+        inside[0] = True; opened.append([])
+        try: return real_pre(*a, **k)
+        finally: inside[0] = False
+    monkeypatch.setattr(nibabel, 'load', load); monkeypatch.setattr(D, 'pretrain_densecl', pre)
+    started = []
+    def fake_train(cfg, ds, train_ids, seed=None, test_classes=None, store=None):
+        started.append((sorted(train_ids), cfg.encoder_weights))
+        return SimpleNamespace(model=IntensityPrototype(), train_info=dict(train_s=0., steps=0, checkpoint=cfg.checkpoint))
+    monkeypatch.setattr(X, 'train_fold', fake_train)
+    cfg = ExperimentConfig(name='s1', dataset=str(d), method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=[], protocols=['EP2'], classes=['liver'],
+                           device='cpu', pretrain_steps=2, pretrain_kw=dict(size=32, bs=2, queue=16, grid=4))
+    X.run_experiment(cfg, tmp_path/'exp', dataset=ds, progress=False)
+    assert len(opened) == 2 and len(started) == 2
+    for fold, files, (train_ids, w) in zip([0, 1], opened, started):
+        sp = fold_split(ds.case_ids, fold, 2)
+        assert sorted(files) == sorted(f'image_{c}.nii.gz' for c in sp.train_ids), (fold, files)
+        assert train_ids == sorted(sp.train_ids) and Path(w) == tmp_path/'exp'/f'densecl_fold{fold}.pth'
+        assert read_encoder_meta(w)['case_ids'] == sorted(sp.train_ids)
+    assert started[0][1] != started[1][1]
+    opened.clear(); started.clear()
+    X.run_experiment(cfg, tmp_path/'exp', dataset=ds, progress=False)  # cached: no stage 1 again
+    assert opened == [] and len(started) == 2
+    with pytest.raises(ValueError, match='densecl_fold0.pth'):  # a cached file of another split is refused, not reused
+        X.run_experiment(dataclasses.replace(cfg, n_folds=3, folds=[0]), tmp_path/'exp', dataset=ds, progress=False)

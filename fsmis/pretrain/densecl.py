@@ -73,16 +73,18 @@ def _image_files(folder: Path) -> list:
 
 def _read_image(path: Path) -> np.ndarray: return check_image(read_nifti(path, dtype=np.float32)[0], path)
 
-def _source_volumes(item) -> tuple:
-    "(names, raw volumes, norm) of one data source, reading image files only."
+def _source_volumes(item, case_ids=None) -> tuple:
+    "(names, raw volumes, norm) of one data source, reading image files only (of `case_ids` only, for a dataset)."
     if isinstance(item, (str, Path)) and str(item) in DATASETS and str(item) != 'folder': item = open_dataset(str(item))
     if isinstance(item, Dataset):
         names, vols = [], []
-        for cid in item.case_ids:
+        ids = item.case_ids if case_ids is None else [item._check_id(c) for c in case_ids]
+        for cid in ids:
             p = item.image_path(cid)  # a file dataset: read the image file alone (never `load`, which reads the label)
             vols.append(_read_image(p) if p is not None else np.asarray(item._load_raw(cid).image, np.float32))
             names.append(f"{item.name}/{p.name if p is not None else cid}")
         return names, vols, item.spec.norm
+    if case_ids is not None: raise ValueError(f"case_ids: only for a dataset (name or `Dataset`), not for {str(item)!r}")
     p = Path(item)
     if not p.exists(): raise FileNotFoundError(f"data: {p}: no such file or folder (nor a dataset name in {sorted(DATASETS)})")
     files = _image_files(p) if p.is_dir() else [p]
@@ -92,14 +94,18 @@ def _source_volumes(item) -> tuple:
 def unlabeled_slices(data, # dataset name, `Dataset`, folder, NIfTI file, or a list of them
                      min_body: float = 0.05, # slice-skipping rule (see `body_fractions`)
                      norm: str | None = None, # 'volume' or 'global' z-scoring (default: the dataset's; 'volume' for folders)
+                     case_ids=None, # read only these cases of a dataset (e.g. a fold's training ids); None: all
                     ) -> SliceSet:
     "Read the image volumes of `data` (never its labels), z-score them and index the slices with enough body."
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items: raise ValueError("data: empty list of sources")
+    if case_ids is not None:
+        case_ids = [str(c) for c in case_ids]
+        if len(items) != 1 or not case_ids: raise ValueError(f"case_ids={case_ids}: give one dataset and at least one case id")
     if norm not in (None, 'volume', 'global'): raise ValueError(f"norm={norm!r}: expected 'volume', 'global' or None")
     names, out = [], []
     for it in items:
-        n, vols, nm = _source_volumes(it)
+        n, vols, nm = _source_volumes(it, case_ids)
         nm = norm or nm
         if nm == 'global':
             s = np.concatenate([v.ravel() for v in vols]).astype(np.float64)
@@ -372,16 +378,16 @@ def _bcast(v: float) -> float:
     dist.broadcast(t, 0); return float(t.item())
 
 class DenseCLLog(Callback):
-    "Per-iteration log (loss, global, dense, λ, lr) in `learn.iter_log`, a progress bar with both terms, the stop at n_iter."
+    "Per-iteration log (loss, global, dense, λ, lr) in `learn.iter_log`, a progress bar with both terms, the stop at n_steps."
     order = 90
-    def __init__(self, n_iter: int, # target iteration
+    def __init__(self, n_steps: int, # target iteration
                  show: bool = True, # show the progress bar (rank 0 only)
                  avg: int = 20, # running-mean window of the bar comment
-                ): self.n_iter, self.show, self.avg, self.pb = n_iter, show, avg, None
+                ): self.n_steps, self.show, self.avg, self.pb = n_steps, show, avg, None
     def before_fit(self):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
         self.start = getattr(self.learn, 'iteration', 0)
-        total = min(self.n_iter, getattr(self.learn, 'total_steps', None) or self.n_iter)
+        total = min(self.n_steps, getattr(self.learn, 'total_steps', None) or self.n_steps)
         if self.show and _rank0() and total > self.start: self.pb = progress_bar(range(self.start, total), leave=True); self.pb.update(0)
     def after_batch(self):
         if not self.training: return
@@ -392,7 +398,7 @@ class DenseCLLog(Callback):
             mean = lambda k: sum(r[k] for r in last) / len(last)
             self.pb.comment = f"loss {mean('loss'):.3f} global {mean('global'):.3f} dense {mean('dense'):.3f} lr {rec['lr']:.2g}"
             self.pb.update(min(self.learn.iteration - self.start, self.pb.total))
-        if self.learn.iteration >= self.n_iter: raise CancelFitException()
+        if self.learn.iteration >= self.n_steps: raise CancelFitException()
     def after_fit(self):
         if self.pb is not None: self.pb.on_iter_end()
 
@@ -453,8 +459,8 @@ def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
     return learn
 
 def fit_densecl(learn: Learner, # from `densecl_learner`
-                n_iter: int | None = None, # iterations to reach (None: the checkpoint's or `total_steps`)
-                total_steps: int | None = None, # cosine length T (default n_iter; kept from the checkpoint on resume)
+                n_steps: int | None = None, # iterations to reach (None: the checkpoint's or `total_steps`)
+                total_steps: int | None = None, # cosine length T (default n_steps; kept from the checkpoint on resume)
                 minutes: float | None = None, # wall-clock budget of this call (fixes T from the first steps if unknown)
                 ckpt_every: int | None = None, # checkpoint every this many iterations (and at the end)
                 ckpt_dir=None, # checkpoint folder (default learn.path/'checkpoints')
@@ -463,7 +469,7 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
                 show_progress: bool = True, # progress bar with both loss terms
                 cbs=None, # extra fastai callbacks for this fit
                ) -> Learner:
-    "Train `learn` with the cosine schedule to `n_iter` (or for `minutes`), with checkpoints and exact resume."
+    "Train `learn` with the cosine schedule to `n_steps` (or for `minutes`), with checkpoints and exact resume."
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
     resume = resolve_resume(resume, ckpt_dir)
     if resume is not None:
@@ -471,16 +477,16 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
         if ck.get('model_kind') != 'densecl': raise ValueError(f"resume={str(resume)!r}: not a DenseCL checkpoint (model_kind={ck.get('model_kind')!r})")
         load_checkpoint(learn, resume)
         total_steps = ck['model_config'].get('total_steps') or total_steps
-    total_steps = total_steps or n_iter
-    if n_iter is None: n_iter = total_steps if total_steps else 10**12
-    if total_steps is None and minutes is None: raise ValueError("fit_densecl: give n_iter, total_steps or minutes")
-    if n_iter < 0 or (minutes is not None and not minutes > 0): raise ValueError(f"n_iter={n_iter}, minutes={minutes}: must be >= 0 and > 0")
+    total_steps = total_steps or n_steps
+    if n_steps is None: n_steps = total_steps if total_steps else 10**12
+    if total_steps is None and minutes is None: raise ValueError("fit_densecl: give n_steps, total_steps or minutes")
+    if n_steps < 0 or (minutes is not None and not minutes > 0): raise ValueError(f"n_steps={n_steps}, minutes={minutes}: must be >= 0 and > 0")
     _set_total(learn, total_steps)
-    cb = [CosineIterTrainer(learn.fsmis_schedule['lr']), StopAfter(n_iter), DenseCLLog(n_iter, show_progress)] + list(cbs or [])
+    cb = [CosineIterTrainer(learn.fsmis_schedule['lr']), StopAfter(n_steps), DenseCLLog(n_steps, show_progress)] + list(cbs or [])
     if minutes is not None: cb.append(TimeBudget(minutes))
     if ckpt_every and _rank0(): cb.append(Checkpointer(ckpt_dir, ckpt_every, keep))
     start = getattr(learn, 'iteration', 0)
-    n_ep = max(1, math.ceil((min(n_iter, total_steps or n_iter) - start) / max(1, len(learn.dls.train))) + 1) if minutes is None else 10**9
+    n_ep = max(1, math.ceil((min(n_steps, total_steps or n_steps) - start) / max(1, len(learn.dls.train))) + 1) if minutes is None else 10**9
     with learn.no_bar(), learn.no_logging(): learn.fit(n_ep, cbs=cb)
     return learn
 
@@ -553,6 +559,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      amp: bool | None = None, # mixed precision (None: on for CUDA)
                      channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
                      cbs=None, # extra fastai callbacks (e.g. to inspect or stop a run)
+                     case_ids=None, # only these cases of a dataset `data` (a fold's training ids); None: all
                     ) -> Path:
     "DenseCL-pretrain an fsmis encoder on unlabeled slices and write its weights file; returns the file's path."
     if encoder not in ENCODERS: raise ValueError(f"encoder={encoder!r}: expected one of {ENCODERS}")
@@ -577,7 +584,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f"weights: file not found: {weights}")
     rank, world, dev = init_distributed(device)
     set_seed(seed)
-    slices = unlabeled_slices(data, min_body)
+    slices = unlabeled_slices(data, min_body, case_ids=case_ids)
     if queue > len(slices): warnings.warn(f"queue={queue} holds more keys than the {len(slices)} slices: older keys of each slice come back as its negatives")
     dls = densecl_dls(slices, size, bs, rank, world, seed, device=dev, flip=flip)
     learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
@@ -589,6 +596,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     fit_densecl(learn, steps, minutes=minutes, ckpt_every=ckpt_every, ckpt_dir=ckpt_dir, resume=resume, show_progress=progress, cbs=cbs)
     if rank == 0:
         save_encoder_weights(learn, out, meta={'data': slices.names, 'n_slices': len(slices), 'n_skipped': slices.n_skipped,
+                                               'case_ids': None if case_ids is None else [str(i) for i in case_ids],
                                                'view_size': size, 'min_body': min_body, 'flip': flip,
                                                'resumed_from': None if resume is None else str(resume)})
     if world > 1: dist.barrier()
