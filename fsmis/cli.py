@@ -380,7 +380,7 @@ def _cmd_pretrain(a):
         if o.exists() and any(Path(d).exists() and o.resolve() == Path(d).resolve() for d in a.data): raise UserError(f"--out {o}: is one of the inputs")
         _writable_dir(o.parent if str(o.parent) else Path('.'), '--out')
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
-                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet)
+                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids)
     print(f"encoder weights written to {out}")
     return 0
 
@@ -398,6 +398,7 @@ def _args_pretrain(p):
     p.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
     p.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
     p.add_argument('--seed', type=int, default=0, help='seed')
+    p.add_argument('--case-ids', nargs='+', default=None, help="only these cases of one registered dataset (e.g. a fold's training cases)")
 
 # %% ../nbs/51_cli.ipynb #06b039cb
 def _cmd_reproduce(a):
