@@ -116,6 +116,9 @@ def main(argv=None # arguments (default: sys.argv[1:])
     if a.version:
         import fsmis; print(fsmis.__version__); return 0
     if a.cmd is None: p.print_help(); return 2
+    import warnings
+    fmt = warnings.formatwarning  # our warnings (a setting worth knowing) as one line, not a source excerpt
+    warnings.formatwarning = lambda msg, cat, *_, **__: f"fsmis {a.cmd}: warning: {' '.join(str(msg).split())}\n"
     try: return int(a.func(a) or 0)
     except _USER_ERRORS as e:
         if os.environ.get('FSMIS_TRACEBACK'): raise  # debugging: the full traceback instead of the one line
@@ -124,6 +127,7 @@ def main(argv=None # arguments (default: sys.argv[1:])
     except KeyboardInterrupt:
         print(f"fsmis {a.cmd}: interrupted", file=sys.stderr)
         return 130
+    finally: warnings.formatwarning = fmt
 
 # %% ../nbs/51_cli.ipynb #0bac7ef5
 def _cmd_demo(a):
