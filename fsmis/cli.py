@@ -56,6 +56,7 @@ def positive_float(s: str) -> float:
     if not (v > 0 and v < float('inf')): raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
     return v
 
+# %% ../nbs/51_cli.ipynb #4b74eaad
 def device_name(s: str) -> str:
     "argparse type: 'cpu', 'cuda' or 'cuda:N' (checked against this machine when used)."
     import re

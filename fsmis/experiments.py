@@ -34,6 +34,7 @@ class ExperimentResult:
     out_dir: Path | None
     def __repr__(self): return f"ExperimentResult({len(self.results)} rows, out_dir={self.out_dir})\n" + '\n\n'.join(f'{k}\n{v}' for k, v in self.tables.items())
 
+# %% ../nbs/42_experiments.ipynb #d0040dc0
 def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
                 classes=None, # column order (class names)
                 main:str|None=None, # method compared to the others (one-sided Wilcoxon, * if p < 0.05)
@@ -54,6 +55,7 @@ def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
         out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
     return out
 
+# %% ../nbs/42_experiments.ipynb #fbddc50d
 def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_steps or pretrain_minutes, pretrain_kw, seed, device)
                    ds, # the opened dataset
                    train_ids:list, # the fold's training cases: the only scans stage 1 reads (images, never labels)
@@ -78,6 +80,7 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
                        progress=progress, case_ids=train_ids, **cfg.pretrain_kw)
     return out
 
+# %% ../nbs/42_experiments.ipynb #4e888c5e
 def run_experiment(cfg:ExperimentConfig, # the experiment
                    out_dir=None, # results folder (None: nothing written)
                    dataset=None, # an opened dataset (default: `open_dataset(cfg.dataset, **cfg.dataset_kw)`)

@@ -43,6 +43,7 @@ def initial_model(cfg: ExperimentConfig, # the experiment
     set_seed(cfg.seed if seed is None else seed)
     return L.build_model(cfg.method, encoder=cfg.encoder, **cfg_encoder_kw(cfg))
 
+# %% ../nbs/41_train.ipynb #7f86dc80
 def cfg_encoder_kw(cfg: ExperimentConfig) -> dict:
     "Encoder keyword arguments of the learner factories from a configuration (local weights file, if any, checked first)."
     if not cfg.encoder_weights: return {}
@@ -79,6 +80,7 @@ def val_classes(cfg: ExperimentConfig, # the experiment (its setting)
                                   f"(Setting 2 never looks at the test classes {sorted(test)}, not even on validation cases)")
     return keep
 
+# %% ../nbs/41_train.ipynb #87551ddf
 class ValCheckpoint(Callback):
     "Keep the weights with the best mean EP2 Dice on validation cases drawn from the training cases; `restore()` loads them."
     order = 90

@@ -64,6 +64,7 @@ class SliceSet:
     def __getitem__(self, k): v, z = self.index[k]; return torch.from_numpy(self.volumes[v][z])[None]
     def __repr__(self): return f"SliceSet({len(self)} slices of {len(self.volumes)} volumes, {self.n_skipped} skipped by min_body={self.min_body})"
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #a446e09a
 _NOT_IMAGES = ('label', 'seg', 'mask')
 
 def _image_files(folder: Path) -> list:
@@ -131,6 +132,7 @@ class BrightnessContrast(v2.Transform):
         x = inpt.as_subclass(torch.Tensor); mu, sd = x.mean(), x.std()
         return tv_tensors.wrap((x - mu) * params['c'] + mu + params['b'] * sd, like=inpt)
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #aafae011
 def densecl_views(size: int = 128, # output size (the model input)
                   scale: tuple = (0.2, 1.), # RandomResizedCrop area range
                   brightness: float = 0.4, # see `BrightnessContrast`
@@ -149,6 +151,7 @@ def densecl_views(size: int = 128, # output size (the model input)
     if flip: t.append(v2.RandomHorizontalFlip())
     return v2.Compose(t)
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #49876033
 class ViewPairs(torch.utils.data.Dataset):
     "Two random views of each kept slice: (view1 [1,S,S], view2 [1,S,S], slice index); draws from the global torch RNG."
     def __init__(self, slices: SliceSet, # the slices
@@ -178,6 +181,7 @@ class SliceDL(DataLoader):
         idxs = self.shuffle_fn(list(range(self.n_all)))
         return idxs[self.rank * self.n:(self.rank + 1) * self.n]
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #c3999149
 def densecl_dls(slices: SliceSet, # the slices (`unlabeled_slices`)
                 size: int = 128, # view size
                 bs: int = 32, # pairs per batch and process
@@ -201,12 +205,14 @@ class GlobalHead(nn.Sequential):
                  dim: int = 128, # output dimension
                 ): super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #674212cc
 class DenseHead(nn.Sequential):
     "Dense projection on the feature grid: 1x1 conv (C, C), ReLU, 1x1 conv (C, dim) (official DenseCL)."
     def __init__(self, c: int, # input channels
                  dim: int = 128, # output dimension
                 ): super().__init__(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, dim, 1))
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #4d2cb80c
 def dense_positives(fq: torch.Tensor, # query backbone features [N,C,h,w]
                     fk: torch.Tensor, # key backbone features [N,C,h,w]
                    ) -> torch.Tensor:
@@ -226,6 +232,7 @@ def gather_all(t: torch.Tensor # a tensor of the same shape on every rank
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #d36c9485
 class _Query(nn.Module):
     "The trainable path (encoder, pool, heads) as one module, for DistributedDataParallel."
     def __init__(self, enc, pool, hg, hd): super().__init__(); self.enc, self.pool, self.hg, self.hd = enc, pool, hg, hd
@@ -319,6 +326,7 @@ def info_nce(pos: torch.Tensor, # positive logits [n] (already divided by tau)
     "Mean InfoNCE loss: cross-entropy of the positive among [positive, negatives]."
     return (torch.logaddexp(pos, torch.logsumexp(neg, 1)) - pos).mean()
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #25c97710
 class DenseCLLoss(nn.Module):
     "(1 - λ) L_global + λ L_dense; the terms of the last batch are in `.last`."
     def __init__(self, lam: float = 0.5, # weight of the dense term (0: global only, the MoCo v2 baseline)
@@ -341,12 +349,14 @@ class MomentumUpdate(Callback):
     def before_batch(self):
         if self.training: _core(self.learn.model).momentum_update()
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #fefcdf30
 class EnqueueKeys(Callback):
     "Enqueue the batch's global and image-level dense keys (gathered from all processes) after the step."
     order = 50  # before Checkpointer (80), so a checkpoint holds the queues of the step it is named after
     def after_batch(self):
         if self.training: _core(self.learn.model).enqueue(self.pred['k_g'], self.pred['k_d'])
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #d0c76a16
 class LambdaWarmup(Callback):
     "Hold the dense weight λ at 0 for the first `warmup` iterations (official DenseCLHook), then use the loss's λ."
     order = 25
@@ -356,6 +366,7 @@ class LambdaWarmup(Callback):
         lf = self.learn.loss_func
         lf.lam_now = 0. if getattr(self.learn, 'iteration', 0) < self.warmup else lf.lam
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #8eee8038
 def _set_total(learn, total):
     learn.total_steps = None if total is None else int(total)
     learn.model_config = {**getattr(learn, 'model_config', {}), 'total_steps': learn.total_steps}
@@ -368,6 +379,7 @@ class CosineIterTrainer(IterTrainer):
         t = getattr(self.learn, 'total_steps', None)
         return self.base_lr if not t else self.base_lr * 0.5 * (1 + math.cos(math.pi * min(it, t) / t))
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #faa9756d
 def _rank0() -> bool: return not _ddp_on() or dist.get_rank() == 0
 
 def _bcast(v: float) -> float:
@@ -402,6 +414,7 @@ class DenseCLLog(Callback):
     def after_fit(self):
         if self.pb is not None: self.pb.on_iter_end()
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #efa39df5
 class TimeBudget(Callback):
     "Stop after `minutes` of training; after `calib` steps fix `learn.total_steps` so the cosine ends with the budget."
     order = 85
@@ -458,6 +471,7 @@ def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
         learn.to_fp16()
     return learn
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #9f34e9f6
 def fit_densecl(learn: Learner, # from `densecl_learner`
                 n_steps: int | None = None, # iterations to reach (None: the checkpoint's or `total_steps`)
                 total_steps: int | None = None, # cosine length T (default n_steps; kept from the checkpoint on resume)
@@ -509,6 +523,7 @@ def save_encoder_weights(learn, # a DenseCL Learner (or a `DenseCL` model)
     with atomic_write(path) as f: torch.save({'state_dict': sd, 'meta': md}, f)
     return Path(path)
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #4e16bea7
 def read_encoder_meta(path, # a weights file from `save_encoder_weights`
                      ) -> dict:
     "The `meta` dict of an encoder weights file."
@@ -533,6 +548,7 @@ def init_distributed(device=None # the device asked for (None: best available)
     if not dist.is_initialized(): dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return dist.get_rank(), dist.get_world_size(), dev
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #77e10f0b
 def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI file(s): images only are read
                      encoder: str = 'small', # one of `ENCODERS`
                      steps: int | None = None, # optimisation steps (exclusive with `minutes`)
