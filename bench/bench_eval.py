@@ -40,14 +40,14 @@ def main():
         torch.manual_seed(0); model = ADNet(a.encoder).to(dev).eval()
     classes = dict(ds.classes)
     one = {k: classes[k] for k in list(classes)[:1]}
-    evaluate_case(model, sup, qry, one, 'EP2', batch_size=a.batch_size, input_size=a.size)  # warm-up
+    evaluate_case(model, sup, qry, one, 'EP2', batch_size=a.batch_size, size=a.size)  # warm-up
     if dev.type == 'cuda': torch.cuda.synchronize()
     t = {}
     for label, cl in [('1 class', one), (f'{len(classes)} classes', classes)]:
         ts = []
         for _ in range(a.repeat):
             t0 = time.perf_counter()
-            evaluate_case(model, sup, qry, cl, 'EP2', batch_size=a.batch_size, input_size=a.size)
+            evaluate_case(model, sup, qry, cl, 'EP2', batch_size=a.batch_size, size=a.size)
             if dev.type == 'cuda': torch.cuda.synchronize()
             ts.append(time.perf_counter() - t0)
         t[label] = min(ts)

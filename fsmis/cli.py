@@ -315,13 +315,13 @@ def _cmd_evaluate(a):
     protocol, variant = _PROTOCOLS[a.protocol]
     classes = eval_classes(ExperimentConfig(dataset=ds.name, classes=a.classes), ds)
     folds = a.folds if a.folds is not None else [ck.get('fold', 0)]
-    size = a.size if a.size is not None else ck.get('input_size')
+    size = a.size if a.size is not None else ck.get('size')
     method = ck.get('model_kind', a.method)
     rows = []
     for f in folds:
         sp = fold_split(store.case_ids, f, ck.get('n_folds', 5), variant)
         if 'fold' in ck and f != ck['fold']: print(f"warning: checkpoint was trained for fold {ck['fold']}; fold {f}'s test cases may be in its training set", file=sys.stderr)
-        df = evaluate(model, store, sp.support_id, sp.query_ids, protocol, classes, progress=not a.quiet, input_size=size)
+        df = evaluate(model, store, sp.support_id, sp.query_ids, protocol, classes, progress=not a.quiet, size=size)
         rows.append(df.assign(method=method, fold=f, run=0))
     res = pd.concat(rows, ignore_index=True)
     tables = make_tables(res, ds.spec.ordered(list(dict.fromkeys(res['class']))))
@@ -353,8 +353,8 @@ def _cmd_segment(a):
     from fsmis.eval.inference import segment_files, segment_paths
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)  # the checkpoint is read once
-    size = a.size if a.size is not None else ck.get('input_size')
-    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, input_size=size)
+    size = a.size if a.size is not None else ck.get('size')
+    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=size)
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")

@@ -98,7 +98,7 @@ def ep2_predictions(model, # few-shot model (inference API)
     tasks = [t for c in classes for t in ep2_tasks(support.label, query.label, c)]
     with eval_mode(model):
         qf = encode_volume(model, query.image, size=size)
-        pred = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label, tasks, input_size=size)
+        pred = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label, tasks, size=size)
     out = np.zeros(query.image.shape, np.int64)
     for c in classes: out[pred[c] > 0] = c
     return out
@@ -169,7 +169,7 @@ def _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, r
     t0 = time.perf_counter()
     models = {'trained': trained, 'untrained': untrained}
     rows = pd.concat([evaluate(m, cases, split.support_id, split.query_ids, 'EP2', classes, progress=progress,
-                               input_size=size).assign(method=name) for name, m in models.items()], ignore_index=True)
+                               size=size).assign(method=name) for name, m in models.items()], ignore_index=True)
     t_eval = time.perf_counter() - t0
     table = dice_table(rows, list(classes.values()))
     say("[5/5] writing results to " + str(out))

@@ -123,11 +123,11 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
             for name, m in models.items():
                 for proto in cfg.protocols:
                     df = evaluate(m, store, split.support_id, split.query_ids, proto, classes, batch_size=cfg.eval_batch_size,
-                                  input_size=cfg.size)
+                                  size=cfg.size)
                     rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=False))
                 if cfg.thresholds and name == cfg.method and hasattr(m, 'threshold'):
                     df = evaluate(m, store, split.support_id, split.query_ids, cfg.protocols[0], classes,
-                                  thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, input_size=cfg.size)
+                                  thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, size=cfg.size)
                     rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=True))
             info['eval_s'] = time.perf_counter() - t0
             runs.append(info)

@@ -233,6 +233,7 @@ def read_checkpoint(path, # checkpoint file
         raise ValueError(f"checkpoint {path}: not a readable checkpoint (truncated or corrupt: {type(e).__name__})") from None
     if not isinstance(ck, dict):
         raise ValueError(f"checkpoint {path}: holds a {type(ck).__name__}, not a checkpoint (a dict with the model's state)")
+    if 'input_size' in ck: ck.setdefault('size', ck.pop('input_size'))  # checkpoints written before the key was renamed
     return ck
 
 # %% ../nbs/14_learner.ipynb #9f822fd7

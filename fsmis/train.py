@@ -88,17 +88,17 @@ class ValCheckpoint(Callback):
                  val_ids: list, # validation case ids: the first is the support, the others queries
                  classes: dict, # {index: name} scored
                  every: int = 500, # steps between evaluations
-                 input_size: int | None = None, # slice size the model sees
+                 size: int | None = None, # slice size the model sees
                  batch_size: int = 16, # slices per forward pass
                 ):
         if len(val_ids) < 2: raise ValueError(f"checkpoint='val' needs n_val >= 2 training cases (support + query), got {val_ids}")
         if int(every) < 1: raise ValueError(f"val_every must be >= 1, got {every}")
-        self.store, self.val_ids, self.classes, self.every, self.input_size, self.bs = store, list(val_ids), classes, int(every), input_size, batch_size
+        self.store, self.val_ids, self.classes, self.every, self.size, self.bs = store, list(val_ids), classes, int(every), size, batch_size
         self.best, self.best_state, self.best_step = -1., None, -1
     def after_batch(self):
         if not self.training or self.learn.iteration % self.every: return
         df = evaluate(self.learn.model, self.store, self.val_ids[0], self.val_ids[1:], 'EP2', self.classes,
-                      batch_size=self.bs, input_size=self.input_size)
+                      batch_size=self.bs, size=self.size)
         d = float(df.dice.mean())
         if d > self.best:
             self.best, self.best_step = d, self.learn.iteration
@@ -149,7 +149,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
     learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
-    learn.checkpoint_meta = dict(input_size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
+    learn.checkpoint_meta = dict(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
                                  **(meta or {}))
     t1 = time.perf_counter()
     L.fit_iters(learn, cfg.n_steps, minutes=cfg.time_budget_min, ckpt_every=ckpt_every if ckpt_dir else None, ckpt_dir=ckpt_dir,

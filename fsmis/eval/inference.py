@@ -96,34 +96,34 @@ def learned_threshold(model:nn.Module) -> float|None:
 # %% ../../nbs/22_eval.inference.ipynb #7d5ad559
 def predict_tasks(model:nn.Module, # few-shot model
                   qry_feats:torch.Tensor, # [Z, C, h, w] features of the whole query volume (`encode_volume`)
-                  size, # (H, W) of the query slices
+                  qry_size, # (H, W) of the query slices
                   sup_image, # support volume (z, h, w)
                   sup_label, # support label volume (class indices)
                   tasks:list, # `Task`s (any mix of classes)
                   batch_size:int=16, # query slices per `segment` call
                   sup_cache:dict|None=None, # {slice index: features [1,C,h,w]}; filled and reused
                   T:float|None=None, # threshold override (ADNet's line search); None: the model's own
-                  input_size=None, # slice size the model sees (support images and masks resized); None: as stored
+                  size=None, # slice size the model sees (support images and masks resized); None: as stored
                  ) -> dict:
     "Binary prediction volumes {class: uint8 (Z, H, W)} for a list of tasks on pre-encoded query features."
     dev = model_device(model)
     sup_cache = {} if sup_cache is None else sup_cache
     need = sorted({s for t in tasks for s in t.sup_slices} - set(sup_cache))
     if need:
-        f = encode_volume(model, sup_image, need, batch_size, input_size)
+        f = encode_volume(model, sup_image, need, batch_size, size)
         sup_cache.update({s: f[i:i+1] for i, s in enumerate(need)})
     sup_label = np.asarray(sup_label)
     out = {}
     with torch.inference_mode():
         for t in tasks:
-            pred = out.setdefault(t.cls, np.zeros((qry_feats.shape[0], *size), np.uint8))
+            pred = out.setdefault(t.cls, np.zeros((qry_feats.shape[0], *qry_size), np.uint8))
             sf = torch.cat([sup_cache[s] for s in t.sup_slices])
-            sm = resize_slices(torch.as_tensor(sup_label[t.sup_slices] == t.cls, dtype=torch.float32)[:, None], input_size, mask=True).to(dev)
+            sm = resize_slices(torch.as_tensor(sup_label[t.sup_slices] == t.cls, dtype=torch.float32)[:, None], size, mask=True).to(dev)
             protos = model.prototypes(sf, sm)
             q = np.asarray(t.qry_slices, int)
             for i in range(0, len(q), batch_size):
                 b = q[i:i+batch_size]
-                probs = segment_with(model, qry_feats[torch.as_tensor(b, device=qry_feats.device)], protos, size, T)
+                probs = segment_with(model, qry_feats[torch.as_tensor(b, device=qry_feats.device)], protos, qry_size, T)
                 pred[b] = fg_of(probs).cpu().numpy()
     return out
 
@@ -141,7 +141,7 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
                    sup_labels, # matching label slice(s) of class indices
                    classes=None, # class indices to segment (default: all non-zero in `sup_labels`)
                    batch_size:int=16, # slices per forward pass
-                   input_size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
+                   size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
                   ) -> np.ndarray:
     "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s)."
     image = check_image(image, 'query image', allow_constant=True)
@@ -154,9 +154,9 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
     if not classes: raise ValueError("sup_labels has no foreground class to segment")
     dev = model_device(model)
     with eval_mode(model), torch.inference_mode():
-        qf = encode_volume(model, image, batch_size=batch_size, size=input_size)
-        sf = encode_volume(model, si, batch_size=batch_size, size=input_size)
-        sm = resize_slices(torch.as_tensor(np.stack([sl == c for c in classes], 1), dtype=torch.float32), input_size, mask=True).to(dev)
+        qf = encode_volume(model, image, batch_size=batch_size, size=size)
+        sf = encode_volume(model, si, batch_size=batch_size, size=size)
+        sm = resize_slices(torch.as_tensor(np.stack([sl == c for c in classes], 1), dtype=torch.float32), size, mask=True).to(dev)
         protos = model.prototypes(sf, sm)
         lut = torch.as_tensor([0, *classes], device=dev)
         out = [lut[model.segment(qf[i:i+batch_size], protos, size=image.shape[1:]).argmax(1)].cpu()
@@ -221,7 +221,7 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
                   support_mask, # support mask of class indices (.nii/.nii.gz); one slice is used
                   out, # output label volume (.nii/.nii.gz), written atomically with the query's geometry
                   z: int | None = None, # support slice (None: `support_slice`'s rule)
-                  input_size: int | None = None, # slice size the model sees (None: as stored)
+                  size: int | None = None, # slice size the model sees (None: as stored)
                  ) -> dict:
     "`fsmis segment`: check the files, z-score, bring the support slice to the query's size, segment, write; returns a summary."
     paths, out = segment_paths(query, support, support_mask, out)
@@ -233,6 +233,6 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     si = torch.as_tensor(sn[z])[None, None]; sm = torch.as_tensor(m[z], dtype=torch.float32)[None, None]
     si, sm = resize_slices(si, qn.shape[1:])[0, 0].numpy(), resize_slices(sm, qn.shape[1:], mask=True)[0, 0].numpy().astype(np.int64)
     if not sm.any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")
-    pred = segment_volume(model, qn, si, sm, input_size=input_size)
+    pred = segment_volume(model, qn, si, sm, size=size)
     write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
     return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(sm) if c})

@@ -129,7 +129,7 @@ def evaluate_case(model:nn.Module, # few-shot model with the inference API
                   n_chunks:int=3, # EP1 chunks
                   batch_size:int=16, # slices per forward pass
                   thresholds=None, # optional list of thresholds for a line search (`segment_with` overrides T)
-                  input_size=None, # slice size the model sees (its training size); Dice is always at the query's size
+                  size=None, # slice size the model sees (its training size); Dice is always at the query's size
                  ) -> list:
     "Rows {case, class, cls, protocol, threshold, tp, fp, fn, dice, n_slices} for one query volume."
     if query.label is None or support.label is None: raise ValueError("support and query cases need labels")
@@ -138,10 +138,10 @@ def evaluate_case(model:nn.Module, # few-shot model with the inference API
     tasks = {c: protocol_tasks(protocol, support.label, query.label, c, n_chunks) for c in classes}
     rows, cache = [], {}
     with eval_mode(model):
-        qf = encode_volume(model, query.image, batch_size=batch_size, size=input_size)
+        qf = encode_volume(model, query.image, batch_size=batch_size, size=size)
         for t in (list(thresholds) if thresholds is not None else [None]):
             pred = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label,
-                                 [x for c in classes for x in tasks[c]], batch_size, cache, T=t, input_size=input_size)
+                                 [x for c in classes for x in tasks[c]], batch_size, cache, T=t, size=size)
             th = learned_threshold(model) if t is None else float(t)
             for c, name in classes.items():
                 ev = np.concatenate([x.qry_slices for x in tasks[c]]) if tasks[c] else np.zeros(0, int)
@@ -162,7 +162,7 @@ def evaluate(model:nn.Module, # few-shot model
              thresholds=None, # optional line-search thresholds
              batch_size:int=16, # slices per forward pass
              progress:bool=False, # show a fastprogress bar
-             input_size=None, # slice size the model sees; predictions are scored at the stored size
+             size=None, # slice size the model sees; predictions are scored at the stored size
             ) -> pd.DataFrame:
     "One row per query volume and class (and threshold) under `protocol`."
     load = dataset.__getitem__ if isinstance(dataset, dict) else dataset.load
@@ -174,5 +174,5 @@ def evaluate(model:nn.Module, # few-shot model
         from fsmis.core import progress_bar
         ids = progress_bar(ids, leave=False, desc='query volumes')
     rows = [r for q in ids for r in evaluate_case(model, sup, load(q), classes, protocol, batch_size=batch_size,
-                                                    thresholds=thresholds, input_size=input_size)]
+                                                    thresholds=thresholds, size=size)]
     return pd.DataFrame(rows)
