@@ -53,6 +53,7 @@ html_static_path = [str(ROOT/'docs'/'_static')]
 html_css_files = ['site.css']
 html_copy_source = False
 html_show_sourcelink = False
+html_show_search_summary = False   # summaries fetch() each result page, which file:// pages may not do
 html_context = {'repo_url': repo_url}
 html_sidebars = {'**': ['sidebar/brand.html', 'sidebar/search.html', 'sidebar/scroll-start.html',
                         'sidebar/navigation.html', 'sidebar/repository.html', 'sidebar/scroll-end.html']}
@@ -97,16 +98,28 @@ def md2rst(text: str) -> str:
         out.append(lit)
     return ''.join(out)
 
+def _star_comments(obj) -> dict:
+    "Comments after `*args` / `**kw` in the signature's source (fastcore's docments gives a `**kw` comment to the return)."
+    try: src = inspect.getsource(obj.__init__ if inspect.isclass(obj) else obj)
+    except (TypeError, OSError): return {}
+    head = src[:src.find(':\n', src.find(')'))] if ')' in src else src
+    return {m.group(2): m.group(3).strip() for m in re.finditer(r'(\*\*?)(\w+)\s*,?\s*#\s*(.*)$', head, re.M)}
+
 def _fields(obj):
     from fastcore.docments import docments
     try: ds = docments(obj, full=True, returns=True)
     except Exception: return []
+    stars = _star_comments(obj)
     res = []
     for name, d in ds.items():
         doc = d.get('docment')
+        kind = d.get('kind')
+        if name in stars and kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD): doc = doc or stars[name]
         if not doc or name == 'self': continue
-        if name == 'return': res.append(f':returns: {md2rst(doc)}'); continue
-        star = {inspect.Parameter.VAR_POSITIONAL: r'\*', inspect.Parameter.VAR_KEYWORD: r'\*\*'}.get(d.get('kind'), '')
+        if name == 'return':
+            if doc not in stars.values(): res.append(f':returns: {md2rst(doc)}')
+            continue
+        star = {inspect.Parameter.VAR_POSITIONAL: r'\*', inspect.Parameter.VAR_KEYWORD: r'\*\*'}.get(kind, '')
         res.append(f':param {star}{name}: {md2rst(doc)}')
     return res
 

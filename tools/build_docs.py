@@ -280,7 +280,7 @@ def _plain(md: str) -> str:
     "Markdown -> one line of plain text."
     t = re.sub(r'!\[([^\]]*)\]\([^)]*\)', r'\1', md)
     t = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', t)
-    t = re.sub(r'[`*_#>|]', '', t)
+    t = re.sub(r'[`*#>|]|\{[\w:.-]+\}', '', t)
     return re.sub(r'\s+', ' ', t).strip()
 
 def fig_alt(d: dict, code: str, last_md: str) -> str:
@@ -289,7 +289,8 @@ def fig_alt(d: dict, code: str, last_md: str) -> str:
         if d.get(k): return d[k].strip().strip('"\'')
     titles = re.findall(r'''title\s*=\s*(['"])(.+?)\1''', code)
     calls = re.findall(r'\b((?:show|plot|draw|demo)_\w*|\w+_figure|overlay|imshow)\(', code)
-    sentences = re.split(r'(?<=[.:;!?])\s+', _plain(last_md)) if last_md else []
+    paras = [p for p in re.split(r'\n\s*\n', re.sub(r'^\s*#.*$', '', last_md or '', flags=re.M)) if p.strip()]
+    sentences = re.split(r'(?<=[.:;!?])\s+', _plain(paras[-1])) if paras else []
     context = next((s for s in reversed(sentences) if len(s) > 20), sentences[-1] if sentences else '')
     what = 'Figure' + (f' drawn by {", ".join(dict.fromkeys(calls))}' if calls else '')
     if titles: what += ' (' + '; '.join(t for _, t in titles) + ')'
