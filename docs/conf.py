@@ -53,6 +53,7 @@ html_static_path = [str(ROOT/'docs'/'_static')]
 html_css_files = ['site.css']
 html_copy_source = False
 html_show_sourcelink = False
+html_domain_indices = False   # no module index page (the sidebar is the index)
 html_show_search_summary = False   # summaries fetch() each result page, which file:// pages may not do
 html_context = {'repo_url': repo_url}
 html_sidebars = {'**': ['sidebar/brand.html', 'sidebar/search.html', 'sidebar/scroll-start.html',

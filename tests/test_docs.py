@@ -149,6 +149,8 @@ def test_api_reference(site):
     assert (site/urlsplit(src['href']).path).is_file()
     body = entry.find_next_sibling('dd').get_text(' ', strip=True)
     assert 'Seed python, numpy and torch' in body and 'seed for python' in body, 'docstring and parameter comments'
+    mods = [a['href'] for a in core.select('article a.reference.internal') if a.get_text() == 'fsmis.data.io']
+    assert mods and mods[0].startswith(_page(_nb_with(r'data\.io'))), 'a `module` in the text links to its page'
     assert '#| export' not in core.get_text() and 'def set_seed' not in core.select_one('article').get_text(), 'code of exported cells hidden'
     adnet = _soup(site/_page(_nb_with(r'models\.adnet'))).select_one('dt#fsmis\\.models\\.adnet\\.ADNet').find_next_sibling('dd')
     assert '-alpha*cos' in adnet.get_text(), 'a * in a docstring is kept, not read as emphasis'

@@ -180,7 +180,9 @@ class Stager:
                 last_md = src
                 cells.append(c); continue
             if c.cell_type != 'code': cells.append(c); continue
-            if 'default_exp' in d or 'exporti' in d or _false(d.get('include')): continue
+            if 'default_exp' in d:   # the page is the module's home: `fsmis.x` references in other pages link here
+                cells.append(_md_cell(f'```{{eval-rst}}\n.. py:module:: {_modname(d["default_exp"].split()[0])}\n```')); continue
+            if 'exporti' in d or _false(d.get('include')): continue
             exp = next((k for k in ('export', 'exports') if k in d), None)
             outs = [o for o in c.get('outputs', []) if not (o.get('output_type') == 'stream' and o.get('name') == 'stderr')]
             if exp:
