@@ -1,108 +1,223 @@
-"""The offline docs site (tools/build_docs.py): one page per notebook, every page reachable from the home page's
-navigation, sidebar order and error reporting, and the pages as headless Chromium renders them (title, navigation,
-not blank). Chromium tests skip when chromium is missing, except under CI (env var CI set), where they fail:
-tools/test.sh installs it."""
-import importlib.util, json, os, shutil, subprocess, sys
+"""The offline docs site (tools/build_docs.py: Sphinx + MyST-NB + Furo): one page per notebook of nbs/sidebar.yml,
+navigation in its order, no broken internal link, nothing loaded from the network, an API reference with parameter
+docs and [source] links; and, in headless Chromium (Playwright driving the system's chromium): search, rendered
+math, no sideways scrolling and a working menu at 400 px. Browser tests skip when chromium or playwright is missing,
+except under CI (env var CI set), where they fail: tools/test.sh installs both."""
+import importlib.util, json, os, re, shutil, sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, unquote
 
-import nbformat, numpy as np, pytest
+import nbformat, pytest, yaml
 from bs4 import BeautifulSoup
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
+NBS = ROOT/'nbs'
 
 def _load_build_docs():
     spec = importlib.util.spec_from_file_location('build_docs', ROOT/'tools'/'build_docs.py')
     mod = importlib.util.module_from_spec(spec)
-    sys.modules['build_docs'] = mod   # dataclasses look their module up here
+    sys.modules['build_docs'] = mod
     spec.loader.exec_module(mod)
     return mod
 
 bd = _load_build_docs()
 
 
+def _listed(nbs=NBS):
+    "Notebooks named in sidebar.yml, in order, with their section (read here independently of the builder)."
+    res = []
+    def walk(items, sec):
+        for e in items if isinstance(items, list) else [items]:
+            if isinstance(e, str): res.append((sec, e))
+            elif isinstance(e, dict) and 'contents' in e: walk(e['contents'], e.get('section', sec))
+            elif isinstance(e, dict) and ('href' in e or 'file' in e): res.append((sec, e.get('href') or e['file']))
+    walk(yaml.safe_load((nbs/'sidebar.yml').read_text())['website']['sidebar']['contents'], None)
+    return res
+
+def _page(nb: str) -> str:
+    "nbdev's page for a notebook (as Quarto names it)."
+    from nbdev.frontmatter import nbpath2html
+    return nbpath2html(Path(nb)).as_posix()
+
+def _nb_with(pattern: str) -> str:
+    "The listed notebook whose name matches `pattern` (notebooks may be renumbered)."
+    hits = [nb for _, nb in _listed() if re.search(pattern, nb)]
+    assert len(hits) == 1, f'expected one notebook matching {pattern!r} in sidebar.yml, got {hits}'
+    return hits[0]
+
+
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    """The site of the repository's notebooks: (folder, pages). Built into a fresh folder, unless FSMIS_DOCS_SITE names
-    a site that tools/test.sh has just built (its pages must match the notebooks' navigation)."""
-    pages = bd.site_pages(ROOT/'nbs')
+    """The site of the repository's notebooks. Built into a fresh folder, unless FSMIS_DOCS_SITE names a site that
+    tools/test.sh has just built (it must list the notebooks of today's sidebar and be newer than every notebook)."""
     given = os.environ.get('FSMIS_DOCS_SITE')
+    pages = [(r.as_posix(), n + '.html') for r, n, _ in bd.site_pages(NBS)]
     if given and (Path(given)/'pages.json').is_file():
         out = Path(given).resolve()
-        built = json.loads((out/'pages.json').read_text())
-        assert [m['notebook'] for m in built] == [p.nb.as_posix() for p in pages], f'{out} is stale: rebuild it'
-        newest = max((ROOT/'nbs'/p.nb).stat().st_mtime for p in pages)
+        built = [(m['notebook'], m['page']) for m in json.loads((out/'pages.json').read_text())]
+        assert built == pages, f'{out} is stale: rebuild it (python tools/build_docs.py)'
+        newest = max(p.stat().st_mtime for p in NBS.rglob('*.ipynb'))
         assert (out/'pages.json').stat().st_mtime >= newest, f'{out} is older than the notebooks: rebuild it'
-        for p, m in zip(pages, built): p.title = m['title']
-        return out, pages
+        return out
     out = tmp_path_factory.mktemp('docs')/'_site'
-    return out, bd.build(out, ROOT/'nbs')
+    bd.build(out, NBS)
+    return out
+
+def _soup(f: Path): return BeautifulSoup(f.read_text(encoding='utf-8'), 'html.parser')
+
+def _html_files(site): return sorted(p for p in site.rglob('*.html'))
 
 
-def _nav_targets(page_file: Path) -> list[Path]:
-    "Files that the sidebar navigation links of `page_file` point to (resolved)."
-    soup = BeautifulSoup(page_file.read_text(encoding='utf-8'), 'html.parser')
-    nav = soup.select_one('nav.sidebar')
-    assert nav is not None, f'{page_file.name}: no sidebar navigation'
-    return [(page_file.parent/urlsplit(a['href']).path).resolve() for a in nav.find_all('a', href=True)]
+# ---- structure ----------------------------------------------------------------------------------------------------
+
+def test_every_sidebar_notebook_has_a_page(site):
+    listed = [nb for _, nb in _listed() if (NBS/nb).exists()]
+    assert len(listed) >= 20
+    for nb in ['index.ipynb', *listed]:
+        f = site/_page(nb)
+        assert f.is_file(), f'nbs/{nb} has no page {_page(nb)}'
+        h1 = _soup(f).select_one('article h1')
+        assert h1 is not None and h1.get_text(strip=True), f'{_page(nb)}: no title'
 
 
-# ---- the site's structure -----------------------------------------------------------------------------------------
-
-def test_one_page_per_notebook(site):
-    out, pages = site
-    nbs = bd.find_notebooks(ROOT/'nbs')
-    assert {p.nb for p in pages} == set(nbs), 'every notebook gets exactly one page'
-    for nb in nbs:
-        page = out/bd.page_name(nb)
-        assert page.is_file(), f'no page for nbs/{nb}'
-        assert '<h1 class="title">' in page.read_text(encoding='utf-8')
-    assert (out/'index.html').is_file() and (out/'core.html').is_file() and (out/'site.css').is_file()
-    manifest = json.loads((out/'pages.json').read_text())
-    assert [m['page'] for m in manifest] == [p.html.as_posix() for p in pages]
+def test_navigation_follows_sidebar_yml(site):
+    listed = [(sec, nb) for sec, nb in _listed() if (NBS/nb).exists() and nb != 'index.ipynb']
+    expected = [(site/_page(nb)).resolve() for _, nb in listed]
+    for f in [site/'index.html', site/_page(listed[-1][1])]:   # the home page and a page in a sub-folder
+        soup = _soup(f)
+        links = [(f.parent/unquote(urlsplit(a['href']).path)).resolve() if urlsplit(a['href']).path else f.resolve()
+                 for a in soup.select('.sidebar-tree a.reference')]
+        assert links[:len(expected)] == expected, f'{f.name}: navigation is not in sidebar.yml order'
+        captions = [c.get_text(strip=True) for c in soup.select('.sidebar-tree p.caption')]
+        assert captions == list(dict.fromkeys(sec for sec, _ in listed if sec)), 'sections as in sidebar.yml'
 
 
-def test_every_page_reachable_from_home(site):
-    out, pages = site
-    targets = _nav_targets(out/'index.html')
-    expected = [(out/p.html).resolve() for p in pages]
-    assert targets == expected, 'home navigation lists every page, in sidebar order'
-    for p in pages:   # every page (tutorials/ too) carries the same working navigation and a prev/next pager
-        f = out/p.html
-        assert _nav_targets(f) == expected, f'{p.html}: navigation differs from the home page'
-        soup = BeautifulSoup(f.read_text(encoding='utf-8'), 'html.parser')
-        pager = soup.select('nav.pager a[href]')
-        assert pager, f'{p.html}: no previous/next link'
-        for a in pager: assert (f.parent/urlsplit(a['href']).path).resolve().is_file()
+def _targets(f: Path):
+    soup = _soup(f)
+    for tag, attr in (('a', 'href'), ('img', 'src'), ('link', 'href'), ('script', 'src'), ('iframe', 'src'), ('source', 'src')):
+        for el in soup.find_all(tag):
+            if el.get(attr): yield tag, el[attr]
+
+def test_no_broken_internal_link(site):
+    ids, bad, n = {}, [], 0
+    def ids_of(p):
+        if p not in ids: ids[p] = {e['id'] for e in _soup(p).find_all(id=True)}
+        return ids[p]
+    for f in _html_files(site):
+        for tag, url in _targets(f):
+            u = urlsplit(url)
+            if u.scheme or url.startswith('//'): continue
+            target = (f.parent/unquote(u.path)).resolve() if u.path else f
+            n += 1
+            if not target.is_file(): bad.append(f'{f.relative_to(site)}: {url} (missing file)')
+            elif u.fragment and target.suffix == '.html' and unquote(u.fragment) not in ids_of(target):
+                bad.append(f'{f.relative_to(site)}: {url} (no such anchor)')
+    assert n > 1000
+    assert not bad, f'{len(bad)} broken links:\n' + '\n'.join(bad[:30])
 
 
-def test_sidebar_order_followed(site):
-    _, pages = site
-    import yaml
-    listed = [e for _, e in bd._sidebar_entries(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents'], None, [])]
-    got = [p.nb.as_posix() for p in pages]
-    present = [e for e in listed if (ROOT/'nbs'/e).exists()]
-    assert got[:len(present)] == present
+def test_pages_load_nothing_from_the_network(site):
+    "No script, stylesheet, image or frame from another host: the site works offline (MathJax is bundled)."
+    ext = [f'{f.relative_to(site)}: <{tag}> {url}' for f in _html_files(site) for tag, url in _targets(f)
+           if tag != 'a' and (urlsplit(url).scheme in ('http', 'https') or url.startswith('//'))]
+    assert not ext, '\n'.join(ext[:20])
+    assert (site/'_static'/'mathjax'/'tex-svg.js').is_file()
+    for css in (site/'_static').rglob('*.css'):
+        assert not re.search(r'url\(\s*[\'"]?(https?:)?//', css.read_text(errors='ignore')), f'{css.name} loads a remote file'
 
 
-def test_api_reference_and_figures(site):
-    out, _ = site
-    core = BeautifulSoup((out/'core.html').read_text(encoding='utf-8'), 'html.parser')
-    entries = {d['id'] for d in core.select('div.api-entry')}
-    assert {'case', 'set_seed', 'data_root', 'atomic_write'} <= entries
-    case = core.select_one('div.api-entry#case')
-    assert 'spacing' in case.get_text() and 'One 3D scan in memory' in case.get_text()  # signature + docstring
-    assert '#| export' not in core.get_text() and 'np.random.seed(seed' not in core.get_text(), 'exported code replaced by its API entry'
-    assert 'from nbdev.showdoc import' not in core.get_text(), '#| hide cells dropped'
-    if (out/'viz.html').exists():
-        viz = BeautifulSoup((out/'viz.html').read_text(encoding='utf-8'), 'html.parser')
-        assert len(viz.select('div.output-image img[src^="data:image/png;base64,"]')) >= 4, 'stored figures embedded'
-        assert viz.select_one('div.api-entry#volumeviewer') is not None
+def test_favicon_and_repository_link(site):
+    from nbdev.config import get_config
+    repo = get_config(path=ROOT).git_url
+    assert repo.startswith('https://')
+    for f in _html_files(site):
+        if '_modules' in f.parts: continue
+        soup = _soup(f)
+        icon = soup.find('link', rel='icon')
+        assert icon is not None and (f.parent/icon['href']).is_file(), f'{f.name}: no favicon'
+        assert soup.select(f'a[href="{repo}"]'), f'{f.name}: no link to the repository {repo}'
 
 
-# ---- sidebar rules and errors, on a small notebook folder ---------------------------------------------------------
+def test_api_reference(site):
+    core = _soup(site/'core.html')
+    entry = core.select_one('dt#fsmis\\.core\\.set_seed')
+    assert entry is not None, 'set_seed documented where it is exported'
+    sig = entry.get_text(' ', strip=True)
+    assert 'seed : int = 0' in sig and 'deterministic' in sig, sig
+    src = entry.select_one('a.viewcode-link') or entry.find_parent('dl').select_one('a[href*="_modules/"]')
+    assert src is not None and '[source]' in src.get_text()
+    assert (site/urlsplit(src['href']).path).is_file()
+    body = entry.find_next_sibling('dd').get_text(' ', strip=True)
+    assert 'Seed python, numpy and torch' in body and 'seed for python' in body, 'docstring and parameter comments'
+    mods = [a['href'] for a in core.select('article a.reference.internal') if a.get_text() == 'fsmis.data.io']
+    assert mods and mods[0].startswith(_page(_nb_with(r'data\.io'))), 'a `module` in the text links to its page'
+    assert '#| export' not in core.get_text() and 'def set_seed' not in core.select_one('article').get_text(), 'code of exported cells hidden'
+    adnet = _soup(site/_page(_nb_with(r'models\.adnet'))).select_one('dt#fsmis\\.models\\.adnet\\.ADNet').find_next_sibling('dd')
+    assert '-alpha*cos' in adnet.get_text(), 'a * in a docstring is kept, not read as emphasis'
+    cfg = _soup(site/'config.html').select_one('dt#fsmis\\.config\\.cpu_budget_config').find_next_sibling('dd')
+    fields = {li.get_text(' ', strip=True).split(' – ')[0]: li.get_text(' ', strip=True) for li in cfg.select('dl.field-list li')}
+    assert 'ExperimentConfig' in fields.get('**kw', ''), f'**kw comment documents **kw: {fields}'
+    for f in _html_files(site):
+        art = _soup(f).select_one('article')
+        if art is not None: assert 'NoneType' not in art.get_text(), f'{f.name}: a type shown as NoneType'
+
+
+def test_directives_and_subtitles(site):
+    for f in _html_files(site):
+        art = _soup(f).select_one('article')
+        if art is None or '_modules' in f.parts: continue
+        code = '\n'.join(p.get_text() for p in art.select('div.cell_input pre'))
+        assert not re.search(r'^\s*#\s*\|', code, re.M), f'{f.name}: an nbdev directive comment is shown'
+        assert 'from nbdev.showdoc import' not in code, f'{f.name}: a #| hide cell is shown'
+        lead = art.select_one('p.lead')
+        if lead is not None: assert '`' not in lead.get_text(), f'{f.name}: literal backticks in the subtitle'
+    cli = _soup(site/_page(_nb_with(r'cli\.ipynb$'))).select_one('article p.lead')
+    assert cli is not None and cli.select('code'), 'the subtitle renders its `code`'
+
+
+def test_figures_have_alt_text(site):
+    n = 0
+    for f in _html_files(site):
+        art = _soup(f).select_one('article')
+        for img in art.select('img') if art is not None else []:
+            n += 1
+            alt = (img.get('alt') or '').strip()
+            assert len(alt) >= 15 and 'no description' not in alt.lower(), f'{f.name}: {img.get("src")} has alt {alt!r}'
+    assert n >= 30
+
+
+def test_install_instructions_agree():
+    "The README (generated from nbs/index.ipynb) and the docs home give the same install commands."
+    readme = re.findall(r'^.*pip install.*$', (ROOT/'README.md').read_text(), re.M)
+    home = re.findall(r'^.*pip install.*$', '\n'.join(c.source for c in nbformat.read(NBS/'index.ipynb', 4).cells), re.M)
+    assert readme and readme == home
+
+def test_install_instructions_on_the_home_page(site):
+    home = _soup(site/'index.html').select_one('article').get_text()
+    for line in re.findall(r'^.*pip install.*$', (ROOT/'README.md').read_text(), re.M):
+        if not line.startswith(('#', '>')): assert line.strip() in home
+
+
+def _cli_subcommands():
+    import argparse
+    from fsmis.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+def _cli_nb_has_help():
+    nb = nbformat.read(NBS/_nb_with(r'cli\.ipynb$'), 4)
+    txt = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
+    return all(f'usage: fsmis {s}' in txt for s in _cli_subcommands())
+
+@pytest.mark.xfail(not _cli_nb_has_help(), strict=True,
+                   reason="the CLI notebook does not store each subcommand's --help output yet (the lead adds it)")
+def test_cli_page_shows_every_subcommands_help(site):
+    text = _soup(site/_page(_nb_with(r'cli\.ipynb$'))).select_one('article').get_text()
+    missing = [s for s in _cli_subcommands() if not re.search(rf'usage: fsmis {s}\b', text)]
+    assert not missing, f'no --help shown for: {missing}'
+
+
+# ---- the builder on a small notebook folder -----------------------------------------------------------------------
 
 def _nb(path: Path, *cells):
     nb = nbformat.v4.new_notebook()
@@ -119,88 +234,125 @@ def _nb(path: Path, *cells):
 @pytest.fixture
 def mini_nbs(tmp_path):
     nbs = tmp_path/'nbs'
-    _nb(nbs/'index.ipynb', '# Mini\n> a small site', 'See [the second page](02_b.ipynb) and [a tutorial](tutorials/t.ipynb).')
-    _nb(nbs/'02_b.ipynb', '# Bee\n> second', '## Part', 'code:#| hide\nsecret = 1', 'code:x = 1\nx',
-        'code:#| echo: false\nprint("only output")\n->only output\n', 'Math stays $a_i + b_i$ and `code_x`.',
+    _nb(nbs/'index.ipynb', '# Mini\n> a `small` site', 'See [the second page](02_b.ipynb) and [a tutorial](tutorials/t.ipynb).')
+    _nb(nbs/'02_b.ipynb', '# Bee\n> second', '## Part', 'code:#| hide\nsecret = 1', 'code:#| slow\nx = 1\nx',
+        'code:#| echo: false\nprint("usage: fsmis demo [-h]")\n->usage: fsmis demo [-h]\n', 'Math $a_i + b_i$ and `code_x`.',
         '::: {.callout-note}\nA *quarto* callout.\n:::')
     _nb(nbs/'01_a.ipynb', '# Ay')
     _nb(nbs/'tutorials'/'t.ipynb', '# Tut', 'Back [home](../index.ipynb).')
     _nb(nbs/'_private.ipynb', '# hidden from the site')
     (nbs/'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - 02_b.ipynb\n'
                                   '      - section: Later\n        contents:\n          - 99_missing.ipynb\n          - 01_a.ipynb\n')
-    (nbs/'nbdev.yml').write_text('website:\n  title: "minisite"\n  description: "tiny"\n')
     return nbs
 
-def test_sidebar_rules(mini_nbs, tmp_path):
+def test_builder_rules(mini_nbs, tmp_path):
     pages = bd.build(tmp_path/'site', mini_nbs)
-    assert [p.nb.as_posix() for p in pages] == ['index.ipynb', '02_b.ipynb', '01_a.ipynb', 'tutorials/t.ipynb']
-    assert [p.section for p in pages] == [None, None, 'Later', 'More']   # missing skipped, unlisted appended
-    assert [p.html.as_posix() for p in pages] == ['index.html', 'b.html', 'a.html', 'tutorials/t.html']
+    assert [(r.as_posix(), n, s) for r, n, s in pages] == [('index.ipynb', 'index', None), ('02_b.ipynb', 'b', None),
+        ('01_a.ipynb', 'a', 'Later'), ('tutorials/t.ipynb', 'tutorials/t', 'More')]   # missing skipped, unlisted appended
     site = tmp_path/'site'
-    home = (site/'index.html').read_text()
-    assert 'href="b.html"' in home and 'href="tutorials/t.html"' in home   # .ipynb links rewritten
-    assert 'minisite</title>' in home
-    b = BeautifulSoup((site/'b.html').read_text(), 'html.parser').select_one('main').get_text()
-    assert 'secret' not in b and 'x = 1' in b and 'only output' in b and 'print(' not in b
-    assert '$a_i + b_i$' in b, 'math kept verbatim'
-    assert ':::' not in b and '<div class="callout-note">' in (site/'b.html').read_text(), 'quarto callouts become divs'
+    home = _soup(site/'index.html')
+    assert {'b.html', 'tutorials/t.html'} <= {a['href'] for a in home.select('article a[href]')}, '.ipynb links rewritten'
+    assert home.select_one('p.lead code').get_text() == 'small'
+    b = _soup(site/'b.html').select_one('article')
+    text = b.get_text()
+    assert 'secret' not in text and 'x = 1' in text and '#|' not in text, 'hidden cell dropped, directive comments stripped'
+    assert 'usage: fsmis demo [-h]' in text and 'print(' not in text, 'echo: false shows the stored output only'
+    assert b.select('span.math') and '$' not in text, 'dollar math handed to MathJax'
+    assert b.select_one('div.admonition.note') is not None, 'Quarto callouts become admonitions'
     t = (site/'tutorials'/'t.html').read_text()
-    assert 'href="../index.html"' in t and 'href="../site.css"' in t
+    assert 'href="../index.html"' in t
 
 
-def test_unrenderable_notebook_fails_clearly(mini_nbs, tmp_path, capsys):
+def test_unreadable_notebook_fails_clearly(mini_nbs, tmp_path, capsys):
     (mini_nbs/'03_broken.ipynb').write_text('{ not json')
     out = tmp_path/'site'
     assert bd.main(['--nbs', str(mini_nbs), '--out', str(out), '-q']) == 1
     err = capsys.readouterr().err
     assert '03_broken.ipynb' in err and 'cannot read' in err
     assert not out.exists(), 'no half-built site left behind'
+    assert not list(tmp_path.glob('.site.*')), 'no temporary folder left behind'
 
 
 def test_missing_export_fails_clearly(mini_nbs, tmp_path):
     _nb(mini_nbs/'04_c.ipynb', '# C', 'code:#| default_exp core', 'code:#| export\ndef not_in_module(): pass')
-    with pytest.raises(bd.BuildError, match='not_in_module.*missing from module fsmis.core'): bd.build(tmp_path/'s', mini_nbs)
+    with pytest.raises(bd.BuildError, match='not_in_module.*fsmis.core'): bd.build(tmp_path/'s', mini_nbs)
 
 
 # ---- the pages in a real browser ----------------------------------------------------------------------------------
 
-def _chromium():
-    exe = next((shutil.which(n) for n in ('chromium', 'chromium-browser', 'google-chrome') if shutil.which(n)), None)
-    if exe is None:
-        msg = 'chromium is not installed (tools/test.sh installs it: apt-get install chromium)'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
+
+@pytest.fixture(scope='module')
+def browser(tmp_path_factory):
+    exe = next((shutil.which(n) for n in ('chromium', 'chromium-browser') if shutil.which(n)), None)
+    try: from playwright.sync_api import sync_playwright
+    except ImportError: sync_playwright = None
+    if exe is None or sync_playwright is None:
+        msg = 'chromium or playwright is missing (tools/test.sh installs chromium with apt-get, playwright with the dev extras)'
         if os.environ.get('CI'): pytest.fail(msg + ' -- required under CI')
         pytest.skip(msg)
-    return exe
+    with sync_playwright() as p:   # launch() gives every run a fresh temporary profile
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        b.requests = []
+        yield b
+        b.close()
 
-def _browse(tmp_path, url, *args):
-    exe = _chromium()
-    prof = Path(tmp_path)/f'profile{len(list(Path(tmp_path).glob("profile*")))}'
-    cmd = [exe, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
-           '--no-first-run', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage',
-           '--hide-scrollbars', f'--user-data-dir={prof}', *args, url]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, f'chromium failed ({r.returncode}): {r.stderr[-2000:]}'
-    return r.stdout
+def _open(browser, f: Path, width=1280, height=900):
+    page = browser.new_page(viewport={'width': width, 'height': height})
+    page.errors = []
+    page.on('request', lambda r: browser.requests.append(r.url))
+    page.on('pageerror', lambda e: page.errors.append(str(e)))
+    page.goto(f.resolve().as_uri())
+    page.wait_for_load_state('load')
+    return page
 
-@pytest.mark.parametrize('page', ['index.html', 'core.html'])
-def test_page_in_chromium(site, tmp_path, page):
-    out, pages = site
-    url = (out/page).resolve().as_uri()
-    title = bd.site_config(ROOT/'nbs')['title']
-    dom = BeautifulSoup(_browse(tmp_path, url, '--dump-dom'), 'html.parser')
-    assert title in dom.title.get_text()
-    assert dom.select_one('header .site-title').get_text() == title
-    assert len(dom.select('nav.sidebar a[href]')) == len(pages)
-    assert dom.select_one('main h1.title').get_text().strip()
-    shot = tmp_path/f'{page}.png'
-    _browse(tmp_path, url, f'--screenshot={shot}', '--window-size=1280,900')
-    im = Image.open(shot).convert('RGB')
-    assert im.size == (1280, 900)
-    a = np.asarray(im)
-    non_white = (a.min(-1) < 235).mean()
-    colours = len(np.unique(a.reshape(-1, 3), axis=0))
-    assert non_white > 0.08, f'{page}: looks blank ({non_white:.1%} non-white pixels)'
-    assert colours > 100, f'{page}: only {colours} distinct colours'
-    r, g, b = im.getpixel((640, 8))           # the site-title bar across the top
-    assert b > 150 and r < 100, f'{page}: no title bar at the top (pixel {(r, g, b)})'
-    assert a[60:400, :240].min() < 100, f'{page}: sidebar navigation not drawn'   # dark text in the sidebar
+def test_search_finds_supervoxels_page(site, browser):
+    page = _open(browser, site/'index.html')
+    page.fill('.sidebar-drawer input[name="q"]', 'supervoxel')
+    page.press('.sidebar-drawer input[name="q"]', 'Enter')
+    page.wait_for_selector('#search-results ul.search li a', timeout=30_000)
+    hrefs = [urlsplit(a.get_attribute('href')).path for a in page.query_selector_all('#search-results ul.search li a')]
+    assert _page(_nb_with(r'supervoxels\.ipynb$')) in hrefs, hrefs
+    assert not page.errors
+    page.close()
+
+def test_math_rendered_on_adnet_page(site, browser):
+    page = _open(browser, site/_page(_nb_with(r'models\.adnet')))
+    page.wait_for_selector('article mjx-container svg', timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('article span.math').length === "
+                           "document.querySelectorAll('article span.math mjx-container').length", timeout=30_000)
+    raw = page.evaluate("""() => { const a = document.querySelector('article').cloneNode(true);
+        a.querySelectorAll('pre, code, mjx-container, script, style').forEach(e => e.remove()); return a.innerText; }""")
+    assert '$' not in raw and '\\(' not in raw, 'raw TeX left on the page'
+    assert not page.errors
+    page.close()
+
+def test_phone_width_no_sideways_scroll_and_menu(site, browser):
+    pages = [m['page'] for m in json.loads((site/'pages.json').read_text())]
+    wide = []
+    for p in pages:
+        page = _open(browser, site/p, width=400, height=800)
+        page.wait_for_timeout(50)
+        sw, w = page.evaluate('[document.documentElement.scrollWidth, window.innerWidth]')
+        if sw > w: wide.append(f'{p}: {sw}px wide')
+        if p == pages[1]:   # the navigation is folded away, the content starts at the top, the menu opens it
+            h1 = page.query_selector('article h1').bounding_box()
+            assert h1['y'] < 200, f'{p}: content starts {h1["y"]}px down'
+            nav = page.query_selector('.sidebar-drawer .sidebar-tree')
+            assert not nav.is_visible() or nav.bounding_box()['x'] + nav.bounding_box()['width'] <= 0
+            page.click('.mobile-header label[for="__navigation"]')
+            page.wait_for_timeout(400)
+            box = nav.bounding_box()
+            assert nav.is_visible() and box['x'] >= 0 and box['width'] > 100, 'the menu button opens the navigation'
+        assert not page.errors, f'{p}: {page.errors}'
+        page.close()
+    assert not wide, 'pages scroll sideways at 400px:\n' + '\n'.join(wide)
+
+def test_browser_fetched_nothing_remote(site, browser):
+    for f in [site/'index.html', site/_page(_nb_with(r'models\.adnet')), site/'search.html']:
+        page = _open(browser, f)
+        page.wait_for_timeout(300)
+        page.close()
+    remote = [u for u in browser.requests if not u.startswith(('file:', 'data:', 'blob:', 'about:'))]
+    assert browser.requests and not remote, remote[:10]

@@ -27,7 +27,7 @@ fi
 step "notebook lessons (nbdev-test; slow, cuda and data cells skipped)"
 nbdev-test --n-workers 2 --timing
 
-step "docs site (tools/build_docs.py -> _site/, checked by tests/test_docs.py in headless chromium)"
+step "docs site (tools/build_docs.py: Sphinx + MyST-NB + Furo -> _site/, checked by tests/test_docs.py in headless chromium)"
 if ! command -v chromium >/dev/null 2>&1; then
   echo "installing chromium (apt-get) for the docs screenshots"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
