@@ -18,8 +18,8 @@ from .config import ExperimentConfig, reproduce_config
 from .eval.metrics import paired_wilcoxon, df_markdown
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'apply_overrides', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'run_cell', 'run_ablation',
-           'finished_cells', 'ablation_tables', 'paper_table']
+__all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'run_cell',
+           'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -35,6 +35,18 @@ def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed
             d[top] = {**d[top], sub: v}
         else: d[top] = v
     return ExperimentConfig(**d)
+
+# %% ../nbs/43_ablate.ipynb #daeb8a75
+def grid_rows(grid: dict # {field: list of values}, dotted keys allowed (as `apply_overrides`)
+             ) -> dict:
+    "{row label: overrides} for every combination of the grid's values, in the order of the grid (last field fastest)."
+    import itertools
+    if not grid: raise ValueError("grid is empty: give {field: [values]}")
+    for k, v in grid.items():
+        if not isinstance(v, (list, tuple)) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
+    keys = list(grid)
+    return {', '.join(f"{k.split('.')[-1]} {v}" for k, v in zip(keys, combo)): dict(zip(keys, combo))
+            for combo in itertools.product(*(grid[k] for k in keys))}
 
 # %% ../nbs/43_ablate.ipynb #e2d12638
 @dataclass
