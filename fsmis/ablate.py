@@ -181,7 +181,6 @@ def run_cell(cell: Cell, # the cell
 def _init_worker():
     import torch; torch.set_num_threads(1)
 
-def _run_cell_job(cell, out): _init_worker(); return run_cell(cell, out)
 
 def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
                  out, # the ablation's folder (one sub-folder per cell)
@@ -203,9 +202,15 @@ def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
         todo = [allc[int(k)] for k in cells]
     else: todo = allc
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(dict(name=a.name, budget=budget, folds=folds, runs=runs, minutes=minutes, over=over or {})))
+    if (out/'ablation.json').is_file():  # the folder's cells must all come from the same grid
+        old = {k: v for k, v in json.loads((out/'ablation.json').read_text()).items() if k != 'cells'}
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(f"{out}: holds cells of {a.name if old.get('name') == a.name else old.get('name')} run with other options "
+                             f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); use another folder")
     with atomic_write(out/'ablation.json', 'w') as f:
-        json.dump(dict(name=a.name, budget=budget, folds=folds, runs=runs, minutes=minutes, over=over or {},
-                       cells=[dict(index=c.index, row=c.row, fold=c.fold, run=c.run, folder=c.folder) for c in allc]), f, indent=1)
+        json.dump(dict(**settings, cells=[dict(index=c.index, row=c.row, fold=c.fold, run=c.run, folder=c.folder) for c in allc]), f, indent=1)
     pending = [c for c in todo if not (out/c.folder/'done.json').is_file()]
     say = print if progress else (lambda *a, **k: None)
     say(f"{a.name}: {len(allc)} cells, {len(allc) - len([c for c in allc if not (out/c.folder/'done.json').is_file()])} done, running {len(pending)}")
