@@ -6,12 +6,11 @@ Docs: https://fsmis.github.io/fsmis/ablate.html.md"""
 
 # %% ../nbs/43_ablate.ipynb #07f96d6c
 from __future__ import annotations
-import dataclasses, json, os, re, shutil, time
+import dataclasses, json, re, shutil, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing as mp
 from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
 import pandas as pd
 from .core import atomic_write
 from .config import ExperimentConfig, reproduce_config
