@@ -78,14 +78,15 @@ class _Parser(argparse.ArgumentParser):
 _SUBCOMMANDS: dict = {}  # name -> add (arguments), run (handler), help, description, device, quiet; in registration order
 
 def subcommand(name: str, # `fsmis NAME`
-               run, # handler: parsed arguments -> exit code
+               run, # handler: parsed arguments -> exit code (None: 0)
                help: str, # one line in `fsmis --help`
-               description: str, # the paragraph of `fsmis NAME --help`
                device: bool = True, # add --device
                quiet: bool = True, # add --quiet
               ):
-    "Decorator: register `add_arguments(parser)` as the arguments of `fsmis NAME`, handled by `run`."
+    "Decorator: register `add_arguments(parser)` as the arguments of `fsmis NAME`, handled by `run`; its docstring is the paragraph of `fsmis NAME --help`."
     def deco(add_arguments):
+        if not add_arguments.__doc__: raise TypeError(f"subcommand {name!r}: {add_arguments.__name__} needs a docstring (the --help paragraph)")
+        description = ' '.join(add_arguments.__doc__.split())
         _SUBCOMMANDS[name] = dict(add=add_arguments, run=run, help=help, description=description, device=device, quiet=quiet)
         return add_arguments
     return deco
@@ -137,13 +138,12 @@ def _cmd_demo(a):
     run_demo(a.out, data=a.data, n_steps=a.n_steps, device=a.device, seed=a.seed, n_cases=a.n_cases, n_queries=a.n_queries,
              size=a.size or None, lr=a.lr, progress=not a.quiet, threads=a.threads or None)
     print(f"results written to {a.out}/ (results.json, dice.csv, dice.md, per_volume.csv, demo.png, model.pth)")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #efda9210
-@subcommand('demo', _cmd_demo, help='the main job: phantoms, supervoxels, self-supervised ADNet, EP2 vs untrained',
-            description='Build phantom cases, compute supervoxels, train ADNet self-supervised, evaluate EP2 on held-out '
-                        'cases against the untrained network, and write results.json, Dice tables and a figure.')
+@subcommand('demo', _cmd_demo, help='the main job: phantoms, supervoxels, self-supervised ADNet, EP2 vs untrained')
 def _args_demo(p):
+    """Build phantom cases, compute supervoxels, train ADNet self-supervised, evaluate EP2 on held-out cases against
+    the untrained network, and write results.json, Dice tables and a figure."""
     from fsmis.config import DEMO_DEFAULTS as D
     p.add_argument('--out', default='fsmis-demo', help='output folder')
     p.add_argument('--data', default=None, help='a normalized dataset folder (image_<id>/label_<id> NIfTI) instead of phantoms')
@@ -162,13 +162,12 @@ def _cmd_preprocess(a):
     df = preprocess_folder(a.src, a.dst, dataset=a.dataset, size=a.size, require_labels=not a.no_labels,
                            overwrite=a.overwrite, progress=not a.quiet)
     print(f"{len(df)} cases written to {a.dst} (manifest.json, manifest.csv)")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #d6282e0f
-@subcommand('preprocess', _cmd_preprocess, help='raw scans to the normalized layout',
-            description='Clip/window intensities, resample to 1.25 mm in-plane, crop/pad to SIZE, write image_<id>/label_<id> '
-                        'NIfTI files and a manifest (fsmis.data.preprocess.preprocess_folder).', device=False)
+@subcommand('preprocess', _cmd_preprocess, help='raw scans to the normalized layout', device=False)
 def _args_preprocess(p):
+    """Clip/window intensities, resample to 1.25 mm in-plane, crop/pad to SIZE, write image_<id>/label_<id> NIfTI files
+    and a manifest (fsmis.data.preprocess.preprocess_folder)."""
     p.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
     p.add_argument('dst', help='output folder')
     p.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
@@ -208,13 +207,12 @@ def _cmd_supervoxels(a):
         s = supervoxel_stats(sv, cid) if mode == '3d' else None
         print(f"case {cid}: " + (f"{s['n']} supervoxels" if s else f"{int(sv.max())} superpixels in the fullest slice"))
     print(f"{len(paths)} files written to {out}")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #1d7005be
-@subcommand('supervoxels', _cmd_supervoxels, help="a dataset folder's supervoxels (or 2D superpixels) as NIfTI files",
-            description='ADNet 3D supervoxels (or, with --superpixels, SSL-ALPNet 2D superpixels) of every case of a '
-                        'dataset folder, cached, written as superpix-<TAG>_<id>.nii.gz with the images\' geometry.', device=False)
+@subcommand('supervoxels', _cmd_supervoxels, help="a dataset folder's supervoxels (or 2D superpixels) as NIfTI files", device=False)
 def _args_supervoxels(p):
+    """ADNet 3D supervoxels (or, with --superpixels, SSL-ALPNet 2D superpixels) of every case of a dataset folder,
+    cached, written as superpix-<TAG>_<id>.nii.gz with the images' geometry."""
     p.add_argument('folder', help='dataset folder of image_<id>.nii[.gz] files')
     p.add_argument('--out', default=None, help='output folder (default: ./supervoxels_<dataset>)')
     p.add_argument('--rho', type=positive_int, default=None, help="minimum supervoxel size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
@@ -257,14 +255,13 @@ def _cmd_train(a):
     final = L.save_checkpoint(learn, ck/'final.pth')  # metadata (input size, classes, dataset, fold) written once
     cfg.save(ck/'config.yaml')
     print(f"{learn.iteration} steps; final checkpoint {final}")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #ec7385bd
-@subcommand('train', _cmd_train, help='train ADNet / ALPNet / PANet on the training cases of a fold',
-            description='Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, '
-                        'superpixel episodes for ALPNet/PANet), with periodic checkpoints, exact --resume and a final '
-                        'checkpoint DIR/final.pth. Options override the --config file.')
+@subcommand('train', _cmd_train, help='train ADNet / ALPNet / PANet on the training cases of a fold')
 def _args_train(p):
+    """Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, superpixel episodes
+    for ALPNet/PANet), with periodic checkpoints, exact --resume and a final checkpoint DIR/final.pth. Options
+    override the --config file."""
     p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='method (default adnet)')
     p.add_argument('--dataset', default=None, help="registered dataset ('chaos_t2', 'ms_cmrseg_bssfp', 'phantom') or a folder (default chaos_t2)")
     p.add_argument('--fold', type=nonneg_int, default=0, help='fold whose training cases are used')
@@ -331,13 +328,12 @@ def _cmd_evaluate(a):
         with atomic_write(out/'results.csv', 'w') as fh: res.to_csv(fh, index=False)
         with atomic_write(out/'tables.md', 'w') as fh: fh.write('\n\n'.join(f"## {a.protocol}\n\n{t}" for t in tables.values()) + '\n')
         print(f"tables written to {out}/tables.md and {out}/results.csv")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #c718d8f0
-@subcommand('evaluate', _cmd_evaluate, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2',
-            description='Dice per query volume and class on the test cases of the given folds; paper-style tables. '
-                        'setting1 and setting2 both use Ouyang\'s protocol (they differ in training, not in evaluation).')
+@subcommand('evaluate', _cmd_evaluate, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2')
 def _args_evaluate(p):
+    """Dice per query volume and class on the test cases of the given folds; paper-style tables. setting1 and setting2
+    both use Ouyang's protocol (they differ in training, not in evaluation)."""
     p.add_argument('checkpoint', help='checkpoint file (fsmis train / fsmis demo / run_experiment)')
     p.add_argument('--dataset', default=None, help='registered dataset or folder (default: the one stored in the checkpoint)')
     p.add_argument('--protocol', choices=list(_PROTOCOLS), default='EP2', help='evaluation protocol')
@@ -358,13 +354,12 @@ def _cmd_segment(a):
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #4aebcc2b
-@subcommand('segment', _cmd_segment, help='segment a query scan from a labelled support slice',
-            description='Segment QUERY (NIfTI) from one labelled slice of SUPPORT (NIfTI + mask NIfTI of class indices); '
-                        'writes the predicted class-index volume as NIfTI with the query\'s geometry.', quiet=False)
+@subcommand('segment', _cmd_segment, help='segment a query scan from a labelled support slice', quiet=False)
 def _args_segment(p):
+    """Segment QUERY (NIfTI) from one labelled slice of SUPPORT (NIfTI + mask NIfTI of class indices); writes the
+    predicted class-index volume as NIfTI with the query's geometry."""
     p.add_argument('query', help='query image (.nii/.nii.gz)')
     p.add_argument('support', help='support image (.nii/.nii.gz)')
     p.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
@@ -387,13 +382,12 @@ def _cmd_pretrain(a):
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
                            size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids)
     print(f"encoder weights written to {out}")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #1bcc35fd
-@subcommand('pretrain', _cmd_pretrain, help='self-supervised encoder pretraining (DenseCL, DenseMP stage 1)',
-            description='Dense contrastive pretraining of an fsmis encoder on unlabeled slices of datasets, folders or '
-                        'NIfTI files (labels are never read); writes an encoder weights file for --encoder-weights.')
+@subcommand('pretrain', _cmd_pretrain, help='self-supervised encoder pretraining (DenseCL, DenseMP stage 1)')
 def _args_pretrain(p):
+    """Dense contrastive pretraining of an fsmis encoder on unlabeled slices of datasets, folders or NIfTI files
+    (labels are never read); writes an encoder weights file for --encoder-weights."""
     p.add_argument('method', choices=['densecl'], help='pretraining method')
     p.add_argument('data', nargs='+', help='registered dataset names, dataset folders or NIfTI files')
     p.add_argument('--encoder', default='small', help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101'")
@@ -418,13 +412,12 @@ def _cmd_reproduce(a):
     if a.budget == 'paper' and (cfg.device or '').startswith('cpu'): print("warning: the paper budget is meant for a GPU", file=sys.stderr)
     res = run_experiment(cfg, Path(a.out or f"reproduce_{a.name}_{a.budget}"))
     print(res)
-    return 0
 
 # %% ../nbs/51_cli.ipynb #cae48bd5
-@subcommand('reproduce', _cmd_reproduce, help='run a named paper configuration (--list to see them)',
-            description='Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). '
-                        '--budget cpu: small encoder, MINUTES per fold; --budget paper: the published budget, for a GPU.', quiet=False)
+@subcommand('reproduce', _cmd_reproduce, help='run a named paper configuration (--list to see them)', quiet=False)
 def _args_reproduce(p):
+    """Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). --budget cpu: small
+    encoder, MINUTES per fold; --budget paper: the published budget, for a GPU."""
     p.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
     p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
@@ -456,13 +449,12 @@ def _cmd_ablate(a):
         tables = run_ablation(abl, out, a.budget, a.folds, a.runs, a.minutes, a.workers, a.cell, over, progress=not a.quiet)['tables']
     print(f"{abl.title}" + (f"\n{abl.note}" if abl.note else ''))
     for proto, t in tables.items(): print(f"\n{proto}, Dice % (mean ± std over folds x runs):\n{t}")
-    return 0
 
 # %% ../nbs/51_cli.ipynb #0a21a4f8
-@subcommand('ablate', _cmd_ablate, help="an ablation of the ADNet paper as a resumable grid (--list to see them)",
-            description='Run the cells of a named ablation (rows x folds x runs), each into its own folder; finished cells are '
-                        'never rerun; print the table in the paper\'s layout from the finished cells.')
+@subcommand('ablate', _cmd_ablate, help="an ablation of the ADNet paper as a resumable grid (--list to see them)")
 def _args_ablate(p):
+    """Run the cells of a named ablation (rows x folds x runs), each into its own folder; finished cells are never
+    rerun; print the table in the paper's layout from the finished cells."""
     p.add_argument('name', nargs='?', default=None, help='ablation name (see --list)')
     p.add_argument('--list', action='store_true', help='list the ablations')
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget of every cell')

@@ -99,9 +99,16 @@ def slice_counts(vol: np.ndarray # integer (z, h, w) volume of ids >= 0
 
 # %% ../../nbs/08_data.episodes.ipynb #ca83be13
 class EpisodeSampler:
-    "Base class: validated cases, output size and augmentation; subclasses implement `sample(rng) -> Episode`."
+    "Base class: validated cases (and pseudo-labels), output size and augmentation; subclasses implement `sample(rng) -> Episode`."
     kind = ''
-    def __init__(self, cases, n_shots=1, n_queries=1, size=None, augment=True, default_augment=adnet_augment):
+    def __init__(self, cases, n_shots=1, n_queries=1, size=None, augment=True, default_augment=adnet_augment,
+                 pseudo_labels=None, # volumes aligned with cases or {case_id: vol}
+                 needs=None, # 'labels' (every case labelled), a name of the required pseudo-labels (e.g. 'supervoxel volumes'), or None
+                ):
+        what = type(self).__name__
+        self.cases, self.pseudo_labels = _check_cases(cases, pseudo_labels, need_label=needs == 'labels', what=what)
+        if needs not in (None, 'labels') and self.pseudo_labels is None: raise ValueError(f"{what}: pseudo_labels ({needs}) are required")
+        cases = self.cases
         if int(n_shots) < 1 or int(n_queries) < 1: raise ValueError(f"n_shots and n_queries must be >= 1, got {n_shots}, {n_queries}")
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.size = _as_size(size)
@@ -149,18 +156,15 @@ class VSSLSampler(EpisodeSampler):
                  size=None, # output slice size (h, w) or int; None keeps the stored size
                  augment=True, # True: `adnet_augment`; False/None: none; or an `EpisodeAugment`
                 ):
-        cases, pls = _check_cases(cases, pseudo_labels, what='VSSLSampler')
-        if pls is None: raise ValueError("VSSLSampler: pseudo_labels (supervoxel volumes) are required")
-        super().__init__(cases, n_shots, n_queries, size, augment, adnet_augment)
+        super().__init__(cases, n_shots, n_queries, size, augment, adnet_augment, pseudo_labels, needs='supervoxel volumes')
         if int(dist) < 1: raise ValueError(f"dist must be >= 1, got {dist}")
         if min_pixels_on not in ('support', 'first'): raise ValueError(f"min_pixels_on must be 'support' or 'first', got {min_pixels_on!r}")
         if not 0 <= p_swap <= 1: raise ValueError(f"p_swap must be in [0, 1], got {p_swap}")
-        self.cases, self.pseudo_labels = cases, pls
         self.dist, self.min_pixels, self.min_pixels_on, self.p_swap = int(dist), int(min_pixels), min_pixels_on, float(p_swap)
         self.cands = self._candidates(exclude_classes)
         if not self.cands:
             raise ValueError(f"VSSLSampler: no supervoxel spans {self.n_shots + self.n_queries} slices {self.dist} apart "
-                             f"with >= {self.min_pixels} pixels in the support, in any of the {len(cases)} cases "
+                             f"with >= {self.min_pixels} pixels in the support, in any of the {len(self.cases)} cases "
                              f"(lower min_pixels, dist or n_shots + n_queries, or check the supervoxels)")
 
     def _candidates(self, exclude):
@@ -217,18 +221,16 @@ class PSSLSampler(EpisodeSampler):
                  size=None, # output slice size (h, w) or int; None keeps the stored size
                  augment=True, # True: `alpnet_augment`; False/None: none; or an `EpisodeAugment`
                 ):
-        cases, pls = _check_cases(cases, pseudo_labels, what='PSSLSampler')
-        if pls is None: raise ValueError("PSSLSampler: pseudo_labels (superpixel volumes) are required")
-        super().__init__(cases, n_shots, n_queries, size, augment, alpnet_augment)
-        self.cases, self.pseudo_labels, self.min_pixels = cases, pls, int(min_pixels)
+        super().__init__(cases, n_shots, n_queries, size, augment, alpnet_augment, pseudo_labels, needs='superpixel volumes')
+        self.min_pixels = int(min_pixels)
         self.cands = []  # (case index, slice, array of valid ids)
-        for ci, (case, pl) in enumerate(zip(cases, pls)):
+        for ci, (case, pl) in enumerate(zip(self.cases, self.pseudo_labels)):
             cnt = slice_counts(pl); cnt[:, 0] = 0
             allowed = _allowed(case, exclude_classes)
             for z in np.flatnonzero(allowed & (cnt >= max(1, self.min_pixels)).any(1)):
                 self.cands.append((ci, int(z), np.flatnonzero(cnt[z] >= max(1, self.min_pixels))))
         if not self.cands:
-            raise ValueError(f"PSSLSampler: no superpixel with >= {self.min_pixels} pixels in any allowed slice of the {len(cases)} cases")
+            raise ValueError(f"PSSLSampler: no superpixel with >= {self.min_pixels} pixels in any allowed slice of the {len(self.cases)} cases")
 
     @property
     def n_candidates(self):
@@ -260,8 +262,8 @@ class SupervisedSampler(EpisodeSampler):
                  size=None, # output slice size (h, w) or int; None keeps the stored size
                  augment=True, # True: `alpnet_augment` (both sides); False/None: none; or an `EpisodeAugment`
                 ):
-        cases, _ = _check_cases(cases, need_label=True, what='SupervisedSampler')
-        super().__init__(cases, n_shots, n_queries, size, augment, alpnet_augment)
+        super().__init__(cases, n_shots, n_queries, size, augment, alpnet_augment, needs='labels')
+        cases = self.cases
         classes = [int(c) for c in np.atleast_1d(np.asarray(classes if classes is not None else [], dtype=np.int64))]
         test_classes = [int(c) for c in np.atleast_1d(np.asarray(test_classes, dtype=np.int64))]
         if not classes: raise ValueError("SupervisedSampler: classes (the training label group) is empty")

@@ -30,17 +30,16 @@ def _edge_cost(v, q, k, offs, dirs, wts):
     d = v[q + offs[k]] - v[q]
     return np.sqrt(wts[dirs[k, 3]] * (d * d))
 
-# %% ../../nbs/06a_data.sv_kernels.ipynb #2c71e0df
+# %% ../../nbs/06a_data.sv_kernels.ipynb #aadd1978
 @njit(cache=True, parallel=True)
-def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
-    "Per direction (row k): number of edges, smallest and largest cost per cost bucket (bucket = int(cost * inv_width)); directions in parallel."
-    counts = np.zeros((13, nb + 1), np.int64)
-    mn = np.full((13, nb), np.inf); mx = np.full((13, nb), -np.inf)
+def _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, scatter, counts, mn, mx, pos2, lob, multi, codes, lo16):
+    "Walk every edge (directions in parallel, each in C order) and count it per cost bucket (`scatter=False`: fills counts, mn, mx) or scatter its code and cost bits into the slots `pos2` (`scatter=True`: fills codes, lo16)."
     for k in prange(13):
         w = wts[dirs[k, 3]]
         z0, z1 = _rng(dirs[k, 0], Z); y0, y1 = _rng(dirs[k, 1], H); x0, x1 = _rng(dirs[k, 2], W)
         off = offs[k]
-        ck = counts[k]; mk = mn[k]; xk = mx[k]
+        ck = counts[k]; mk = mn[k]; xk = mx[k]; pos = pos2[k]
+        cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
         for z in range(z0, z1):
             for y in range(y0, y1):
                 base = z * H * W + y * W
@@ -49,11 +48,28 @@ def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
                     d = v[q + off] - v[q]
                     c = np.sqrt(w * (d * d))
                     b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
-                    ck[b + 1] += 1
-                    if c < mk[b]: mk[b] = c
-                    if c > xk[b]: xk[b] = c
+                    if scatter:
+                        i = pos[b]; pos[b] = i + 1
+                        codes[i] = q * 16 + k
+                        if multi[b]:
+                            cb[0] = c
+                            lo16[i] = min(cbits[0] - lob[b], 65535)  # non-negative floats: bits order like values
+                    else:
+                        ck[b + 1] += 1
+                        if c < mk[b]: mk[b] = c
+                        if c > xk[b]: xk[b] = c
+
+# %% ../../nbs/06a_data.sv_kernels.ipynb #2c71e0df
+@njit(cache=True)
+def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
+    "Pass 1: per direction (row k), the number of edges and the smallest and largest cost in each cost bucket."
+    counts = np.zeros((13, nb + 1), np.int64)
+    mn = np.full((13, nb), np.inf); mx = np.full((13, nb), -np.inf)
+    _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, False, counts, mn, mx, np.empty((13, 0), np.int64),
+               np.empty(0, np.int64), np.empty(0, np.bool_), np.empty(0, np.int32), np.empty(0, np.uint16))
     return counts, mn, mx
 
+# %% ../../nbs/06a_data.sv_kernels.ipynb #636a2114
 @njit(cache=True)
 def _bucket_layout(counts, mn, mx):
     "From per-direction counts: bucket starts, smallest cost per bucket, which buckets hold several values, where each direction's run starts."
@@ -72,28 +88,11 @@ def _bucket_layout(counts, mn, mx):
     return starts, mnb, pos, total, multi
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #1f8e37e6
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, lob, multi, codes, lo16):
-    "Stable counting-sort scatter of edge codes (voxel * 16 + direction) and of their cost bits above the bucket's minimum; directions in parallel."
-    for k in prange(13):
-        pos = pos2[k]
-        cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
-        w = wts[dirs[k, 3]]
-        z0, z1 = _rng(dirs[k, 0], Z); y0, y1 = _rng(dirs[k, 1], H); x0, x1 = _rng(dirs[k, 2], W)
-        off = offs[k]
-        for z in range(z0, z1):
-            for y in range(y0, y1):
-                base = z * H * W + y * W
-                for x in range(x0, x1):
-                    q = base + x
-                    d = v[q + off] - v[q]
-                    c = np.sqrt(w * (d * d))
-                    b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
-                    i = pos[b]; pos[b] = i + 1
-                    codes[i] = q * 16 + k
-                    if multi[b]:
-                        cb[0] = c
-                        lo16[i] = min(cbits[0] - lob[b], 65535)  # non-negative floats: bits order like values
+    "Pass 2: the stable counting-sort scatter of edge codes (voxel * 16 + direction) and of their cost bits above the bucket's minimum `lob`."
+    _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, True, np.empty((13, 0), np.int64), np.empty((13, 0)),
+               np.empty((13, 0)), pos2, lob, multi, codes, lo16)
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #eb4f3e0a
 @njit(cache=True)
@@ -141,6 +140,18 @@ def _enumerate_edges(v, Z, H, W, dirs, offs, wts):
                     codes[i] = q * 16 + k; keys[i] = np.sqrt(w * (d * d)); i += 1
     return codes, keys
 
+# %% ../../nbs/06a_data.sv_kernels.ipynb #31922688
+@njit(cache=True, inline='always')
+def _sift_down(key, val, o, i, n, tk, tv):
+    "numpy 1's heap sift: place (tk, tv) at 1-based position i of the heap key/val[o+1 : o+n+1], moving larger children up."
+    j = i << 1
+    while j <= n:
+        if j < n and key[o + j] < key[o + j + 1]: j += 1
+        if tk < key[o + j]:
+            key[o + i] = key[o + j]; val[o + i] = val[o + j]; i = j; j += j
+        else: break
+    key[o + i] = tk; val[o + i] = tv
+
 # %% ../../nbs/06a_data.sv_kernels.ipynb #346950f3
 @njit(cache=True, nogil=True)
 def _np1_heapsort(key, val, lo, n):
@@ -148,25 +159,13 @@ def _np1_heapsort(key, val, lo, n):
     o = lo - 1
     l = n >> 1
     while l > 0:
-        tk = key[o + l]; tv = val[o + l]; i = l; j = l << 1
-        while j <= n:
-            if j < n and key[o + j] < key[o + j + 1]: j += 1
-            if tk < key[o + j]:
-                key[o + i] = key[o + j]; val[o + i] = val[o + j]; i = j; j += j
-            else: break
-        key[o + i] = tk; val[o + i] = tv
+        _sift_down(key, val, o, l, n, key[o + l], val[o + l])
         l -= 1
     while n > 1:
         tk = key[o + n]; tv = val[o + n]
         key[o + n] = key[o + 1]; val[o + n] = val[o + 1]
         n -= 1
-        i = 1; j = 2
-        while j <= n:
-            if j < n and key[o + j] < key[o + j + 1]: j += 1
-            if tk < key[o + j]:
-                key[o + i] = key[o + j]; val[o + i] = val[o + j]; i = j; j += j
-            else: break
-        key[o + i] = tk; val[o + i] = tv
+        _sift_down(key, val, o, 1, n, tk, tv)
 
 @njit(cache=True, nogil=True)
 def _np1_sort_pairs(key, val):
