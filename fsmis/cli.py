@@ -432,7 +432,7 @@ def _args_reproduce(p):
 def _cmd_ablate(a):
     from fsmis.ablate import ABLATIONS, get_ablation, run_ablation, ablation_tables, ablation_cells
     if a.list or a.name is None:
-        for k, v in ABLATIONS.items(): print(f"{k:20s} {v.title}")
+        for k, v in ABLATIONS.items(): print(f"{k:24s} {v.title}")
         return 0
     abl = get_ablation(a.name)
     over = {k: v for k, v in dict(size=a.size, device=a.device).items() if v is not None}

@@ -13,8 +13,8 @@ from .core import atomic_write
 from .data.datasets import get_spec
 
 # %% auto #0
-__all__ = ['PAPER_CONFIGS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config', 'ouyang_config', 'eval_classes',
-           'reproduce_config', 'demo_config']
+__all__ = ['PAPER_CONFIGS', 'DENSEMP_BUDGETS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config', 'ouyang_config',
+           'eval_classes', 'reproduce_config', 'demo_config']
 
 # %% ../nbs/40_config.ipynb #6d95d881
 @dataclass
@@ -30,6 +30,11 @@ class ExperimentConfig:
     pretrain_steps: int | None = None  # stage 1 per fold: DenseCL steps on the fold's training scans (when encoder_weights is empty)
     pretrain_minutes: float | None = None  # stage 1 per fold: DenseCL wall-clock budget instead of pretrain_steps
     pretrain_kw: dict = field(default_factory=dict)  # extra `pretrain_densecl` arguments (size, bs, queue, lr, ...)
+    init_weights: str | None = None  # a few-shot model checkpoint (`save_checkpoint`) to start from, whole model (DenseMP stage 3 starts from stage 2)
+    finetune_steps: int = 0  # DenseMP stage 3 after training: steps of fine-tuning on mixed episodes (0: no stage 3; paper 5000)
+    finetune_lr: float = 1e-4  # DenseMP stage 3 learning rate
+    p_supervised: float = 0.25  # DenseMP stage 3: share of ground-truth episodes (training label group, training cases only)
+    label_groups: list | None = None  # Ouyang's label groups evaluated one at a time (e.g. ['lower', 'upper']): each trains without its own classes
     folds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])  # folds to run
     n_folds: int = 5  # folds in the split
     fold_variant: str = 'adnet'  # 'adnet' or 'ouyang' (`fold_split`)
@@ -39,6 +44,7 @@ class ExperimentConfig:
     setting: int = 1  # Ouyang's Setting 1 (test classes may appear in training) or 2 (those slices excluded)
     pseudo_labels: str = 'supervoxels'  # 'supervoxels' (ADNet) or 'superpixels' (SSL-ALPNet)
     rho: int | None = None  # supervoxel minimum size (default: the dataset's, 5000 abdominal / 1000 cardiac)
+    min_size: int = 400  # superpixel minimum size in pixels (2D pseudo-labels: SSL-ALPNet, DenseMP; its ablation 100 / 400 / 1600)
     n_steps: int = 50_000  # training steps (episodes / batch_size)
     time_budget_min: float | None = None  # stop training after this many minutes (whatever n_steps says)
     lr: float = 1e-3  # learning rate (SGD as in the papers unless learner_kw says otherwise)
@@ -69,12 +75,24 @@ class ExperimentConfig:
         if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho != int(self.rho) or self.rho < 1):
             raise ValueError(f"rho must be a whole number of voxels >= 1 or None, got {self.rho!r}")
         if self.rho is not None: self.rho = int(self.rho)
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
+            raise ValueError(f"min_size must be a whole number of pixels >= 1, got {self.min_size!r}")
         if self.pretrain_steps is not None and self.pretrain_minutes is not None:
             raise ValueError("pretrain_steps and pretrain_minutes: give one of them, not both")
         if self.pretrain_steps is not None and (isinstance(self.pretrain_steps, bool) or not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 1):
             raise ValueError(f"pretrain_steps must be a whole number >= 1 or None, got {self.pretrain_steps!r}")
         if self.pretrain_minutes is not None and (isinstance(self.pretrain_minutes, bool) or not isinstance(self.pretrain_minutes, (int, float)) or not self.pretrain_minutes > 0):
             raise ValueError(f"pretrain_minutes must be > 0 minutes or None, got {self.pretrain_minutes!r}")
+        if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be a whole number >= 0, got {self.finetune_steps!r}")
+        if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) or not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr!r}")
+        if isinstance(self.p_supervised, bool) or not isinstance(self.p_supervised, (int, float)) or not 0 <= self.p_supervised <= 1:
+            raise ValueError(f"p_supervised must be a number in [0, 1], got {self.p_supervised!r}")
+        if self.label_groups is not None:
+            if self.classes is not None: raise ValueError("label_groups and classes: give one of them (each group names its classes)")
+            if not isinstance(self.label_groups, (list, tuple)) or not self.label_groups or not all(isinstance(g, str) for g in self.label_groups):
+                raise ValueError(f"label_groups must be a non-empty list of group names, got {self.label_groups!r}")
         if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float)) and self.time_budget_min > 0):
             raise ValueError(f"time_budget_min must be > 0 minutes or None, got {self.time_budget_min!r}")
         if not isinstance(self.folds, (list, tuple)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.folds):
@@ -180,6 +198,14 @@ PAPER_CONFIGS = {
                                   fold_variant='ouyang', note='SSL-ALPNet / DenseMP baseline, CHAOS MRI, Setting 2'),
     'adnet-phantom-ep2': dict(dataset='phantom', method='adnet', protocols=['EP2'], dataset_kw={'n_cases': 10},
                               note='built-in phantoms, EP2 (no data needed)'),
+    **{f'densemp-{ds}-setting{s}': dict(dataset=dsname, method='panet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
+                                        fold_variant='ouyang', label_groups=['lower', 'upper'], densemp=True,
+                                        note=f'DenseMP Table {t}, {title}, Setting {s} (stages 1-3, label groups one at a time)')
+       for ds, dsname, title, t in [('chaos', 'chaos_t2', 'CHAOS MRI', 1), ('synapse', 'synapse_ct', 'Synapse CT', 2)] for s in (1, 2)},
+}
+DENSEMP_BUDGETS = {  # the three stages of a `densemp=True` configuration under each budget
+    'cpu': dict(finetune_steps=1000),  # stage 1 and stage 2 get `minutes` each
+    'paper': dict(pretrain_steps=15_800, n_steps=100_000, finetune_steps=5000),  # DenseCL: 50 epochs of ~81 000 images at 256 per step
 }
 
 def reproduce_config(name: str, # a key of PAPER_CONFIGS
@@ -190,15 +216,19 @@ def reproduce_config(name: str, # a key of PAPER_CONFIGS
     "The ExperimentConfig of a named paper configuration under a budget."
     if name not in PAPER_CONFIGS: raise ValueError(f"unknown configuration {name!r}: choose one of {', '.join(PAPER_CONFIGS)}")
     d = {k: v for k, v in PAPER_CONFIGS[name].items() if k != 'note'}
+    densemp = d.pop('densemp', False)
     over = {k: v for k, v in over.items() if v is not None}
     if budget == 'cpu':
         cfg = cpu_budget_config(d.pop('dataset'), minutes=minutes, name=name, **d)
         if cfg.dataset == 'phantom': cfg.size = 64
+        if densemp: cfg.pretrain_minutes = minutes
     elif budget == 'paper':
         steps = 50_000 if d['method'] == 'adnet' else 100_100
         cfg = ExperimentConfig(name=name, encoder='resnet101', n_steps=steps, lr=1e-3, folds=[0, 1, 2, 3, 4], runs=3,
                                baselines=['untrained', 'intensity'], **d)
     else: raise ValueError(f"budget must be 'cpu' or 'paper', got {budget!r}")
+    if densemp:
+        for k, v in DENSEMP_BUDGETS[budget].items(): setattr(cfg, k, v)
     for k, v in over.items(): setattr(cfg, k, v)
     cfg.__post_init__()
     return cfg

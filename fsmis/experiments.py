@@ -22,7 +22,8 @@ from .train import train_fold, initial_model
 from .viz import plot_results, plot_threshold_sweep
 
 # %% auto #0
-__all__ = ['ExperimentResult', 'make_tables', 'stage1_weights', 'run_experiment', 'load_experiment', 'experiment_main']
+__all__ = ['ExperimentResult', 'make_tables', 'label_group_classes', 'stage1_weights', 'run_experiment', 'load_experiment',
+           'experiment_main']
 
 # %% ../nbs/42_experiments.ipynb #32d21e61
 @dataclass
@@ -54,6 +55,17 @@ def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
                     stars.setdefault(main, True); stars[main] = stars[main] and w['pvalue'] < 0.05
         out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
     return out
+
+# %% ../nbs/42_experiments.ipynb #0e98eac1
+def label_group_classes(cfg:ExperimentConfig, # the experiment (its `label_groups`, or `classes`)
+                        ds, # the opened dataset (its `spec.label_groups`)
+                       ) -> dict:
+    "{group name: {index: name}} of the classes evaluated in turn; {None: eval_classes(cfg, ds)} without label groups."
+    if not cfg.label_groups: return {None: eval_classes(cfg, ds)}
+    known = getattr(getattr(ds, 'spec', None), 'label_groups', None) or {}
+    bad = [g for g in cfg.label_groups if g not in known]
+    if bad: raise ValueError(f"label_groups: {bad} not among the dataset's label groups {list(known)}")
+    return {g: eval_classes(dataclasses.replace(cfg, classes=list(known[g]), label_groups=None), ds) for g in cfg.label_groups}
 
 # %% ../nbs/42_experiments.ipynb #fbddc50d
 def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_steps or pretrain_minutes, pretrain_kw, seed, device)
@@ -90,12 +102,14 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
     ds = dataset if dataset is not None else open_dataset(cfg.dataset, **cfg.dataset_kw)
     store = CaseStore(ds)
-    classes = eval_classes(cfg, ds)
+    groups = label_group_classes(cfg, ds)
+    classes = {k: v for g in groups.values() for k, v in g.items()}
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None: cfg.save(out_dir/'config.yaml')
     rows, runs = [], []
     stage1 = bool(cfg.pretrain_steps or cfg.pretrain_minutes) and not cfg.encoder_weights and cfg.method != 'intensity'
-    tmp = tempfile.TemporaryDirectory() if stage1 and out_dir is None else None  # weights live as long as the experiment
+    staged = cfg.method != 'intensity' and bool(cfg.finetune_steps or cfg.label_groups)  # stages cached per fold, run (and group)
+    tmp = tempfile.TemporaryDirectory() if (stage1 or staged) and out_dir is None else None  # weights live as long as the experiment
     base_cfg = cfg
     for fold in cfg.folds:
         split = fold_split(store.case_ids, fold, cfg.n_folds, cfg.fold_variant)
@@ -107,33 +121,40 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
             cfg = dataclasses.replace(base_cfg, encoder_weights=str(w))
         for run in range(cfg.runs):
             seed = cfg.seed + 100*fold + run
-            models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
-            if stage1: info['encoder_weights'] = Path(cfg.encoder_weights).name
-            if cfg.method == 'intensity': models['intensity'] = IntensityPrototype()
-            else:
-                if 'untrained' in cfg.baselines:
-                    models['untrained'] = initial_model(cfg, seed).to(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')).eval()
-                learn = train_fold(cfg, ds, split.train_ids, seed=seed, test_classes=list(classes), store=store)
-                model, tinfo = learn.model.eval(), learn.train_info
-                if out_dir is not None: _save_model(model, out_dir/f'model_fold{fold}_run{run}.pth')
-                models[cfg.method] = model; info.update(tinfo)
-                info['T'] = learned_threshold(model)
-            if 'intensity' in cfg.baselines: models.setdefault('intensity', IntensityPrototype())
-            t0 = time.perf_counter()
-            for name, m in models.items():
-                for proto in cfg.protocols:
-                    df = evaluate(m, store, split.support_id, split.query_ids, proto, classes, batch_size=cfg.eval_batch_size,
-                                  size=cfg.size)
-                    rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=False))
-                if cfg.thresholds and name == cfg.method and hasattr(m, 'threshold'):
-                    df = evaluate(m, store, split.support_id, split.query_ids, cfg.protocols[0], classes,
-                                  thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, size=cfg.size)
-                    rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=True))
-            info['eval_s'] = time.perf_counter() - t0
-            runs.append(info)
-            res = _finish(cfg, pd.concat(rows, ignore_index=True), pd.DataFrame(runs), ds, out_dir)
-            if progress: print(f"fold {fold} run {run}: " + ', '.join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                                                  for k, v in info.items() if k not in ('queries', 'val_ids')))
+            for group, classes in groups.items():  # Ouyang's label groups one at a time (else one pass over `classes`)
+                models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
+                if group is not None: info['group'] = group
+                if stage1: info['encoder_weights'] = Path(cfg.encoder_weights).name
+                if cfg.method == 'intensity': models['intensity'] = IntensityPrototype()
+                else:
+                    if 'untrained' in cfg.baselines:
+                        models['untrained'] = initial_model(cfg, seed).to(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')).eval()
+                    if staged:  # DenseMP: stage 2 (and stage 3) cached in the results folder, resumable
+                        from fsmis.pretrain.densemp import train_stages
+                        model, tinfo = train_stages(cfg, ds, split.train_ids, out_dir if out_dir is not None else Path(tmp.name),
+                                                    f'fold{fold}_run{run}', seed=seed, test_classes=list(classes), store=store)
+                    else:
+                        learn = train_fold(cfg, ds, split.train_ids, seed=seed, test_classes=list(classes), store=store)
+                        model, tinfo = learn.model.eval(), learn.train_info
+                    if out_dir is not None: _save_model(model, out_dir/f"model_fold{fold}_run{run}{'' if group is None else '_' + group}.pth")
+                    models[cfg.method] = model; info.update(tinfo)
+                    info['T'] = learned_threshold(model)
+                if 'intensity' in cfg.baselines: models.setdefault('intensity', IntensityPrototype())
+                t0 = time.perf_counter()
+                for name, m in models.items():
+                    for proto in cfg.protocols:
+                        df = evaluate(m, store, split.support_id, split.query_ids, proto, classes, batch_size=cfg.eval_batch_size,
+                                      size=cfg.size)
+                        rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=False))
+                    if cfg.thresholds and name == cfg.method and hasattr(m, 'threshold'):
+                        df = evaluate(m, store, split.support_id, split.query_ids, cfg.protocols[0], classes,
+                                      thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, size=cfg.size)
+                        rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=True))
+                info['eval_s'] = time.perf_counter() - t0
+                runs.append(info)
+                res = _finish(cfg, pd.concat(rows, ignore_index=True), pd.DataFrame(runs), ds, out_dir)
+                if progress: print(f"fold {fold} run {run}: " + ', '.join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                                      for k, v in info.items() if k not in ('queries', 'val_ids')))
     if tmp is not None: tmp.cleanup()
     return res
 

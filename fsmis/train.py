@@ -19,11 +19,12 @@ from .config import ExperimentConfig, eval_classes
 import fsmis.learner as L
 
 # %% auto #0
-__all__ = ['PSEUDO_LABELS', 'EPISODES_PER_PASS', 'pseudo_label_mode', 'initial_model', 'cfg_encoder_kw', 'validation_split',
-           'val_classes', 'ValCheckpoint', 'train_fold']
+__all__ = ['PSEUDO_LABELS', 'EPISODES_PER_PASS', 'pseudo_label_mode', 'train_classes', 'init_state', 'initial_model',
+           'cfg_encoder_kw', 'validation_split', 'val_classes', 'ValCheckpoint', 'train_fold']
 
 # %% ../nbs/41_train.ipynb #fd342bd2
-PSEUDO_LABELS = {'supervoxels': ('3d', 'vssl'), 'superpixels': ('2d', 'pssl')}  # cfg.pseudo_labels -> (supervoxel mode, sampler)
+PSEUDO_LABELS = {'supervoxels': ('3d', 'vssl'), 'superpixels': ('2d', 'pssl'),  # cfg.pseudo_labels -> (supervoxel mode, sampler)
+                 'superpixels+labels': ('2d', 'densemp')}  # DenseMP stage 3: superpixel episodes and ground truth of the training label group
 EPISODES_PER_PASS = 1000  # episodes per DataLoader pass for every caller: a seed gives one episode stream
 
 def pseudo_label_mode(cfg: ExperimentConfig # the experiment
@@ -31,6 +32,26 @@ def pseudo_label_mode(cfg: ExperimentConfig # the experiment
     "(mode of `dataset_supervoxels`, episode sampler name) of a configuration's pseudo-labels."
     if cfg.pseudo_labels not in PSEUDO_LABELS: raise ValueError(f"pseudo_labels must be one of {list(PSEUDO_LABELS)}, got {cfg.pseudo_labels!r}")
     return PSEUDO_LABELS[cfg.pseudo_labels]
+
+# %% ../nbs/41_train.ipynb #7142cd1f
+def train_classes(ds, # the dataset (its `classes`)
+                  test_classes, # the evaluated class indices
+                 ) -> list:
+    "The training label group: the dataset's classes that are not evaluated (DenseMP's fine-tuning labels)."
+    test = {int(c) for c in test_classes}
+    keep = [int(k) for k in ds.classes if int(k) not in test]
+    if not keep: raise ValueError(f"no training label group: every class of the dataset ({sorted(int(k) for k in ds.classes)}) is "
+                                  f"evaluated; fine-tuning on labels needs a label group (cfg.label_groups) or cfg.classes")
+    return keep
+
+# %% ../nbs/41_train.ipynb #68ccb42d
+def init_state(cfg: ExperimentConfig # the experiment (its `init_weights` and `method`)
+              ) -> dict:
+    "The state dict of `cfg.init_weights`, a checkpoint of a `cfg.method` model (checked)."
+    ck = L.read_checkpoint(cfg.init_weights)
+    if ck.get('model_kind') != cfg.method or 'model' not in ck:
+        raise ValueError(f"init_weights={cfg.init_weights!r}: a {ck.get('model_kind') or 'non-fsmis'} checkpoint, but the method is {cfg.method!r}")
+    return ck['model']
 
 # %% ../nbs/41_train.ipynb #0f1315b8
 def initial_model(cfg: ExperimentConfig, # the experiment
@@ -41,7 +62,9 @@ def initial_model(cfg: ExperimentConfig, # the experiment
         from fsmis.eval.protocols import IntensityPrototype
         return IntensityPrototype()
     set_seed(cfg.seed if seed is None else seed)
-    return L.build_model(cfg.method, encoder=cfg.encoder, **cfg_encoder_kw(cfg))
+    m = L.build_model(cfg.method, encoder=cfg.encoder, **cfg_encoder_kw(cfg))
+    if cfg.init_weights: m.load_state_dict(init_state(cfg))
+    return m
 
 # %% ../nbs/41_train.ipynb #7f86dc80
 def cfg_encoder_kw(cfg: ExperimentConfig) -> dict:
@@ -128,6 +151,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     from fsmis.data.episodes import episode_dls
     if cfg.method not in L.MODELS: raise ValueError(f"method {cfg.method!r} is not trained (choose one of {list(L.MODELS)})")
     enc_kw = cfg_encoder_kw(cfg)  # a missing or mismatching weights file fails here, before the pseudo-labels
+    init = init_state(cfg) if cfg.init_weights else None
     seed = cfg.seed if seed is None else int(seed)
     train_ids = [str(c) for c in train_ids]
     if not train_ids: raise ValueError("train_ids is empty: no case to train on")
@@ -139,16 +163,20 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
                                  cfg.val_every, cfg.size, cfg.eval_batch_size))
     mode, sampler = pseudo_label_mode(cfg)
     t0 = time.perf_counter()
-    pl = dataset_supervoxels(ds, rho=cfg.rho, mode=mode, case_ids=fit_ids, progress=progress, n_workers=n_workers, cache_dir=cache_dir)
+    pl = dataset_supervoxels(ds, rho=cfg.rho, mode=mode, case_ids=fit_ids, progress=progress, n_workers=n_workers, cache_dir=cache_dir,
+                             **({'min_size': cfg.min_size} if mode == '2d' else {}))
     t_pl = time.perf_counter() - t0
     kw = dict(cfg.dls_kw)
-    if cfg.setting == 2: kw['exclude_classes'] = list(test_classes)
+    if sampler == 'densemp': kw.update(classes=train_classes(ds, test_classes), test_classes=list(test_classes), setting=cfg.setting,
+                                       p_supervised=cfg.p_supervised)
+    elif cfg.setting == 2: kw['exclude_classes'] = list(test_classes)
     dev = default_device(cfg.device)
     set_seed(seed)
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler=sampler, n_episodes=EPISODES_PER_PASS,
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
     learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
+    if init is not None: learn.model.load_state_dict(init)
     learn.checkpoint_meta = dict(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
                                  **(meta or {}))
     t1 = time.perf_counter()

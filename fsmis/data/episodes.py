@@ -434,7 +434,7 @@ def _show_episodes(b, out, max_n, size):
     return episode_grid(*b[:4], preds=None if out is None else _decode_pred(out), max_n=max_n, size=size)
 
 # %% ../../nbs/08_data.episodes.ipynb #309533da
-_SAMPLERS = {'vssl': VSSLSampler, 'pssl': PSSLSampler, 'supervised': SupervisedSampler}
+_SAMPLERS = {'vssl': VSSLSampler, 'pssl': PSSLSampler, 'supervised': SupervisedSampler, 'densemp': densemp_finetune_sampler}
 
 def _load_cases(source, ids):
     "List of Case from a list of cases or a dataset (anything with `.load(case_id)` and `.case_ids`)."
