@@ -69,7 +69,8 @@ _DM_OVER = {'baselines': [], 'thresholds': []}  # DenseMP grids: the rows are th
 _STAGE1_ONLY = {'n_steps': 0, 'time_budget_min': None, 'finetune_steps': 0}  # the stage-1 encoder, no few-shot training
 _DENSEMP_ROWS = {'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0},
                  'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'alpnet'},
-                 'PANet, stage 1 only': _STAGE1_ONLY, 'DenseMP (stages 1-3)': {}}
+                 'PANet, stage 1 only': _STAGE1_ONLY, 'DenseMP (stages 1-3)': {},
+                 'DenseMP, ALPNet (stages 1-3; the release code)': {'method': 'alpnet'}}
 
 ABLATIONS = {a.name: a for a in [
     Ablation('adnet-table4', 'ADNet Table 4: loss terms, cardiac MRI, EP1', 'adnet-cmr-ep1',
