@@ -74,6 +74,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Adds `(default: X)` to an option's help unless the help already says its default or there is none to show (None, False)."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if 'default' in h or any(action.default is v for v in (None, False, argparse.SUPPRESS)): return h
+        return super()._get_help_string(action)
+
 # %% ../nbs/51_cli.ipynb #3cdebaf7
 _SUBCOMMANDS: dict = {}  # name -> add (arguments), run (handler), help, description, device, quiet; in registration order
 
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--version', action='store_true', help='print the version and exit')
     sub = p.add_subparsers(dest='cmd', metavar='COMMAND', parser_class=_Parser)
     for name, c in _SUBCOMMANDS.items():
-        s = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=c['help'], description=c['description'])
+        s = sub.add_parser(name, formatter_class=_HelpFormatter, help=c['help'], description=c['description'])
         c['add'](s)
         if c['device']: s.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
         if c['quiet']: s.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -451,7 +458,7 @@ def _cmd_ablate(a):
     for proto, t in tables.items(): print(f"\n{proto}, Dice % (mean ± std over folds x runs):\n{t}")
 
 # %% ../nbs/51_cli.ipynb #0a21a4f8
-@subcommand('ablate', _cmd_ablate, help="an ablation of the ADNet paper as a resumable grid (--list to see them)")
+@subcommand('ablate', _cmd_ablate, help="an ablation of the ADNet or DenseMP paper as a resumable grid (--list to see them)")
 def _args_ablate(p):
     """Run the cells of a named ablation (rows x folds x runs), each into its own folder; finished cells are never
     rerun; print the table in the paper's layout from the finished cells."""
