@@ -60,6 +60,12 @@ class Ablation:
     base_over: dict = field(default_factory=dict)  # changes to the base for every row (e.g. protocols, thresholds)
     paper: dict = field(default_factory=dict)  # {row label: {class or 'Mean': 'mean ± std'}} as printed
     note: str = ''  # what to know when reading the table against the paper
+    extra: dict = field(default_factory=dict)  # {row label: (row, model)}: another model evaluated in that row's cells (e.g. 'untrained')
+    def __post_init__(self):
+        if self.default not in self.rows: raise ValueError(f"{self.name}: default row {self.default!r} is not one of the rows {list(self.rows)}")
+        for label, (row, m) in self.extra.items():
+            if row not in self.rows: raise ValueError(f"{self.name}: extra row {label!r} reads row {row!r}, which is not one of the rows")
+            if label in self.rows: raise ValueError(f"{self.name}: extra row {label!r} has the label of a row")
 
 def _p(*vals, classes=('LV-BP', 'LV-MYO', 'RV', 'Mean')): return dict(zip(classes, vals))
 _ABD = ('left kidney', 'right kidney', 'spleen', 'liver', 'Mean')
@@ -144,6 +150,14 @@ ABLATIONS = {a.name: a for a in [
              paper={'min size 100': _p('56.45', '55.27', '53.97', classes=_KID), 'min size 400': _p('64.10', '65.95', '65.03', classes=_KID),
                     'min size 1600': _p('53.12', '51.26', '52.19', classes=_KID)},
              note="The paper's row for 100 px prints a mean (53.97) below both kidneys: copied as printed."),
+    Ablation('densecl-adnet-chaos', 'Does DenseCL help? ADNet on CHAOS MRI from random weights and from a DenseCL encoder, EP1 and EP2',
+             'adnet-chaos-ep1', {'ADNet, random weights': {}, 'ADNet, DenseCL encoder (stage 1, 30 min)': {'pretrain_minutes': 30.}},
+             'ADNet, random weights', base_over={'protocols': ['EP1', 'EP2'], 'thresholds': [], 'baselines': ['untrained']},
+             extra={'random encoder, no few-shot training': ('ADNet, random weights', 'untrained'),
+                    'DenseCL encoder, no few-shot training': ('ADNet, DenseCL encoder (stage 1, 30 min)', 'untrained')},
+             note="No paper reports this: every published method starts from ImageNet weights. Stage 1 sees the fold's training "
+                  "scans only (images, never labels). The 'no few-shot training' rows are the encoders as they are, with ADNet's "
+                  "initial threshold, evaluated in the same cells."),
     Ablation('phantom-losses', 'loss terms on the built-in phantoms, EP2 (no data needed; for tests and lessons)', 'adnet-phantom-ep2',
              {'L_S + L_T + L_PAR': {}, 'L_S only': {'learner_kw.thresh': False, 'learner_kw.par': False}}, 'L_S + L_T + L_PAR',
              protocol='EP2', base_over={'baselines': [], 'thresholds': [-20., -15., -10.], 'dataset_kw': {'n_cases': 6, 'shape': (16, 64, 64)}, 'n_folds': 2}),
@@ -279,6 +293,7 @@ def _cell_results(a, out) -> pd.DataFrame:
         df = pd.read_csv(p.parent/'results.csv', dtype={'case': str, 'support': str})
         cfg = ExperimentConfig.load(p.parent/'config.yaml')
         rows.append(df[df['method'] == cfg.method].assign(row=rec['row']))
+        rows += [df[df['method'] == m].assign(row=label) for label, (row, m) in a.extra.items() if row == rec['row']]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 def ablation_tables(ablation: str | Ablation, # the ablation
@@ -299,7 +314,7 @@ def ablation_tables(ablation: str | Ablation, # the ablation
         per_run = r.groupby(['row', 'fold', 'run', 'class'])['dice'].mean().reset_index()
         run_mean = per_run.groupby(['row', 'fold', 'run'])['dice'].mean()
         body, means = {}, {}
-        for label in a.rows:
+        for label in [*a.rows, *a.extra]:
             pr = per_run[per_run['row'] == label]
             if not len(pr): body[label] = {c: 'not run' for c in [*classes, 'Mean']}; continue
             cell = {c: pr[pr['class'] == c]['dice'].agg(['mean', 'std']).fillna(0) * 100 for c in classes}

@@ -75,10 +75,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    "Adds `(default: X)` to an option's help unless the help already says its default or there is none to show (None, False)."
+    "Adds `(default: X)` to an option's help unless the help already says its default (`(default ...`) or there is none to show (None, False)."
     def _get_help_string(self, action):
         h = action.help or ''
-        if 'default' in h or any(action.default is v for v in (None, False, argparse.SUPPRESS)): return h
+        if '(default' in h or any(action.default is v for v in (None, False, argparse.SUPPRESS)): return h
         return super()._get_help_string(action)
 
 # %% ../nbs/51_cli.ipynb #3cdebaf7

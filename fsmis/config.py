@@ -149,7 +149,7 @@ def cpu_budget_config(dataset:str='chaos_t2', # 'chaos_t2' or 'ms_cmrseg_bssfp'
     "The reduced configuration that trains on a CPU in `minutes` per fold (small encoder, 128 px slices)."
     d = dict(name=f'cpu_{dataset}', dataset=dataset, encoder='small', folds=list(folds), runs=runs,
              time_budget_min=minutes, n_steps=100_000, size=128, device='cpu', protocols=['EP1', 'EP2'], lr=1e-3,
-             num_threads=1,
+             num_threads=1, pretrain_kw={'queue': 256},  # a CPU-sized DenseCL queue, fewer keys than a fold's training slices
              baselines=['untrained', 'intensity'], thresholds=[-20., -19., -18., -17., -16., -15., -14., -12., -10., -8.])
     d.update(kw)
     return ExperimentConfig(**d)

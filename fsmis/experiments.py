@@ -74,12 +74,21 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
                    fold:int, # fold index (file name and seed)
                    folder, # where the weights file and its checkpoints go (cached: a finished file is reused)
                    progress:bool=False, # DenseCL progress bar
+                   test_classes=None, # class indices of this evaluation; under Setting 2 their slices are never shown
+                   store=None, # `CaseStore` of `ds` (labels read only under Setting 2, to find those slices)
                   ) -> Path:
-    "Stage 1 of one fold: DenseCL-pretrain `cfg.encoder` on the fold's training scans; returns the weights file."
+    "Stage 1 of one fold: DenseCL-pretrain `cfg.encoder` on the fold's training scans (Setting 2: without test-organ slices); returns the weights file."
     from fsmis.pretrain import densecl as D
     from fsmis.learner import list_checkpoints
     train_ids = sorted(str(c) for c in train_ids)
-    out = Path(folder)/f'densecl_fold{fold}.pth'
+    exclude = None
+    if cfg.setting == 2:  # Ouyang's Setting 2 holds for every training stage: no slice with a test organ, labelled or not
+        if not test_classes: raise ValueError("stage 1 under Setting 2 needs test_classes (the slices to leave out)")
+        from fsmis.data.folds import setting2_keep
+        store = store if store is not None else CaseStore(ds)
+        exclude = {c: np.flatnonzero(~setting2_keep(store[c].label, test_classes)) for c in train_ids}
+    tag = '' if exclude is None else '_no' + '-'.join(str(int(k)) for k in sorted(test_classes))
+    out = Path(folder)/f'densecl_fold{fold}{tag}.pth'
     if out.is_file():
         made = D.read_encoder_meta(out)
         if sorted(made.get('case_ids') or []) != train_ids or made.get('encoder') != cfg.encoder:
@@ -89,7 +98,7 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
     ck = out.with_name(out.stem + '_checkpoints')
     D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
                        resume='last' if list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
-                       progress=progress, case_ids=train_ids, **cfg.pretrain_kw)
+                       progress=progress, case_ids=train_ids, exclude=exclude, **cfg.pretrain_kw)
     return out
 
 # %% ../nbs/42_experiments.ipynb #4e888c5e
@@ -116,12 +125,13 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
         if set(split.train_ids) & {split.support_id, *split.query_ids}: raise ValueError(f"fold {fold}: training and test cases overlap")
         if getattr(getattr(ds, 'spec', None), 'norm', None) == 'global':  # CT: one mean/std over this fold's training scans
             ds.fit_norm(split.train_ids); store = CaseStore(ds)
-        if stage1:  # this fold's encoder starts from DenseCL on this fold's training scans only
-            w = stage1_weights(base_cfg, ds, split.train_ids, fold, out_dir if out_dir is not None else tmp.name)
-            cfg = dataclasses.replace(base_cfg, encoder_weights=str(w))
         for run in range(cfg.runs):
             seed = cfg.seed + 100*fold + run
             for group, classes in groups.items():  # Ouyang's label groups one at a time (else one pass over `classes`)
+                if stage1:  # the encoder starts from DenseCL on this fold's training scans only (cached: once per fold, or group in Setting 2)
+                    w = stage1_weights(base_cfg, ds, split.train_ids, fold, out_dir if out_dir is not None else tmp.name,
+                                       test_classes=list(classes), store=store)
+                    cfg = dataclasses.replace(base_cfg, encoder_weights=str(w))
                 models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
                 if group is not None: info['group'] = group
                 if stage1: info['encoder_weights'] = Path(cfg.encoder_weights).name

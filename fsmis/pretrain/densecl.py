@@ -52,15 +52,20 @@ class SliceSet:
     def __init__(self, volumes, # list of (z, h, w) arrays (already normalised)
                  names, # one name per volume (file or case id), for the weights file's metadata
                  min_body: float = 0.05, # keep slices with at least this body fraction (see `body_fractions`)
+                 exclude: dict | None = None, # {name: slice indices} left out whatever their body (e.g. Setting 2's test-organ slices)
                 ):
         self.volumes = [np.ascontiguousarray(v, dtype=np.float32) for v in volumes]
         self.names, self.min_body = [str(n) for n in names], float(min_body)
         self.fractions = [body_fractions(v) for v in self.volumes]
-        self.index = [(i, int(z)) for i, f in enumerate(self.fractions) for z in np.flatnonzero(f >= min_body)]
+        exclude = {str(k): set(int(z) for z in v) for k, v in (exclude or {}).items()}
+        if set(exclude) - set(self.names): raise ValueError(f"exclude: no volume named {sorted(set(exclude) - set(self.names))}")
+        self.index = [(i, int(z)) for i, f in enumerate(self.fractions) for z in np.flatnonzero(f >= min_body)
+                      if int(z) not in exclude.get(self.names[i], ())]
+        self.n_excluded = sum(len(exclude.get(n, ())) for n in self.names)
         if not self.index: raise ValueError(f"min_body={min_body}: no slice of {len(self.volumes)} volume(s) has that much body")
     def __len__(self): return len(self.index)
     @property
-    def n_skipped(self) -> int: return sum(len(v) for v in self.volumes) - len(self)
+    def n_skipped(self) -> int: return sum(len(v) for v in self.volumes) - len(self)  # by min_body or exclude
     def __getitem__(self, k): v, z = self.index[k]; return torch.from_numpy(self.volumes[v][z])[None]
     def __repr__(self): return f"SliceSet({len(self)} slices of {len(self.volumes)} volumes, {self.n_skipped} skipped by min_body={self.min_body})"
 
@@ -96,6 +101,7 @@ def unlabeled_slices(data, # dataset name, `Dataset`, folder, NIfTI file, or a l
                      min_body: float = 0.05, # slice-skipping rule (see `body_fractions`)
                      norm: str | None = None, # 'volume' or 'global' z-scoring (default: the dataset's; 'volume' for folders)
                      case_ids=None, # read only these cases of a dataset (e.g. a fold's training ids); None: all
+                     exclude: dict | None = None, # {case id (with case_ids) or file name: slice indices} to leave out (see `SliceSet`)
                     ) -> SliceSet:
     "Read the image volumes of `data` (never its labels), z-score them and index the slices with enough body."
     items = list(data) if isinstance(data, (list, tuple)) else [data]
@@ -113,7 +119,11 @@ def unlabeled_slices(data, # dataset name, `Dataset`, folder, NIfTI file, or a l
             vols = [zscore(v, s.mean(), s.std()) for v in vols]
         else: vols = [zscore(v) for v in vols]
         names += n; out += vols
-    return SliceSet(out, names, min_body)
+    if exclude and case_ids is not None:  # a dataset's cases are named by their case ids here
+        by_id = dict(zip(case_ids, names))
+        if set(map(str, exclude)) - set(by_id): raise ValueError(f"exclude: {sorted(set(map(str, exclude)) - set(by_id))} not in case_ids")
+        exclude = {by_id[str(k)]: v for k, v in exclude.items()}
+    return SliceSet(out, names, min_body, exclude)
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #28e43f16
 class BrightnessContrast(v2.Transform):
@@ -576,6 +586,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
                      cbs=None, # extra fastai callbacks (e.g. to inspect or stop a run)
                      case_ids=None, # only these cases of a dataset `data` (a fold's training ids); None: all
+                     exclude: dict | None = None, # {case id: slice indices} never shown (Setting 2: slices with a test organ)
                     ) -> Path:
     "DenseCL-pretrain an fsmis encoder on unlabeled slices and write its weights file; returns the file's path."
     if encoder not in ENCODERS: raise ValueError(f"encoder={encoder!r}: expected one of {ENCODERS}")
@@ -600,7 +611,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f"weights: file not found: {weights}")
     rank, world, dev = init_distributed(device)
     set_seed(seed)
-    slices = unlabeled_slices(data, min_body, case_ids=case_ids)
+    slices = unlabeled_slices(data, min_body, case_ids=case_ids, exclude=exclude)
     if queue > len(slices): warnings.warn(f"queue={queue} holds more keys than the {len(slices)} slices: older keys of each slice come back as its negatives")
     dls = densecl_dls(slices, size, bs, rank, world, seed, device=dev, flip=flip)
     learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
@@ -611,7 +622,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
         torch.manual_seed(seed + 7919 * rank)  # each rank draws its own views
     fit_densecl(learn, steps, minutes=minutes, ckpt_every=ckpt_every, ckpt_dir=ckpt_dir, resume=resume, show_progress=progress, cbs=cbs)
     if rank == 0:
-        save_encoder_weights(learn, out, meta={'data': slices.names, 'n_slices': len(slices), 'n_skipped': slices.n_skipped,
+        save_encoder_weights(learn, out, meta={'data': slices.names, 'n_slices': len(slices), 'n_skipped': slices.n_skipped, 'n_excluded': slices.n_excluded,
                                                'case_ids': None if case_ids is None else [str(i) for i in case_ids],
                                                'view_size': size, 'min_body': min_body, 'flip': flip,
                                                'resumed_from': None if resume is None else str(resume)})
