@@ -117,3 +117,21 @@ def test_reproduce_densemp_commands():
     assert r.returncode == 0, r.stderr
     for line in ('method: panet', 'setting: 2', 'pretrain_minutes: 7.0', 'time_budget_min: 7.0', 'finetune_steps: 1000', 'fold_variant: ouyang'):
         assert line in r.stdout, line
+
+
+def test_stage1_setting2_leaves_test_organ_slices_out(tmp_path, monkeypatch):
+    "Stage 1 is training too: under Setting 2 DenseCL never sees a slice with a test organ (Setting 1: it does, so the check can fail)."
+    from fsmis.experiments import stage1_weights
+    ds = _ds(); split = fold_split(ds.case_ids, 0, 3, 'ouyang')
+    made, real = [], D.unlabeled_slices
+    monkeypatch.setattr(D, 'unlabeled_slices', lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    labels = {c: ds.load(c).label for c in split.train_ids}
+    def organ_slices(s): return sum(np.isin(labels[s.names[v].split('/')[-1]][z], [2, 3]).any() for v, z in s.index)
+    w2 = stage1_weights(_cfg(setting=2), ds, split.train_ids, 0, tmp_path, test_classes=[2, 3])
+    w1 = stage1_weights(_cfg(setting=1), ds, split.train_ids, 0, tmp_path, test_classes=[2, 3])
+    assert (w2.name, w1.name) == ('densecl_fold0_no2-3.pth', 'densecl_fold0.pth')
+    s2, s1 = made
+    assert organ_slices(s2) == 0 and organ_slices(s1) > 0 and s2.n_excluded > 0
+    assert D.read_encoder_meta(w2)['n_excluded'] == s2.n_excluded
+    with pytest.raises(ValueError, match='needs test_classes'):
+        stage1_weights(_cfg(setting=2), ds, split.train_ids, 0, tmp_path/'b')
