@@ -207,7 +207,7 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
     return cells
 
 # %% ../nbs/43_ablate.ipynb #94d56b49
-_STAGE_FILE = re.compile(r'(densecl_fold\d+|stage[23]_[\w-]+?)(\.pth|_checkpoints)$')  # stage results and their checkpoints
+_STAGE_FILE = re.compile(r'(densecl_fold\d+(?:_no[\d-]+)?|stage[23]_[\w-]+?)(\.pth|_checkpoints)$')  # stage results and their checkpoints
 
 def run_cell(cell: Cell, # the cell
              out, # the ablation's folder

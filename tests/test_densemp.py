@@ -49,7 +49,7 @@ def test_interrupted_pipeline_continues_at_the_interrupted_stage(tmp_path, monke
     monkeypatch.setattr(L.Checkpointer, '_save', save_then_die)
     with pytest.raises(KeyboardInterrupt): run_experiment(cfg, tmp_path/'int', dataset=_ds(), progress=False)
     d = tmp_path/'int'
-    assert (d/'densecl_fold0.pth').is_file() and not list(d.glob('stage2_*.pth')) and not list(d.glob('stage3_*'))
+    assert (d/'densecl_fold0_no2-3.pth').is_file() and not list(d.glob('stage2_*.pth')) and not list(d.glob('stage3_*'))
     assert [p.name for p in L.list_checkpoints(d/'stage2_fold0_run0_test2-3_checkpoints')][-1] == 'iter_0000006.pth'
     monkeypatch.setattr(L.Checkpointer, '_save', real_save)
     pre, calls, real_pre, real_train = [], [], D.pretrain_densecl, DM.train_fold
