@@ -223,11 +223,14 @@ def run_cell(cell: Cell, # the cell
     t0 = time.perf_counter()
     res = run_experiment(cell.cfg, d, progress=progress)
     wall = time.perf_counter() - t0
-    r = res.runs.iloc[0].to_dict() if len(res.runs) else {}
-    work = float(r.get('train_s', 0) or 0) + float(r.get('pseudo_s', 0) or 0) + float(r.get('eval_s', 0) or 0)
+    runs = res.runs
+    def total(k): return float(pd.to_numeric(runs[k], errors='coerce').fillna(0).sum()) if k in runs else 0.
+    work = sum(total(k) for k in ('stage1_s', 'train_s', 'pseudo_s', 'eval_s'))  # over the runs of the cell (label groups)
+    first = runs.iloc[0].to_dict() if len(runs) else {}
     rec = dict(index=cell.index, row=cell.row, fold=cell.fold, run=cell.run, wall_s=round(wall, 2),
-               train_s=round(float(r.get('train_s', 0) or 0), 2), eval_s=round(float(r.get('eval_s', 0) or 0), 2),
-               overhead_s=round(wall - work, 2), steps=int(r.get('steps', 0) or 0), T=r.get('T'))
+               stage1_s=round(total('stage1_s'), 2), train_s=round(total('train_s'), 2), eval_s=round(total('eval_s'), 2),
+               overhead_s=round(wall - work, 2), steps=int(first.get('steps', 0) or 0),
+               stage1_steps=int(first.get('stage1_steps', 0) or 0), T=first.get('T'))
     with atomic_write(d/'done.json', 'w') as f: json.dump(rec, f, indent=1)
     return rec
 
