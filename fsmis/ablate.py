@@ -18,7 +18,7 @@ from .eval.metrics import paired_wilcoxon, df_markdown
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'run_cell',
-           'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table']
+           'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table', 'ablation_summary', 'plot_ablation']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -344,3 +344,50 @@ def paper_table(ablation: str | Ablation # the ablation
     a = get_ablation(ablation)
     if not a.paper: return ''
     return df_markdown(pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper]), index='setting (paper)')
+
+# %% ../nbs/43_ablate.ipynb #8e7c6d8e
+def ablation_summary(ablation: str | Ablation, # the ablation
+                     out, # its folder
+                     budget: str = '', # the budget options it ran with, for the command line shown (e.g. '--steps 1500')
+                    ) -> str:
+    "The command, cells finished, time (stage 1, training, runner overhead), steps, our tables and the paper's, the note."
+    a, d = get_ablation(ablation), Path(out)
+    lines = [a.title, ' '.join(f"command: fsmis ablate {a.name} {budget} --out {d.name}".split())]
+    if not (d/'ablation.json').is_file(): return '\n'.join(lines + [f"not run here: no results folder {d.name}/"])
+    cells, n = finished_cells(d), len(json.loads((d/'ablation.json').read_text())['cells'])
+    lines.append(f"{len(cells)} of {n} cells finished")
+    if len(cells):
+        s1 = cells['stage1_s'].sum() if 'stage1_s' in cells else 0.
+        lines.append(f"cell wall time {cells['wall_s'].sum() / 60:.1f} min in total (stage 1 {s1 / 60:.1f}, training "
+                     f"{cells['train_s'].sum() / 60:.1f}); runner overhead {cells['overhead_s'].median():.1f} s per cell (median)")
+        st1 = cells['stage1_steps'] if 'stage1_steps' in cells else [0] * len(cells)
+        lines.append('training steps: ' + '; '.join(f"{r} (fold {f}): {s}" + (f", stage 1 {t}" if t else '')
+                                                    for r, f, s, t in zip(cells['row'], cells['fold'], cells['steps'], st1)))
+    for proto, t in ablation_tables(a, d).items(): lines += ['', f"ours ({proto}, Dice %):", t]
+    if a.paper: lines += ['', 'paper:', paper_table(a)]
+    if a.note: lines += ['', f"note: {a.note}"]
+    return '\n'.join(lines)
+
+# %% ../nbs/43_ablate.ipynb #90b699cb
+def plot_ablation(ablation: str | Ablation, # the ablation
+                  out, # its folder
+                  protocol: str | None = None, # default: the ablation's
+                  ax=None, # matplotlib axes (default: a new figure)
+                  label: str = 'ours', # legend of our bars (e.g. the budget)
+                 ):
+    "Bars of the mean Dice of each row (ours: mean ± std over folds x runs; the paper's mean beside it); returns the axes."
+    import matplotlib.pyplot as plt
+    a = get_ablation(ablation); protocol = protocol or a.protocol
+    r = _cell_results(a, out)
+    if not len(r): raise ValueError(f"{out}: no finished cell of {a.name}")
+    r = r[(r['protocol'] == protocol) & ~r['threshold_sweep'].astype(bool)]
+    m = r.groupby(['row', 'fold', 'run', 'class'])['dice'].mean().groupby(['row', 'fold', 'run']).mean().groupby('row').agg(['mean', 'std']) * 100
+    m = m.reindex([k for k in [*a.rows, *a.extra] if k in m.index])
+    paper = {k: float(v['Mean'].split(' ± ')[0]) for k, v in a.paper.items() if 'Mean' in v}
+    if ax is None: _, ax = plt.subplots(figsize=(1.3 * len(m) + 2, 2.8), dpi=72)
+    x = range(len(m))
+    ax.bar([i - .2 for i in x], m['mean'], .4, yerr=m['std'].fillna(0), label=label)
+    ax.bar([i + .2 for i in x], [paper.get(k, float('nan')) for k in m.index], .4, label='paper', alpha=.6)
+    ax.set_xticks(list(x)); ax.set_xticklabels(m.index, rotation=20, fontsize=7, ha='right'); ax.set_ylabel(f'mean Dice (%), {protocol}')
+    ax.legend(fontsize=7); ax.set_title(a.title, fontsize=9)
+    return ax

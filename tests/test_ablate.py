@@ -2,7 +2,7 @@
 the same table as one process, one cell runs alone, and the named ablations are the paper's grids."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
-import pytest
+import numpy as np, pandas as pd, pytest
 from fsmis.ablate import ABLATIONS, ablation_cells, run_ablation, ablation_tables, finished_cells
 
 TOY = dict(n_steps=6, time_budget_min=None, size=32, device='cpu', n_val=0)
@@ -68,3 +68,22 @@ def test_named_ablations_are_the_papers_grids():
 def test_cli_bad_input(args, text, tmp_path):
     r = _fsmis(*args, '--out', tmp_path/'x'); o, e = r.communicate(timeout=120)
     assert r.returncode == 2 and len(e.strip().splitlines()) == 1 and text in e, e
+
+
+def test_extra_rows_read_a_baseline_of_a_rows_cells(tmp_path):
+    "An extra row is another model evaluated in a row's own cells (here the untrained ADNet): no cell of its own, its own numbers."
+    from fsmis.ablate import Ablation, ablation_tables, _cell_results
+    a = Ablation('x', 'toy', 'adnet-phantom-ep2', {'trained': {}}, 'trained', protocol='EP2',
+                 base_over={'baselines': ['untrained'], 'thresholds': [], 'dataset_kw': {'n_cases': 6, 'shape': (16, 64, 64)}, 'n_folds': 2},
+                 extra={'no few-shot training': ('trained', 'untrained')})
+    r = run_ablation(a, tmp_path, folds=[0, 1], over=TOY, progress=False)
+    assert len(r['cells']) == 2  # the extra row adds no cell
+    res = _cell_results(a, tmp_path)
+    tr, un = (res[res['row'] == k].sort_values(['fold', 'case', 'class'])['dice'].to_numpy() for k in ('trained', 'no few-shot training'))
+    assert len(tr) == len(un) > 0 and not np.allclose(tr, un)
+    raw = pd.concat([pd.read_csv(p) for p in sorted(tmp_path.glob('*/results.csv'))])
+    assert np.isclose(np.sort(un), np.sort(raw[raw['method'] == 'untrained']['dice'].to_numpy())).all()
+    t = ablation_tables(a, tmp_path)['EP2']
+    assert '| no few-shot training |' in t and '| trained |' in t
+    with pytest.raises(ValueError, match='not one of the rows'):
+        Ablation('y', 'toy', 'adnet-phantom-ep2', {'trained': {}}, 'trained', extra={'u': ('missing', 'untrained')})
