@@ -345,7 +345,7 @@ def paper_table(ablation: str | Ablation # the ablation
     if not a.paper: return ''
     return df_markdown(pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper]), index='setting (paper)')
 
-# %% ../nbs/43_ablate.ipynb #8e7c6d8e
+# %% ../nbs/43_ablate.ipynb #34867ef6
 def ablation_summary(ablation: str | Ablation, # the ablation
                      out, # its folder
                      budget: str = '', # the budget options it ran with, for the command line shown (e.g. '--steps 1500')
@@ -368,7 +368,7 @@ def ablation_summary(ablation: str | Ablation, # the ablation
     if a.note: lines += ['', f"note: {a.note}"]
     return '\n'.join(lines)
 
-# %% ../nbs/43_ablate.ipynb #90b699cb
+# %% ../nbs/43_ablate.ipynb #7843fe24
 def plot_ablation(ablation: str | Ablation, # the ablation
                   out, # its folder
                   protocol: str | None = None, # default: the ablation's

@@ -200,8 +200,8 @@ PAPER_CONFIGS = {
                               note='built-in phantoms, EP2 (no data needed)'),
     **{f'densemp-{ds}-setting{s}': dict(dataset=dsname, method='panet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
                                         fold_variant='ouyang', label_groups=['lower', 'upper'], densemp=True,
-                                        note=f'DenseMP Table {t}, {title}, Setting {s} (stages 1-3, label groups one at a time)')
-       for ds, dsname, title, t in [('chaos', 'chaos_t2', 'CHAOS MRI', 1), ('synapse', 'synapse_ct', 'Synapse CT', 2)] for s in (1, 2)},
+                                        note=f'DenseMP Table {s} ({cols} columns), {title}, Setting {s} (stages 1-3, label groups one at a time)')
+       for ds, dsname, title, cols in [('chaos', 'chaos_t2', 'CHAOS MRI', 'Abd-MRI'), ('synapse', 'synapse_ct', 'Synapse CT', 'Abd-CT')] for s in (1, 2)},
 }
 DENSEMP_BUDGETS = {  # the three stages of a `densemp=True` configuration under each budget
     'cpu': dict(finetune_steps=1000),  # stage 1 and stage 2 get `minutes` each
