@@ -17,8 +17,9 @@ from .config import ExperimentConfig, reproduce_config
 from .eval.metrics import paired_wilcoxon, df_markdown
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'run_cell',
-           'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table', 'ablation_summary', 'plot_ablation']
+__all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'cell_record',
+           'run_cell', 'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table', 'ablation_summary',
+           'plot_ablation']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -206,6 +207,25 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
                 cells.append(Cell(len(cells), label, f, r, cfg))
     return cells
 
+# %% ../nbs/43_ablate.ipynb #ac50e7d7
+def _spent(runs: pd.DataFrame, key: str) -> float:
+    "Seconds of `key` ('train_s', 'pseudo_s', ...) spent in a cell, over its runs: a DenseMP stage read back from its file cost nothing."
+    def col(k): return pd.to_numeric(runs[k], errors='coerce').fillna(0) if k in runs else pd.Series(0., index=runs.index)
+    if not any(f'stage{s}_{key}' in runs for s in (2, 3)): return float(col(key).sum())
+    return float(sum(col(f'stage{s}_{key}')[~runs[f'stage{s}_cached'].astype(bool)].sum() if f'stage{s}_cached' in runs else col(f'stage{s}_{key}').sum()
+                     for s in (2, 3)))
+
+def cell_record(cell, # the cell (index, row, fold, run)
+                runs: pd.DataFrame, # its `runs.csv` (one row per run and label group)
+                wall: float, # its wall time (s)
+               ) -> dict:
+    "The `done.json` record of a finished cell: wall time, the seconds of stage 1, training and evaluation it spent, the rest as runner overhead, steps."
+    stage1, train, pseudo, ev = _spent(runs, 'stage1_s'), _spent(runs, 'train_s'), _spent(runs, 'pseudo_s'), _spent(runs, 'eval_s')
+    first = runs.iloc[0].to_dict() if len(runs) else {}
+    return dict(index=cell.index, row=cell.row, fold=cell.fold, run=cell.run, wall_s=round(wall, 2), stage1_s=round(stage1, 2),
+                train_s=round(train, 2), eval_s=round(ev, 2), overhead_s=round(wall - stage1 - train - pseudo - ev, 2),
+                steps=int(first.get('steps', 0) or 0), stage1_steps=int(first.get('stage1_steps', 0) or 0), T=first.get('T'))
+
 # %% ../nbs/43_ablate.ipynb #94d56b49
 _STAGE_FILE = re.compile(r'(densecl_fold\d+(?:_no[\d-]+)?|stage[23]_[\w-]+?)(\.pth|_checkpoints)$')  # stage results and their checkpoints
 
@@ -223,14 +243,7 @@ def run_cell(cell: Cell, # the cell
     t0 = time.perf_counter()
     res = run_experiment(cell.cfg, d, progress=progress)
     wall = time.perf_counter() - t0
-    runs = res.runs
-    def total(k): return float(pd.to_numeric(runs[k], errors='coerce').fillna(0).sum()) if k in runs else 0.
-    work = sum(total(k) for k in ('stage1_s', 'train_s', 'pseudo_s', 'eval_s'))  # over the runs of the cell (label groups)
-    first = runs.iloc[0].to_dict() if len(runs) else {}
-    rec = dict(index=cell.index, row=cell.row, fold=cell.fold, run=cell.run, wall_s=round(wall, 2),
-               stage1_s=round(total('stage1_s'), 2), train_s=round(total('train_s'), 2), eval_s=round(total('eval_s'), 2),
-               overhead_s=round(wall - work, 2), steps=int(first.get('steps', 0) or 0),
-               stage1_steps=int(first.get('stage1_steps', 0) or 0), T=first.get('T'))
+    rec = cell_record(cell, res.runs, wall)
     with atomic_write(d/'done.json', 'w') as f: json.dump(rec, f, indent=1)
     return rec
 
