@@ -124,13 +124,13 @@ ABLATIONS = {a.name: a for a in [
       for ds, title in [('chaos', 'CHAOS MRI'), ('cmr', 'cardiac MRI')]],
     *[Ablation(f'densemp-chaos-setting{s}', f'DenseMP Table {s} (Abd-MRI columns): CHAOS MRI, Setting {s}, label groups one at a time',
                f'densemp-chaos-setting{s}', _DENSEMP_ROWS, 'DenseMP (stages 1-3)', protocol='ouyang', base_over=_DM_OVER,
-               paper={'DenseMP (stages 1-3)': _p(*dm, classes=_ABD), 'SSL-ALPNet': {'Mean': alp}},
+               paper={'DenseMP (stages 1-3)': _p(*dm, classes=_ABD), 'SSL-ALPNet': _p(*alp, classes=_ABD)},
                note="The paper's DenseMP starts stage 1 from ImageNet-pretrained ResNet-101 on ~81 000 ROCO images; here every "
                     "encoder starts from random weights and stage 1 sees only the fold's training scans. DenseMP's final model "
                     "has seen manual labels of the other label group (stage 3); the other rows have seen none. "
                     "'PANet, stage 1 only' is the stage-1 encoder with no few-shot training.")
-      for s, dm, alp in [(1, ('82.62 ± 4.43', '86.28 ± 2.77', '74.37 ± 8.38', '76.04 ± 3.29', '79.83 ± 4.72'), '78.84'),
-                         (2, ('79.61 ± 4.29', '82.78 ± 2.50', '72.33 ± 8.68', '72.71 ± 2.99', '76.86 ± 4.62'), '73.02')]],
+      for s, dm, alp in [(1, ('82.62 ± 4.43', '86.28 ± 2.77', '74.37 ± 8.38', '76.04 ± 3.29', '79.83 ± 4.72'), ('81.92', '85.18', '72.18', '76.10', '78.84')),
+                         (2, ('79.61 ± 4.29', '82.78 ± 2.50', '72.33 ± 8.68', '72.71 ± 2.99', '76.86 ± 4.62'), ('73.63', '78.39', '67.02', '73.05', '73.02'))]],
     Ablation('densemp-table5', 'DenseMP Table 5: the stages, kidneys, Setting 2 (the paper: Abd-CT fold 1; here CHAOS MRI)',
              'densemp-chaos-setting2', {'stage 1 only': _STAGE1_ONLY, 'stage 2 only': {**_NO_STAGE1, 'finetune_steps': 0},
                                         'stages 1 + 2': {'finetune_steps': 0}, 'stages 1-3 (DenseMP)': {}},
@@ -207,7 +207,7 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
                 cells.append(Cell(len(cells), label, f, r, cfg))
     return cells
 
-# %% ../nbs/43_ablate.ipynb #ac50e7d7
+# %% ../nbs/43_ablate.ipynb #4b52705c
 def _spent(runs: pd.DataFrame, key: str) -> float:
     "Seconds of `key` ('train_s', 'pseudo_s', ...) spent in a cell, over its runs: a DenseMP stage read back from its file cost nothing."
     def col(k): return pd.to_numeric(runs[k], errors='coerce').fillna(0) if k in runs else pd.Series(0., index=runs.index)
@@ -356,7 +356,8 @@ def paper_table(ablation: str | Ablation # the ablation
     "The paper's numbers of an ablation (Dice %, as printed) in the same layout; rows the paper does not give are left out."
     a = get_ablation(ablation)
     if not a.paper: return ''
-    return df_markdown(pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper]), index='setting (paper)')
+    t = pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper])
+    return df_markdown(t.fillna('-'), index='setting (paper)')  # '-': a number the paper does not print
 
 # %% ../nbs/43_ablate.ipynb #34867ef6
 def ablation_summary(ablation: str | Ablation, # the ablation
