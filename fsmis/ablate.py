@@ -402,6 +402,6 @@ def plot_ablation(ablation: str | Ablation, # the ablation
     x = range(len(m))
     ax.bar([i - .2 for i in x], m['mean'], .4, yerr=m['std'].fillna(0), label=label)
     ax.bar([i + .2 for i in x], [paper.get(k, float('nan')) for k in m.index], .4, label='paper', alpha=.6)
-    ax.set_xticks(list(x)); ax.set_xticklabels(m.index, rotation=20, fontsize=7, ha='right'); ax.set_ylabel(f'mean Dice (%), {protocol}')
+    ax.set_xticks(list(x)); ax.set_xticklabels(m.index, rotation=20, fontsize=7, ha='right'); ax.set_ylabel(f'mean Dice (%), {protocol}'); ax.set_ylim(0, 100)
     ax.legend(fontsize=7); ax.set_title(a.title, fontsize=9)
     return ax
