@@ -129,6 +129,8 @@ def test_draw_polygon_and_move_slider(lab, tmp_path):
                 const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
                 return k && k.status === 'idle' && w.content && w.content.widgets.length === 3; }""", timeout=60_000)
             step = 'run the LabelWidget cell'
+            no_news = page.get_by_role('button', name='No', exact=True)   # JupyterLab's "get notified about news?" toast
+            if no_news.count(): no_news.first.click()
             _run_cell(page, 0)
             points = _wait_file(lab['work']/'points.json', 60, 'the canvas positions of the vertices', lab['proc'])
             _run_cell(page, 1)
@@ -143,10 +145,13 @@ def test_draw_polygon_and_move_slider(lab, tmp_path):
             canvas.scroll_into_view_if_needed()
             box = canvas.bounding_box()
             # the polygon: a click on each vertex, then on the first one again to close it
+            # (pauses let each move reach the kernel first: the selector closes the polygon only when the pointer has
+            # been seen on the first vertex before the last click)
             for cx, cy in points + points[:1]:
                 page.mouse.move(box['x'] + cx, box['y'] + cy, steps=4)
-                page.mouse.down(); page.mouse.up()
-                page.wait_for_timeout(150)
+                page.wait_for_timeout(300)
+                page.mouse.down(); page.wait_for_timeout(80); page.mouse.up()
+                page.wait_for_timeout(300)
             page.wait_for_function("el => !/class 1: 0 px/.test(el.textContent)", arg=status.element_handle(), timeout=60_000)
             # the viewer: drag its slider handle to the right; the image must change
             step = 'move the viewer slider'
