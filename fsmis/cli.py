@@ -353,9 +353,10 @@ def _args_evaluate(p):
 
 # %% ../nbs/51_cli.ipynb #46e04d37
 def _cmd_segment(a):
-    from fsmis.eval.inference import segment_files, segment_paths
+    from fsmis.eval.inference import segment_files, segment_paths, bundled_model_path
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
-    model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)  # the checkpoint is read once
+    ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
+    model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
     size = a.size if a.size is not None else ck.get('size')
     r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=size)
     names = ck.get('classes') or {}
@@ -370,7 +371,7 @@ def _args_segment(p):
     p.add_argument('query', help='query image (.nii/.nii.gz)')
     p.add_argument('support', help='support image (.nii/.nii.gz)')
     p.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
-    p.add_argument('--checkpoint', required=True, help='trained model (e.g. fsmis-demo/model.pth)')
+    p.add_argument('--checkpoint', default=None, help='trained model (e.g. fsmis-demo/model.pth; default: the bundled ADNet, self-supervised on CHAOS T2 scans)')
     p.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
     p.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
     p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')

@@ -17,7 +17,7 @@ from .core import Case, atomic_write
 # %% auto #0
 __all__ = ['class_colors', 'overlay', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode', 'episode_row',
            'episode_grid', 'show_supervoxels', 'prediction_figure', 'dice_bars', 'plot_dice_table', 'plot_results',
-           'plot_threshold_sweep', 'VolumeViewer']
+           'plot_threshold_sweep', 'swatch', 'VolumeViewer']
 
 # %% ../nbs/50_viz.ipynb #dfb06690
 def _np(x):
@@ -420,16 +420,37 @@ def plot_threshold_sweep(results:pd.DataFrame, # rows with threshold_sweep=True
 # %% ../nbs/50_viz.ipynb #3bdb73c6
 import ipywidgets as widgets
 
+def _hex(rgb) -> str: return '#%02x%02x%02x' % tuple(int(round(255*x)) for x in rgb[:3])
+
+def swatch(color, # RGB(A) in 0..1
+           name: str, # text beside the swatch
+          ) -> str:
+    "HTML of a colour square with an outline, then `name` in the theme's own text colour (readable on dark and light themes)."
+    return (f'<span style="display:inline-block;width:0.9em;height:0.9em;background:{_hex(color)};'
+            f'border:1px solid #888;vertical-align:middle;margin-right:0.3em"></span>{name}')
+
+def _rgb_panel(img, lab, lims, on, cols, alpha):
+    "uint8 RGB (h, w, 3): `img` windowed to `lims` in grey, the classes switched `on` blended in with opacity `alpha`."
+    lo, hi = lims
+    g = np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(g[..., None], 3, -1)
+    if lab is not None:
+        l = np.clip(lab, 0, len(on) - 1)
+        m = on[l] & (l > 0)
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * cols[l[m], :3]
+    return (rgb * 255).round().astype(np.uint8)
+
 class VolumeViewer(widgets.VBox):
-    "Interactive slice viewer of a volume (or `Case`) with label / prediction overlays: slider plus class toggles."
+    "Interactive slice viewer of a volume (or `Case`) with label and prediction overlays: slider, class toggles, window."
     def __init__(self,
                  case_or_volume, # `Case` or image volume (z, h, w)
                  label=None, # class-index volume (default: the case's label)
-                 pred=None, # optional predicted class-index volume, drawn beside the label
+                 pred=None, # predicted class-index volume drawn beside the label, or {name: volume} for several side by side
                  classes: dict | None = None, # {class index: name} (default: the case's classes)
                  alpha: float = 0.45, # overlay opacity
-                 size: float = 3.0, # inches per panel
+                 size: float = 3.0, # inches per panel of `figure` (the static matplotlib view)
                  slice_index: int | None = None, # initial slice (default: the middle labelled slice)
+                 zoom: int | None = None, # screen pixels per image pixel (default: the slice about 512 px wide)
                 ):
         if isinstance(case_or_volume, Case):
             c = case_or_volume
@@ -440,30 +461,42 @@ class VolumeViewer(widgets.VBox):
         self.volume = _np(vol)
         if self.volume.ndim != 3: raise ValueError(f"case_or_volume must be a Case or a 3D volume (z, h, w), got shape {self.volume.shape}")
         self.label = None if label is None else _np(label).astype(np.int64)
-        self.pred = None if pred is None else _np(pred).astype(np.int64)
-        for nm, v in (('label', self.label), ('pred', self.pred)):
+        preds = {} if pred is None else dict(pred) if isinstance(pred, dict) else {'prediction': pred}
+        self.preds = {str(k): _np(v).astype(np.int64) for k, v in preds.items()}
+        self.pred = next(iter(self.preds.values()), None)
+        for nm, v in [('label', self.label)] + [(f'pred {k!r}', v) for k, v in self.preds.items()]:
             if v is not None and v.shape != self.volume.shape: raise ValueError(f"{nm} shape {v.shape} != volume shape {self.volume.shape}")
+        if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, np.integer)) or zoom < 1):
+            raise ValueError(f"zoom must be a whole number >= 1 (screen pixels per image pixel), got {zoom!r}")
+        z, h, w = self.volume.shape
+        self.zoom = int(zoom or max(1, 512 // max(h, w)))
         self.alpha, self.size, self.lims = alpha, size, _window(self.volume)
         present = set()
-        for v in (self.label, self.pred):
+        for v in [self.label, *self.preds.values()]:
             if v is not None: present |= set(np.unique(v).tolist()) - {0}
         self.classes = {c: (classes or {}).get(c, f'class {c}') for c in sorted(present)}
         self.n = int(max(list(present) + [max(classes) if classes else 0, 1]))
-        z = self.volume.shape[0]
         if slice_index is None:
             lab_sl = pick_slices(self.label, z) if self.label is not None else []
             slice_index = lab_sl[len(lab_sl) // 2] if lab_sl else z // 2
         if not 0 <= slice_index < z: raise ValueError(f"slice_index={slice_index} out of range for {z} slices")
-        self.slider = widgets.IntSlider(value=int(slice_index), min=0, max=z-1, description='slice', continuous_update=True)
+        self.panels = ([('label', self.label)] if self.label is not None or not self.preds else []) + list(self.preds.items())
+        px = (len(self.panels) * (w + 1) - 1) * self.zoom
+        wide = widgets.Layout(width=f'{max(px, 280)}px')
+        self.slider = widgets.IntSlider(value=int(slice_index), min=0, max=z-1, description='slice', continuous_update=True, layout=wide)
+        vmin, vmax = float(self.volume.min()), float(self.volume.max())
+        self.window = widgets.FloatRangeSlider(value=self.lims, min=vmin, max=max(vmax, vmin + 1e-6), step=(max(vmax - vmin, 1e-6)) / 500,
+                                               description='window', readout_format='.4g', continuous_update=True, layout=wide)
         cols = class_colors(self.n)
-        self.toggles = {c: widgets.Checkbox(value=True, description=nm, indent=False,
-                                            layout=widgets.Layout(width='auto'),
-                                            style={'background': '#%02x%02x%02x' % tuple(int(255*x) for x in cols[c][:3])})
+        self.toggles = {c: widgets.Checkbox(value=True, description=nm, indent=False, layout=widgets.Layout(width='auto'))
                         for c, nm in self.classes.items()}
-        self.image = widgets.Image(format='png')
-        self.slider.observe(self._update, 'value')
-        for t in self.toggles.values(): t.observe(self._update, 'value')
-        super().__init__([widgets.HBox([self.slider] + list(self.toggles.values())), self.image])
+        keys = [widgets.HBox([widgets.HTML(swatch(cols[c], '')), t], layout=widgets.Layout(margin='0 0.8em 0 0'))
+                for c, t in self.toggles.items()]
+        self.image = widgets.Image(format='png', layout=widgets.Layout(width=f'{px}px', height=f'{h * self.zoom}px'))
+        self.titles = widgets.HBox([widgets.HTML(f'<b>{nm}</b>', layout=widgets.Layout(width=f'{(w + 1) * self.zoom}px')) for nm, _ in self.panels])
+        self.renders = 0  # images drawn so far (a counter for tests)
+        for wd in (self.slider, self.window, *self.toggles.values()): wd.observe(self._update, 'value')
+        super().__init__([self.slider, self.window, widgets.HBox(keys), self.titles, self.image])
         self._update()
 
     @property
@@ -471,27 +504,38 @@ class VolumeViewer(widgets.VBox):
         "Class indices whose overlay is switched on."
         return [c for c, t in self.toggles.items() if t.value]
 
+    def rgb(self, i: int | None = None # slice index (default: the slider's)
+           ) -> np.ndarray:
+        "uint8 RGB array of slice `i` as shown: the panels side by side (one white column apart), each pixel repeated `zoom` times (no smoothing)."
+        i = self.slider.value if i is None else int(i)
+        on = np.zeros(self.n + 1, bool); on[self.visible] = True
+        cols = class_colors(self.n)
+        ps = [_rgb_panel(self.volume[i], None if v is None else v[i], self.window.value, on, cols, self.alpha) for _, v in self.panels]
+        gap = np.full((ps[0].shape[0], 1, 3), 255, np.uint8)
+        out = np.concatenate([p if k == 0 else np.concatenate([gap, p], 1) for k, p in enumerate(ps)], 1)
+        return out.repeat(self.zoom, 0).repeat(self.zoom, 1)
+
     def figure(self, i: int | None = None # slice index (default: the slider's)
               ):
-        "Matplotlib figure of slice `i` as the viewer shows it."
+        "Matplotlib figure of slice `i` as the viewer shows it (`size` inches per panel, nearest-neighbour pixels)."
         i = self.slider.value if i is None else i
-        panels = [('label', self.label)] + ([('prediction', self.pred)] if self.pred is not None else [])
-        fig, axs = plt.subplots(1, len(panels), figsize=(self.size*len(panels), self.size), dpi=80, squeeze=False)
+        h, w = self.volume.shape[1:]
+        fig, axs = plt.subplots(1, len(self.panels), figsize=(self.size*len(self.panels), self.size * h / w + 0.3), dpi=80, squeeze=False)
         vis = np.zeros(self.n + 1, bool); vis[self.visible] = True
-        for ax, (nm, v) in zip(axs[0], panels):
+        for ax, (nm, v) in zip(axs[0], self.panels):
             l2 = None if v is None else np.where(vis[np.clip(v[i], 0, self.n)], v[i], 0)
-            overlay(ax, self.volume[i], l2, alpha=self.alpha, n_classes=self.n, vmin=self.lims[0], vmax=self.lims[1],
+            overlay(ax, self.volume[i], l2, alpha=self.alpha, n_classes=self.n, vmin=self.window.value[0], vmax=self.window.value[1],
                     title=f'{nm}, slice {i}' if v is not None else f'slice {i}')
         fig.tight_layout()
         return fig
 
     def png(self, i: int | None = None) -> bytes:
-        "PNG bytes of slice `i` (default: the current one)."
-        fig = self.figure(i)
-        buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig)
+        "PNG bytes of slice `i` (default: the current one), at `zoom` screen pixels per image pixel."
+        buf = io.BytesIO(); plt.imsave(buf, self.rgb(i), format='png')
         return buf.getvalue()
 
-    def _update(self, *_): self.image.value = self.png()
+    def _update(self, *_):
+        self.image.value = self.png(); self.renders += 1
 
     def _repr_mimebundle_(self, **kw):
         "The live widget in Jupyter, plus a still PNG of the current view for static renderers."

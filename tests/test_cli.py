@@ -186,6 +186,42 @@ def test_segment_chaos(data_root, checkpoint, tmp_path):
     assert set(np.unique(pred)) <= {0, 1, 2, 3, 4}
 
 
+def _package_files():
+    "{path: (size, mtime)} of every file in the installed fsmis package (to check nothing is written there)."
+    import fsmis
+    root = Path(fsmis.__file__).parent
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob('*') if p.is_file() and '__pycache__' not in p.parts}
+
+
+def test_segment_bundled_model_phantom(phantom_folder, tmp_path):
+    "No --checkpoint: the model shipped in the package segments; the mask has the query's shape and affine."
+    from fsmis.eval.inference import bundled_model_path
+    assert bundled_model_path().is_file()
+    before = _package_files()
+    out = tmp_path/'pred.nii.gz'
+    q = phantom_folder/'image_1.nii.gz'
+    r = fsmis('segment', q, phantom_folder/'image_2.nii.gz', phantom_folder/'label_2.nii.gz', '--out', out, '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    pred, _, aff = read_nifti(out, dtype=None)
+    img, _, aff0 = read_nifti(q)
+    assert pred.shape == img.shape and np.allclose(aff, aff0)
+    assert set(np.unique(pred)) <= {0, 1, 2, 3, 4}
+    assert _package_files() == before, 'fsmis segment wrote into the installed package'
+
+
+@pytest.mark.data
+def test_segment_bundled_model_chaos(data_root, tmp_path):
+    "No --checkpoint, on a CHAOS case the bundled model was not trained on (case 1, a fold-0 query; support 8)."
+    d = data_root/'chaos_t2'
+    out = tmp_path/'chaos_pred.nii.gz'
+    r = fsmis('segment', d/'image_1.nii.gz', d/'image_8.nii.gz', d/'label_8.nii.gz', '--out', out, '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    pred, _, aff = read_nifti(out, dtype=None)
+    img, _, aff0 = read_nifti(d/'image_1.nii.gz')
+    assert pred.shape == img.shape and np.allclose(aff, aff0)
+    assert {1, 4} <= set(np.unique(pred)) <= {0, 1, 2, 3, 4}   # liver and spleen found
+
+
 @pytest.mark.data
 def test_supervoxels_chaos(data_root, tmp_path):
     r = fsmis('supervoxels', data_root/'chaos_t2', '--out', tmp_path/'sv', '--cases', 1, '--workers', 1, '--quiet',

@@ -24,11 +24,15 @@ def test_wheel_has_every_module(tmp_path):
     names = set(zipfile.ZipFile(whl).namelist())
     src = {str(p.relative_to(ROOT)) for p in (ROOT/'fsmis').rglob('*.py')}
     assert src <= names, f"missing from the wheel: {sorted(src - names)}"
+    weights = {'fsmis/weights/adnet_chaos_t2_small.pth', 'fsmis/weights/LICENSE', 'fsmis/weights/README.md'}
+    assert weights <= names, f"the bundled model is missing from the wheel: {sorted(weights - names)}"
+    assert zipfile.ZipFile(whl).getinfo('fsmis/weights/adnet_chaos_t2_small.pth').file_size <= 15e6
     # and the installed copy imports every module from outside the source tree
     target = tmp_path/'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(whl)], check=True)
     code = ("import importlib, pkgutil, fsmis; assert fsmis.__file__.startswith(%r), fsmis.__file__; "
-            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fsmis.__path__, 'fsmis.')]") % str(target)
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fsmis.__path__, 'fsmis.')]; "
+            "from fsmis.eval.inference import bundled_model_path; assert str(bundled_model_path()).startswith(%r)") % (str(target), str(target))
     subprocess.run([sys.executable, '-c', code], check=True, cwd=tmp_path, env={'PYTHONPATH': str(target), 'PATH': '/usr/bin:/bin'})
 
 

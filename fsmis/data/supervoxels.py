@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/data.supervoxels.html.md"""
 
 # %% ../../nbs/06_data.supervoxels.ipynb #32f2835c
 from __future__ import annotations
-import hashlib, io, os, json
+import contextlib, hashlib, io, os, json, sys, time
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
@@ -19,9 +19,9 @@ from .sv_kernels import _felzenszwalb_3d, _relabel
 
 
 # %% auto #0
-__all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzenszwalb_3d', 'body_mask', 'supervoxels',
-           'superpixels', 'supervoxel_table', 'supervoxel_stats', 'cache_key', 'cached_supervoxels', 'case_supervoxels',
-           'dataset_supervoxels', 'write_supervoxels', 'adjusted_rand_index', 'reference_agreement']
+__all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzenszwalb_3d', 'body_mask', 'compile_notice',
+           'supervoxels', 'superpixels', 'supervoxel_table', 'supervoxel_stats', 'cache_key', 'cached_supervoxels',
+           'case_supervoxels', 'dataset_supervoxels', 'write_supervoxels', 'adjusted_rand_index', 'reference_agreement']
 
 # %% ../../nbs/06_data.supervoxels.ipynb #601e9d92
 def _check_spacing(spacing) -> tuple:
@@ -96,6 +96,23 @@ def body_mask(volume, # 3D (z, h, w) array
     if rescale: v = rescale_255(v)
     return np.stack([_mask_slice(sl, thresh) for sl in v])
 
+# %% ../../nbs/06_data.supervoxels.ipynb #d185aaed
+@contextlib.contextmanager
+def compile_notice(kernel=None, # numba dispatcher to check (default: the 3D Felzenszwalb kernel)
+                   out=None, # stream for the message (default: sys.stdout)
+                  ):
+    "Print a note around the block when `kernel` is neither compiled in this process nor in numba's on-disk cache (its first call compiles, ~1 min)."
+    k = _felzenszwalb_3d if kernel is None else kernel
+    cache = getattr(k, '_cache', None)
+    index = getattr(getattr(cache, '_cache_file', None), '_index_path', None)
+    first = not k.signatures and not (index and os.path.exists(index))
+    out = sys.stdout if out is None else out
+    if first: print("compiling the supervoxel kernels with numba (first call on this machine only, about a minute; "
+                    "cached in fsmis's user cache afterwards) ...", file=out, flush=True)
+    t0 = time.time()
+    yield first
+    if first: print(f"compiled in {time.time() - t0:.0f} s", file=out, flush=True)
+
 # %% ../../nbs/06_data.supervoxels.ipynb #32a8018a
 def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it is rescaled to 0-255)
                 spacing=(1., 1., 1.), # (z, h, w) voxel size in mm
@@ -111,9 +128,10 @@ def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it 
     sp = _check_spacing(spacing)
     if not (np.isfinite(scale) and scale > 0): raise ValueError(f"scale must be a positive number, got {scale!r}")
     if tie_order not in ('stable', 'numpy1'): raise ValueError(f"tie_order must be 'stable' or 'numpy1', got {tie_order!r}")
-    roots = _roots(v255, sp, scale, int(np.ceil(rho)), tie_order=tie_order)
-    mask = body_mask(v255, thresh=fg_thresh, rescale=False)
-    return _relabel(roots, mask.ravel()).reshape(v.shape)
+    with compile_notice():
+        roots = _roots(v255, sp, scale, int(np.ceil(rho)), tie_order=tie_order)
+        mask = body_mask(v255, thresh=fg_thresh, rescale=False)
+        return _relabel(roots, mask.ravel()).reshape(v.shape)
 
 # %% ../../nbs/06_data.supervoxels.ipynb #f8a2fa29
 def superpixels(volume, # 3D (z, h, w) image with raw intensities (as SSL-ALPNet: not z-scored)

@@ -16,9 +16,9 @@ from ..data.io import read_nifti, write_nifti
 from ..data.datasets import check_image, zscore
 
 # %% auto #0
-__all__ = ['MAX_CLASSES', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with', 'learned_threshold',
-           'predict_tasks', 'fg_of', 'segment_volume', 'support_slice', 'check_support_mask', 'segment_paths',
-           'segment_files']
+__all__ = ['MAX_CLASSES', 'BUNDLED_MODEL', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with',
+           'learned_threshold', 'predict_tasks', 'fg_of', 'segment_volume', 'support_slice', 'check_support_mask',
+           'segment_paths', 'segment_files', 'bundled_model_path']
 
 # %% ../../nbs/22_eval.inference.ipynb #5cb6fc79
 def model_device(model:nn.Module) -> torch.device:
@@ -236,3 +236,13 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     pred = segment_volume(model, qn, si, sm, size=size)
     write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
     return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(sm) if c})
+
+# %% ../../nbs/22_eval.inference.ipynb #1d2165aa
+BUNDLED_MODEL = 'adnet_chaos_t2_small.pth'  # file name of the shipped model in fsmis/weights/
+
+def bundled_model_path() -> Path:
+    "Path of the ADNet model shipped with fsmis (self-supervised on CHAOS T2, fold 0's training scans): the default checkpoint."
+    from importlib.resources import files
+    p = Path(str(files('fsmis').joinpath('weights', BUNDLED_MODEL)))
+    if not p.is_file(): raise FileNotFoundError(f"bundled model not found: {p} (is fsmis/weights/ missing from this install?); pass a checkpoint instead")
+    return p
