@@ -211,9 +211,14 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
 def _spent(runs: pd.DataFrame, key: str) -> float:
     "Seconds of `key` ('train_s', 'pseudo_s', ...) spent in a cell, over its runs: a DenseMP stage read back from its file cost nothing."
     def col(k): return pd.to_numeric(runs[k], errors='coerce').fillna(0) if k in runs else pd.Series(0., index=runs.index)
-    if not any(f'stage{s}_{key}' in runs for s in (2, 3)): return float(col(key).sum())
-    return float(sum(col(f'stage{s}_{key}')[~runs[f'stage{s}_cached'].astype(bool)].sum() if f'stage{s}_cached' in runs else col(f'stage{s}_{key}').sum()
-                     for s in (2, 3)))
+    stages = [s for s in (2, 3) if f'stage{s}_{key}' in runs]
+    if not stages: return float(col(key).sum())
+    total = 0.
+    for s in stages:
+        v = col(f'stage{s}_{key}')
+        if f'stage{s}_cached' in runs: v = v[~runs[f'stage{s}_cached'].astype(bool)]
+        total += v.sum()
+    return float(total)
 
 def cell_record(cell, # the cell (index, row, fold, run)
                 runs: pd.DataFrame, # its `runs.csv` (one row per run and label group)

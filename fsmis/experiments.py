@@ -128,17 +128,16 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
         for run in range(cfg.runs):
             seed = cfg.seed + 100*fold + run
             for group, classes in groups.items():  # Ouyang's label groups one at a time (else one pass over `classes`)
+                models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
+                if group is not None: info['group'] = group
                 if stage1:  # the encoder starts from DenseCL on this fold's training scans only (cached: once per fold, or group in Setting 2)
+                    from fsmis.pretrain.densecl import read_encoder_meta
                     t1 = time.perf_counter()
                     w = stage1_weights(base_cfg, ds, split.train_ids, fold, out_dir if out_dir is not None else tmp.name,
                                        test_classes=list(classes), store=store)
-                    cfg, stage1_s = dataclasses.replace(base_cfg, encoder_weights=str(w)), time.perf_counter() - t1
-                models, info = {}, dict(fold=fold, run=run, seed=seed, support=split.support_id, queries=' '.join(split.query_ids))
-                if group is not None: info['group'] = group
-                if stage1:  # its file, its steps, and the time spent on it here (0 when it was cached)
-                    from fsmis.pretrain.densecl import read_encoder_meta
-                    info.update(encoder_weights=Path(cfg.encoder_weights).name, stage1_steps=int(read_encoder_meta(w).get('steps', 0)),
-                                stage1_s=round(stage1_s, 2))
+                    cfg = dataclasses.replace(base_cfg, encoder_weights=str(w))  # its file, its steps, the time spent on it here (0: cached)
+                    info.update(encoder_weights=w.name, stage1_s=round(time.perf_counter() - t1, 2),
+                                stage1_steps=int(read_encoder_meta(w).get('steps', 0)))
                 if cfg.method == 'intensity': models['intensity'] = IntensityPrototype()
                 else:
                     if 'untrained' in cfg.baselines:
