@@ -321,3 +321,15 @@ def test_more_bad_inputs_found_by_a_sweep(args, text, files, capsys, tmp_path):
     code, out, err = run(capsys, *[a.format(afile=tmp_path/'afile', empty=tmp_path/'empty.pth', data=files/'data') for a in args])
     assert code == 2 and text in one_line(err)
     assert {p: p.read_bytes() for p in (files/'data').iterdir()} == before  # no input touched
+
+
+def test_finite_guard_passes_huge_finite_weights_and_stops_nan_weights():
+    "The fast check (fused norms) overflows at ~1e19; the exact per-tensor check must then decide."
+    from types import SimpleNamespace
+    from fsmis.learner import FiniteGuard, NonFiniteLoss
+    m = torch.nn.Linear(3, 2); g = FiniteGuard(); g.learn = SimpleNamespace(training=True, model=m, iteration=4, opt=None)
+    g.after_step()
+    with torch.no_grad(): m.weight.fill_(1e20)
+    g.after_step()  # finite, though its norm is inf in float32
+    with torch.no_grad(): m.bias[0] = float('nan')
+    with pytest.raises(NonFiniteLoss, match='step 5: the weights became non-finite'): g.after_step()
