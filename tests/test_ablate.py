@@ -1,6 +1,6 @@
 """The ablation runner: a killed run continues where it stopped (finished cells are never rerun), parallel workers give
 the same table as one process, one cell runs alone, and the named ablations are the paper's grids."""
-import json, os, signal, subprocess, sys, time
+import dataclasses, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from fsmis.ablate import ABLATIONS, ablation_cells, run_ablation, ablation_tables, finished_cells
@@ -85,5 +85,10 @@ def test_extra_rows_read_a_baseline_of_a_rows_cells(tmp_path):
     assert np.isclose(np.sort(un), np.sort(raw[raw['method'] == 'untrained']['dice'].to_numpy())).all()
     t = ablation_tables(a, tmp_path)['EP2']
     assert '| no few-shot training |' in t and '| trained |' in t
+    # columns in the paper's order where the ablation prints the paper's numbers (DenseMP: RK, LK, liver, spleen)
+    header = lambda t: [c.strip() for c in t.splitlines()[0].strip('|').split('|')]
+    names = header(t)[1:-2]  # between 'setting' and 'Mean', 'p (...)'
+    rev = dataclasses.replace(a, paper={'trained': {**{c: '1' for c in names[::-1]}, 'Mean': '1'}})
+    assert header(ablation_tables(rev, tmp_path)['EP2'])[1:-2] == names[::-1] and len(names) > 1
     with pytest.raises(ValueError, match='not one of the rows'):
         Ablation('y', 'toy', 'adnet-phantom-ep2', {'trained': {}}, 'trained', extra={'u': ('missing', 'untrained')})
