@@ -160,7 +160,7 @@ ABLATIONS = {a.name: a for a in [
              note="Stage 1 by steps, so that load on the machine cannot shorten it: 125 DenseCL steps (batch 32, queue 256) are what "
                   "the 5-minute CPU budget buys on an idle core, 750 about 30 minutes. Stages 2 and 3 as in Table 1."),
     Ablation('densecl-adnet-chaos', 'Does DenseCL help? ADNet on CHAOS MRI from random weights and from a DenseCL encoder, EP1 and EP2',
-             'adnet-chaos-ep1', {'ADNet, random weights': {}, 'ADNet, DenseCL encoder (stage 1, 30 min)': {'pretrain_minutes': 30.}},
+             'adnet-chaos-ep1', {'ADNet, random weights': _NO_STAGE1, 'ADNet, DenseCL encoder (stage 1, 30 min)': {'pretrain_minutes': 30., 'pretrain_steps': None}},
              'ADNet, random weights', base_over={'protocols': ['EP1', 'EP2'], 'thresholds': [], 'baselines': ['untrained']},
              extra={'random encoder, no few-shot training': ('ADNet, random weights', 'untrained'),
                     'DenseCL encoder, no few-shot training': ('ADNet, DenseCL encoder (stage 1, 30 min)', 'untrained')},

@@ -414,7 +414,8 @@ def _cmd_reproduce(a):
     if a.list or a.name is None:
         for k, v in PAPER_CONFIGS.items(): print(f"{k:24s} {v['note']}")
         return 0
-    cfg = reproduce_config(a.name, a.budget, a.minutes, folds=a.folds, runs=a.runs, seed=a.seed, device=a.device)
+    cfg = reproduce_config(a.name, a.budget, a.minutes, folds=a.folds, runs=a.runs, seed=a.seed, device=a.device,
+                           pretrain_steps=a.pretrain_steps)
     if a.print_config:
         import yaml, dataclasses; print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)); return 0
     if a.budget == 'paper' and (cfg.device or '').startswith('cpu'): print("warning: the paper budget is meant for a GPU", file=sys.stderr)
@@ -422,6 +423,8 @@ def _cmd_reproduce(a):
     print(res)
 
 # %% ../nbs/51_cli.ipynb #cae48bd5
+_PRETRAIN_STEPS_HELP = "stage 1 (DenseCL) steps per fold instead of --minutes (DenseMP): load on the machine cannot shorten it"
+
 @subcommand('reproduce', _cmd_reproduce, help='run a named paper configuration (--list to see them)', quiet=False)
 def _args_reproduce(p):
     """Run a paper experiment (training, EP1/EP2 or Setting 1/2, baselines, tables, figures). --budget cpu: small
@@ -429,6 +432,7 @@ def _args_reproduce(p):
     p.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
     p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
+    p.add_argument('--pretrain-steps', type=positive_int, default=None, help=_PRETRAIN_STEPS_HELP)
     p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
     p.add_argument('--runs', type=positive_int, default=None, help='runs per fold')
     p.add_argument('--seed', type=int, default=None, help='base seed')
@@ -445,6 +449,7 @@ def _cmd_ablate(a):
     abl = get_ablation(a.name)
     over = {k: v for k, v in dict(size=a.size, device=a.device).items() if v is not None}
     if a.steps is not None: over.update(n_steps=a.steps, time_budget_min=None)
+    if a.pretrain_steps is not None: over.update(pretrain_steps=a.pretrain_steps, pretrain_minutes=None)  # rows that set stage 1 keep theirs
     out = _writable_dir(a.out or f"ablation_{abl.name}_{a.budget}", '--out')
     if a.table:
         tables = ablation_tables(abl, out)
@@ -468,6 +473,7 @@ def _args_ablate(p):
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget of every cell')
     p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per cell (cpu budget)')
     p.add_argument('--steps', type=positive_int, default=None, help='training steps per cell (instead of --minutes: a reduced budget)')
+    p.add_argument('--pretrain-steps', type=positive_int, default=None, help=_PRETRAIN_STEPS_HELP)
     p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
     p.add_argument('--runs', type=positive_int, default=None, help='runs per fold (default: cpu 1, paper 3)')
     p.add_argument('--size', type=positive_int, default=None, help='slice size (default: the budget\'s)')

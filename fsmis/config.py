@@ -221,7 +221,7 @@ def reproduce_config(name: str, # a key of PAPER_CONFIGS
     if budget == 'cpu':
         cfg = cpu_budget_config(d.pop('dataset'), minutes=minutes, name=name, **d)
         if cfg.dataset == 'phantom': cfg.size = 64
-        if densemp: cfg.pretrain_minutes = minutes
+        if densemp and over.get('pretrain_steps') is None: cfg.pretrain_minutes = minutes  # stage 1 by minutes unless given in steps
     elif budget == 'paper':
         steps = 50_000 if d['method'] == 'adnet' else 100_100
         cfg = ExperimentConfig(name=name, encoder='resnet101', n_steps=steps, lr=1e-3, folds=[0, 1, 2, 3, 4], runs=3,

@@ -92,3 +92,25 @@ def test_extra_rows_read_a_baseline_of_a_rows_cells(tmp_path):
     assert header(ablation_tables(rev, tmp_path)['EP2'])[1:-2] == names[::-1] and len(names) > 1
     with pytest.raises(ValueError, match='not one of the rows'):
         Ablation('y', 'toy', 'adnet-phantom-ep2', {'trained': {}}, 'trained', extra={'u': ('missing', 'untrained')})
+
+
+def test_stage1_by_steps_reaches_the_rows_that_have_stage_1_only():
+    "`--pretrain-steps` (stage 1 by steps, not minutes) changes every row with a stage 1 and no row without one."
+    over = {'pretrain_steps': 9, 'pretrain_minutes': None}
+    got = {c.row: (c.cfg.pretrain_steps, c.cfg.pretrain_minutes) for c in ablation_cells('densemp-table6', minutes=5., over=over)}
+    assert got == {'dense (lambda 0.5)': (9, None), 'global only (lambda 0)': (9, None), 'no stage 1': (None, None)}
+    base = {c.row: (c.cfg.pretrain_steps, c.cfg.pretrain_minutes) for c in ablation_cells('densemp-table6', minutes=5.)}
+    assert base['dense (lambda 0.5)'] == (None, 5.) and base['no stage 1'] == (None, None)
+    got = {c.row: (c.cfg.pretrain_steps, c.cfg.pretrain_minutes) for c in ablation_cells('densecl-adnet-chaos', over=over)}
+    assert got == {'ADNet, random weights': (None, None), 'ADNet, DenseCL encoder (stage 1, 30 min)': (None, 30.)}
+
+
+def test_cli_pretrain_steps_replaces_stage_1_minutes(tmp_path):
+    import yaml
+    from fsmis.cli import main
+    import contextlib, io
+    for extra, want in [([], (None, 30.)), (['--pretrain-steps', '7'], (7, None))]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf): assert not main(['reproduce', 'densemp-chaos-setting1', '--print-config', *extra])
+        cfg = yaml.safe_load(buf.getvalue())
+        assert (cfg['pretrain_steps'], cfg['pretrain_minutes']) == want
