@@ -11,7 +11,8 @@ import pandas as pd
 from scipy import stats
 
 # %% auto #0
-__all__ = ['dice_counts', 'dice_from_counts', 'dice', 'run_means', 'summarize', 'to_markdown', 'df_markdown', 'paired_wilcoxon']
+__all__ = ['dice_counts', 'dice_from_counts', 'dice', 'run_means', 'summarize', 'cell_text', 'to_markdown', 'df_markdown',
+           'summary_tables', 'paired_wilcoxon', 'run_wilcoxon', 'results_tables']
 
 # %% ../../nbs/20_eval.metrics.ipynb #62b4453d
 def dice_counts(pred, # predicted foreground, bool/0-1 array of any shape (e.g. (z, h, w))
@@ -50,36 +51,43 @@ def run_means(df:pd.DataFrame, # one row per query volume and class: columns `cl
     return df.groupby([*by, 'class'], sort=False)['dice'].mean().reset_index()
 
 # %% ../../nbs/20_eval.metrics.ipynb #f5b3a390
-def summarize(df:pd.DataFrame, # per-volume results (columns `class`, `dice` in [0,1], optional method/fold/run)
+def summarize(df:pd.DataFrame, # per-volume results: columns `class`, `dice` in [0,1] and the columns in `by`
               classes=None, # class names in column order (default: order of first appearance)
-              by=('method', 'fold', 'run'), # columns identifying a run
+              by=('method', 'fold', 'run'), # the table's row key, then the columns identifying one run (fold, run)
               percent:bool=True, # report Dice in percent like the papers
              ) -> pd.DataFrame:
-    "Paper-style table: per method, mean ± std over runs per class, and mean ± std over classes."
+    "The one table aggregation: per row and class, mean ± std (ddof 0) over runs of the run's mean over volumes; Mean: the class means' mean ± population std."
+    by = list(by)
+    if not by: raise ValueError("by is empty: give the row key, then the run keys, e.g. ('method', 'fold', 'run')")
+    key = by[0]
+    if key not in df.columns: df = df.assign(**{key: 'model'})
     rm = run_means(df, by)
-    if 'method' not in rm.columns: rm = rm.assign(method='model')
     classes = list(dict.fromkeys(rm['class'])) if classes is None else list(classes)
     k = 100.0 if percent else 1.0
-    rows = []
-    for m, g in rm.groupby('method', sort=False):
-        row, means = {'method': m}, []
-        for c in classes:
-            v = g.loc[g['class'] == c, 'dice'].to_numpy(float) * k
-            mu, sd = (np.nanmean(v), np.nanstd(v)) if len(v) and not np.all(np.isnan(v)) else (np.nan, np.nan)
-            row[f'{c}'] = mu; row[f'{c} std'] = sd; means.append(mu)
-        row['Mean'] = float(np.nanmean(means)); row['Mean std'] = float(np.nanstd(means))
-        rows.append(row)
-    return pd.DataFrame(rows).set_index('method')
+    g = rm.groupby([key, 'class'], sort=False)['dice']
+    mean, std = (s.unstack('class').reindex(index=list(dict.fromkeys(rm[key])), columns=classes) * k
+                 for s in (g.mean(), g.std(ddof=0)))
+    out = pd.DataFrame(index=mean.index)
+    for c in classes: out[c], out[f'{c} std'] = mean[c], std[c]
+    out['Mean'], out['Mean std'] = mean.mean(axis=1), mean.std(axis=1, ddof=0)
+    return out.astype(float).rename_axis(key)
 
 # %% ../../nbs/20_eval.metrics.ipynb #14e502f0
+def cell_text(summary:pd.DataFrame, # output of `summarize`
+              digits:int=2, # decimals
+             ) -> pd.DataFrame:
+    "The table's cells as the papers print them, `mean ± std` strings (rows: the table's rows; columns: classes, then Mean)."
+    cols = [c for c in summary.columns if not c.endswith(' std')]
+    return pd.DataFrame({c: [f"{r[c]:.{digits}f} ± {r[c+' std']:.{digits}f}" for _, r in summary.iterrows()] for c in cols},
+                        index=summary.index)
+
 def to_markdown(summary:pd.DataFrame, # output of `summarize`
                 digits:int=2, # decimals
                 stars:dict|None=None, # optional {method: True} to mark a significant Mean with *
                ) -> str:
     "Markdown table `mean ± std` per class and for the mean, in the layout of the papers' tables."
-    cols = [c for c in summary.columns if not c.endswith(' std')]
-    cells = pd.DataFrame({c: [f"{r[c]:.{digits}f} ± {r[c+' std']:.{digits}f}" + ('*' if c == cols[-1] and stars and stars.get(m) else '')
-                              for m, r in summary.iterrows()] for c in cols}, index=summary.index)
+    cells = cell_text(summary, digits)
+    if stars: cells['Mean'] = [v + ('*' if stars.get(m) else '') for m, v in cells['Mean'].items()]
     return df_markdown(cells, index='Method')
 
 # %% ../../nbs/20_eval.metrics.ipynb #ed8e21ec
@@ -92,6 +100,17 @@ def df_markdown(df:pd.DataFrame, # any small table
     f = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
     return '\n'.join(['| ' + ' | '.join(map(str, df.columns)) + ' |', '|---|' + '---:|' * (len(df.columns) - 1)] +
                      ['| ' + ' | '.join(f(v) for v in r) + ' |' for r in df.itertuples(index=False)])
+
+# %% ../../nbs/20_eval.metrics.ipynb #a1ed0d95
+def summary_tables(results:pd.DataFrame, # per-volume rows of `run_experiment` (columns protocol, method, fold, run, class, dice)
+                   classes=None, # column order (class names; those absent from a protocol are left out)
+                   by=('method', 'fold', 'run'), # the table's row key, then the run keys (as `summarize`)
+                  ) -> dict:
+    "{protocol: `summarize` table} of the results, threshold-sweep rows left out."
+    if 'protocol' not in results.columns: raise ValueError("results has no `protocol` column: give rows of run_experiment")
+    r = results[~results['threshold_sweep'].astype(bool)] if 'threshold_sweep' in results else results
+    return {p: summarize(g, classes=[c for c in (classes or []) if c in set(g['class'])] or None, by=by)
+            for p, g in r.groupby('protocol', sort=False)}
 
 # %% ../../nbs/20_eval.metrics.ipynb #acc08468
 def paired_wilcoxon(a:pd.DataFrame, # results of method a (columns `dice` and the keys)
@@ -108,3 +127,44 @@ def paired_wilcoxon(a:pd.DataFrame, # results of method a (columns `dice` and th
     if np.allclose(d, 0): return dict(statistic=float('nan'), pvalue=1.0, n=len(m), mean_diff=0.0)
     r = stats.wilcoxon(m['dice_a'], m['dice_b'], alternative=alternative)
     return dict(statistic=float(r.statistic), pvalue=float(r.pvalue), n=len(m), mean_diff=float(d.mean()))
+
+# %% ../../nbs/20_eval.metrics.ipynb #0cd0d144
+def run_wilcoxon(a:pd.DataFrame, # per-volume results of method a (columns `class`, `dice` and the run keys)
+                 b:pd.DataFrame, # per-volume results of method b
+                 alternative:str='greater', # 'greater': H1 is a > b (one-sided); 'two-sided' or 'less'
+                 runs=('fold', 'run'), # the keys of one run: the unit the test pairs
+                ) -> dict:
+    "The papers' Wilcoxon: per-run mean Dice (over classes and volumes) of a and b paired by (fold, run); statistic, p, n, mean diff, min_p."
+    runs = list(runs)
+    for name, x in (('a', a), ('b', b)):
+        missing = {*runs, 'class', 'dice'} - set(x.columns)
+        if missing: raise ValueError(f"{name} is missing columns {sorted(missing)}")
+    ra, rb = (run_means(x, runs).groupby(runs)['dice'].mean().reset_index() for x in (a, b))
+    n = len(ra.merge(rb, on=runs).dropna())
+    if n < 2: raise ValueError(f"{n} {' x '.join(runs)} pair(s) of per-run means: the test needs 2 at least (and 5 to reach p < 0.05 one-sided)")
+    w = paired_wilcoxon(ra, rb, on=runs, alternative=alternative)
+    return dict(w, min_p=min(1.0, (2.0 if alternative == 'two-sided' else 1.0) * 0.5**w['n']))
+
+# %% ../../nbs/20_eval.metrics.ipynb #dcc37076
+def results_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
+                   classes=None, # column order (class names)
+                   main:str|None=None, # method compared to the others (one-sided Wilcoxon on per-run means, * if p < 0.05)
+                  ) -> dict:
+    "{protocol: markdown table} in the papers' layout (class cells over folds x runs; Mean ± across classes), with the tests of `main`."
+    out = {}
+    r = results[~results['threshold_sweep'].astype(bool)] if 'threshold_sweep' in results else results
+    for proto, s in summary_tables(r, classes).items():
+        g = r[r['protocol'] == proto]
+        stars, notes = {}, []
+        if main is not None and main in s.index:
+            for m in s.index:
+                if m == main: continue
+                try: w = run_wilcoxon(g[g['method'] == main], g[g['method'] == m])
+                except ValueError as e:
+                    notes.append(f"{main} > {m}: no test ({e})"); stars[main] = False; continue
+                small = f"; with n = {w['n']} no p below {w['min_p']:.2g} is possible" if w['min_p'] >= 0.05 else ''
+                notes.append(f"{main} > {m}: one-sided Wilcoxon on per-run mean Dice, p = {w['pvalue']:.2g} "
+                             f"(n = {w['n']} fold x run pairs, mean diff {100*w['mean_diff']:.1f} Dice points{small})")
+                stars[main] = stars.get(main, True) and w['pvalue'] < 0.05
+        out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
+    return out
