@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 from .core import atomic_write
 from .config import ExperimentConfig, reproduce_config
-from .eval.metrics import paired_wilcoxon, df_markdown
+from .eval.metrics import summarize, cell_text, run_wilcoxon, df_markdown
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'cell_record',
-           'run_cell', 'run_ablation', 'finished_cells', 'ablation_tables', 'paper_table', 'ablation_summary',
-           'plot_ablation']
+           'run_cell', 'run_ablation', 'finished_cells', 'ablation_table', 'ablation_tables', 'paper_table',
+           'ablation_summary', 'plot_ablation']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -325,6 +325,30 @@ def _cell_results(a, out) -> pd.DataFrame:
         rows += [df[df['method'] == m].assign(row=label) for label, (row, m) in a.extra.items() if row == rec['row']]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
+def ablation_table(ablation: str | Ablation, # the ablation (its rows, extra rows and default row)
+                   results: pd.DataFrame, # per-volume rows of one protocol with a `row` column (as read from the cells)
+                   classes=None, # column order (default: order of first appearance)
+                   digits: int = 2, # decimals
+                  ) -> str:
+    "Markdown table of one protocol: `summarize` per row, the best Mean in bold, `run_wilcoxon` of the default row against each row."
+    a = get_ablation(ablation)
+    s = summarize(results, classes, by=('row', 'fold', 'run'))
+    s = s.loc[[k for k in [*a.rows, *a.extra] if k in s.index]]
+    cells = cell_text(s, digits)
+    best = s['Mean'].idxmax() if s['Mean'].notna().any() else None
+    d = results[results['row'] == a.default]
+    body = {}
+    for label in [*a.rows, *a.extra]:
+        if label not in s.index: body[label] = {c: 'not run' for c in cells.columns}
+        else: body[label] = {c: f"**{v}**" if label == best else v for c, v in cells.loc[label].items()}
+        if label == a.default: p = 'default'
+        elif label not in s.index or not len(d): p = 'n/a'
+        else:
+            try: w = run_wilcoxon(d, results[results['row'] == label]); p = f"{w['pvalue']:.3g} (n = {w['n']})"
+            except ValueError: p = 'n/a (1 pair)'
+        body[label]['p (default > row)'] = p
+    return df_markdown(pd.DataFrame(body).T, index='setting')
+
 def ablation_tables(ablation: str | Ablation, # the ablation
                     out, # its folder
                     digits: int = 2, # decimals
@@ -342,27 +366,7 @@ def ablation_tables(ablation: str | Ablation, # the ablation
         classes = spec.ordered(list(dict.fromkeys(r['class'])))
         cols = list(dict.fromkeys(c for row in a.paper.values() for c in row))  # the paper's column order, where it has one
         classes = sorted(classes, key=lambda c: cols.index(c) if c in cols else len(cols))
-        per_run = r.groupby(['row', 'fold', 'run', 'class'])['dice'].mean().reset_index()
-        run_mean = per_run.groupby(['row', 'fold', 'run'])['dice'].mean()
-        body, means = {}, {}
-        for label in [*a.rows, *a.extra]:
-            pr = per_run[per_run['row'] == label]
-            if not len(pr): body[label] = {c: 'not run' for c in [*classes, 'Mean']}; continue
-            cell = {c: pr[pr['class'] == c]['dice'].agg(['mean', 'std']).fillna(0) * 100 for c in classes}
-            m = run_mean.loc[label].agg(['mean', 'std']).fillna(0) * 100; means[label] = m['mean']
-            body[label] = {**{c: f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" for c, v in cell.items()},
-                           'Mean': f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"}
-        best = max(means, key=means.get) if means else None
-        d = r[r['row'] == a.default]
-        for label in body:
-            if label == best: body[label] = {k: f"**{v}**" for k, v in body[label].items()}
-            rr = r[r['row'] == label]
-            if label == a.default or not len(d) or not len(rr): p = '' if label == a.default else 'n/a'
-            else:
-                try: p = f"{paired_wilcoxon(d, rr)['pvalue']:.3g}"
-                except ValueError: p = 'n/a'
-            body[label]['p (default > row)'] = p or 'default'
-        tables[proto] = df_markdown(pd.DataFrame(body).T, index='setting')
+        tables[proto] = ablation_table(a, r, classes, digits)
     return tables
 
 # %% ../nbs/43_ablate.ipynb #547cd137
@@ -404,14 +408,14 @@ def plot_ablation(ablation: str | Ablation, # the ablation
                   ax=None, # matplotlib axes (default: a new figure)
                   label: str = 'ours', # legend of our bars (e.g. the budget)
                  ):
-    "Bars of the mean Dice of each row (ours: mean ± std over folds x runs; the paper's mean beside it); returns the axes."
+    "Bars of the mean Dice of each row (ours: the table's Mean ± its std across classes; the paper's mean beside it); returns the axes."
     import matplotlib.pyplot as plt
     a = get_ablation(ablation); protocol = protocol or a.protocol
     r = _cell_results(a, out)
     if not len(r): raise ValueError(f"{out}: no finished cell of {a.name}")
     r = r[(r['protocol'] == protocol) & ~r['threshold_sweep'].astype(bool)]
-    m = r.groupby(['row', 'fold', 'run', 'class'])['dice'].mean().groupby(['row', 'fold', 'run']).mean().groupby('row').agg(['mean', 'std']) * 100
-    m = m.reindex([k for k in [*a.rows, *a.extra] if k in m.index])
+    s = summarize(r, by=('row', 'fold', 'run'))  # the table's numbers: Mean and its ± (across classes)
+    m = s.loc[[k for k in [*a.rows, *a.extra] if k in s.index], ['Mean', 'Mean std']].set_axis(['mean', 'std'], axis=1)
     paper = {k: float(v['Mean'].split(' ± ')[0]) for k, v in a.paper.items() if 'Mean' in v}
     if ax is None: _, ax = plt.subplots(figsize=(1.3 * len(m) + 2, 2.8), dpi=72)
     x = range(len(m))

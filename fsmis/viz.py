@@ -374,20 +374,35 @@ def plot_dice_table(scores, # DataFrame (rows: methods, cols: classes), dict of 
     return ax
 
 # %% ../nbs/50_viz.ipynb #ab746546
-def plot_results(results:pd.DataFrame, # rows of `run_experiment`
+def _tables_of_rows(results):
+    """{protocol: table} from per-volume rows, by the rule of `fsmis.eval.metrics.summary_tables` (class cells only).
+    Restated here because viz imports only `fsmis.core`; tests/test_tables.py checks that both give the same numbers."""
+    import pandas as pd
+    r = results[~results['threshold_sweep'].astype(bool)] if 'threshold_sweep' in results else results
+    out = {}
+    for p, g in r.groupby('protocol', sort=False):
+        g = g.assign(method='model') if 'method' not in g else g
+        keys = [k for k in ('method', 'fold', 'run') if k in g]
+        s = g.groupby([*keys, 'class'], sort=False)['dice'].mean().groupby(['method', 'class'], sort=False)  # a run's class score, then over runs
+        mean, std = (x.unstack('class').reindex(index=list(dict.fromkeys(g['method'])), columns=list(dict.fromkeys(g['class']))) * 100
+                     for x in (s.mean(), s.std(ddof=0)))
+        out[p] = pd.concat([mean, std.add_suffix(' std')], axis=1)
+    return out
+
+def plot_results(results, # {protocol: table} of `fsmis.eval.metrics.summary_tables` (what tables.md prints), or per-volume rows of `run_experiment`
                  order=None, # class order
                  path=None, # save the figure here (PNG)
                 ):
-    "Bar chart: mean Dice per class (error bar: std over folds x runs), one panel per protocol."
-    r = results[~results['threshold_sweep']] if 'threshold_sweep' in results else results
-    protos = list(dict.fromkeys(r.protocol))
-    fig, axs = plt.subplots(1, len(protos), figsize=(4*len(protos), 3), squeeze=False)
-    for ax, p in zip(axs[0], protos):
-        rm = r[r.protocol == p].groupby(['method', 'fold', 'run', 'class'])['dice'].mean().reset_index()
-        g = rm.groupby(['class', 'method'])['dice'].agg(['mean', 'std']).unstack('method') * 100
-        if order: g = g.reindex([c for c in order if c in g.index])
-        g['mean'].plot.bar(ax=ax, yerr=g['std'].fillna(0), rot=30, fontsize=8)
+    "Bar chart of the results table: per protocol, each method's class means, error bars the table's ± (std over folds x runs); `fig.tables` holds the numbers drawn."
+    tables = dict(results) if isinstance(results, dict) else _tables_of_rows(results)
+    if not tables: raise ValueError("results is empty: no table to draw")
+    fig, axs = plt.subplots(1, len(tables), figsize=(4*len(tables), 3), squeeze=False)
+    for ax, (p, t) in zip(axs[0], tables.items()):
+        cls = [c for c in t.columns if not c.endswith(' std') and c != 'Mean']
+        if order: cls = [c for c in order if c in cls]
+        t[cls].T.plot.bar(ax=ax, yerr=t[[f'{c} std' for c in cls]].set_axis(cls, axis=1).T.fillna(0), rot=30, fontsize=8)
         ax.set_title(p); ax.set_ylabel('Dice (%)'); ax.set_ylim(0, 100); ax.legend(fontsize=7); ax.set_xlabel('')
+    fig.tables = tables
     fig.tight_layout()
     if path is not None:
         with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=80)
