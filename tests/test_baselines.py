@@ -163,3 +163,17 @@ def test_canet_refine_passes():
     assert p0.shape == (1, 2, 48, 48)
     assert DenseComparison(8, 4)(torch.randn(1, 8, 5, 5), torch.randn(8)).shape == (1, 4, 5, 5)
     assert IOM(4, (1,))(torch.randn(1, 4, 5, 5), torch.zeros(1, 2, 5, 5)).shape == (1, 2, 5, 5)
+
+
+@pytest.mark.parametrize('name,cfg', [('ppnet', dict(encoder='small', parts=4, par=True)),
+                                      ('canet', dict(encoder='small', width=16, iom_steps=2, dilations=[2, 4], par=False))])
+def test_rebuild_from_config(name, cfg, tmp_path):
+    "What a checkpoint stores (constructor config incl. the learner's `par`, state dict) rebuilds the same model."
+    cls = {'ppnet': PPNet, 'canet': CANet}[name]
+    torch.manual_seed(0); net = cls(**cfg).eval()
+    torch.save(net.state_dict(), tmp_path / 'm.pth')
+    torch.manual_seed(1); net2 = cls(**cfg); net2.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True)); net2.eval()
+    si, sm, qi, _ = squares(g=torch.Generator().manual_seed(5))
+    with torch.inference_mode(): assert torch.equal(net.predict(si[0], sm[0], qi[0]), net2.predict(si[0], sm[0], qi[0]))
+    if name == 'canet':
+        with pytest.raises(ValueError, match='PAR'): CANet('small', width=16, par=True)

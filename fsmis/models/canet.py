@@ -68,8 +68,10 @@ class CANet(FewShotModel):
                  history_drop: float = 0.7, # training: probability that the IOM sees a zero history (the release: 0.7)
                  dropout: float = 0.5, # Dropout2d in the DCM and the ASPP
                  dilations: tuple = (6, 12, 18), # ASPP dilations
+                 par: bool = False, # CANet has no prototype alignment: only False is accepted (the learner passes its loss's switch)
                  **enc_kw # passed to `make_encoder`
                 ):
+        if par: raise ValueError("CANet has no prototype-alignment (PAR) prediction: use a loss with par=False, e.g. ProtoCELoss(w_bg=1.0, par=False)")
         super().__init__(encoder, par=False, **enc_kw)
         c = getattr(self.encoder, 'out_channels', None)
         if not isinstance(c, int): raise ValueError(f"encoder {type(self.encoder).__name__} has no integer `out_channels`: CANet's decoder needs it")
