@@ -177,3 +177,16 @@ def test_rebuild_from_config(name, cfg, tmp_path):
     with torch.inference_mode(): assert torch.equal(net.predict(si[0], sm[0], qi[0]), net2.predict(si[0], sm[0], qi[0]))
     if name == 'canet':
         with pytest.raises(ValueError, match='PAR'): CANet('small', width=16, par=True)
+
+
+@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('protocol', ['EP1', 'EP2', 'ouyang'])
+def test_protocols_run_unchanged(name, protocol):
+    "The evaluation protocols (EP1, EP2, Ouyang's) score the models as they score ADNet: one row per class, Dice in [0, 1]."
+    from fsmis.data.phantom import make_phantom
+    from fsmis.eval.protocols import evaluate_case
+    sup, qry = make_phantom(0, shape=(8, 48, 48)), make_phantom(1, shape=(8, 48, 48))
+    torch.manual_seed(0); net = MODELS[name]().eval()
+    rows = evaluate_case(net, sup, qry, classes={1: 'liver', 4: 'spleen'}, protocol=protocol)
+    assert sorted(r['cls'] for r in rows) == [1, 4]
+    assert all(0 <= r['dice'] <= 1 and r['protocol'] == protocol for r in rows), rows
