@@ -34,6 +34,9 @@ nb_ipywidgets_js = {}
 nb_mime_priority_overrides = [('html', 'application/vnd.jupyter.widget-view+json', None),
                               ('html', 'application/vnd.jupyter.widget-state+json', None)]
 nb_merge_streams = True
+# text/markdown outputs (and the printed tables tools/build_docs.py turns into them) are parsed as MyST, whose tables
+# the default ('commonmark') lacks: a results table would otherwise be one paragraph of pipes
+nb_render_markdown_format = 'myst'
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'attrs_block', 'attrs_inline']
 myst_heading_anchors = 3
 suppress_warnings = ['mystnb.unknown_mime_type']
@@ -45,7 +48,57 @@ autodoc_typehints = 'signature'
 autoclass_content = 'class'
 add_module_names = False
 maximum_signature_line_length = 60
+
+# A widget class (ipywidgets -> traitlets.HasDescriptors) inherits a pass-through `__new__(cls, *args, **kwargs)`,
+# which autodoc reads before `__init__`: `LabelWidget(*args, **kwargs)`. Treat it as Sphinx treats typing.Generic's.
+def _skip_passthrough_new():
+    from importlib import import_module
+    for mod in ('sphinx.ext.autodoc._dynamic._signatures', 'sphinx.ext.autodoc._legacy_class_based._documenters',
+                'sphinx.ext.autodoc'):
+        try: m = import_module(mod)
+        except ImportError: continue
+        if isinstance(getattr(m, '_CLASS_NEW_BLACKLIST', None), (frozenset, set, list)):
+            m._CLASS_NEW_BLACKLIST = frozenset({*m._CLASS_NEW_BLACKLIST, 'traitlets.traitlets.HasDescriptors.__new__'})
+_skip_passthrough_new()
+
+# autodoc_preserve_defaults reads the defaults from the source, one per parameter with a default; a signature that
+# fastcore's @delegates widened (the delegated keywords are not in the source) makes it pop from an empty list and
+# fail the build. Such a function keeps the signature @delegates gives it (the delegated defaults as values).
+def _tolerant_preserve_defaults():
+    try: from sphinx.ext.autodoc._dynamic import _signatures
+    except ImportError: return
+    orig = _signatures.update_default_value
+    def update_default_value(obj, bound_method):
+        try: orig(obj, bound_method=bound_method)
+        except IndexError: pass
+    _signatures.update_default_value = update_default_value
+_tolerant_preserve_defaults()
 python_maximum_signature_line_length = 60
+
+# A widget class (ipywidgets -> traitlets.HasDescriptors) inherits a pass-through `__new__(cls, *args, **kwargs)`,
+# which autodoc reads before `__init__`: `LabelWidget(*args, **kwargs)`. Treat it as Sphinx treats typing.Generic's.
+def _skip_passthrough_new():
+    from importlib import import_module
+    for mod in ('sphinx.ext.autodoc._dynamic._signatures', 'sphinx.ext.autodoc._legacy_class_based._documenters',
+                'sphinx.ext.autodoc'):
+        try: m = import_module(mod)
+        except ImportError: continue
+        if isinstance(getattr(m, '_CLASS_NEW_BLACKLIST', None), (frozenset, set, list)):
+            m._CLASS_NEW_BLACKLIST = frozenset({*m._CLASS_NEW_BLACKLIST, 'traitlets.traitlets.HasDescriptors.__new__'})
+_skip_passthrough_new()
+
+# autodoc_preserve_defaults reads the defaults from the source, one per parameter with a default; a signature that
+# fastcore's @delegates widened (the delegated keywords are not in the source) makes it pop from an empty list and
+# fail the build. Such a function keeps the signature @delegates gives it (the delegated defaults as values).
+def _tolerant_preserve_defaults():
+    try: from sphinx.ext.autodoc._dynamic import _signatures
+    except ImportError: return
+    orig = _signatures.update_default_value
+    def update_default_value(obj, bound_method):
+        try: orig(obj, bound_method=bound_method)
+        except IndexError: pass
+    _signatures.update_default_value = update_default_value
+_tolerant_preserve_defaults()
 
 html_theme = 'furo'
 html_favicon = str(ROOT/'nbs'/'images'/'favicon.svg')
@@ -144,6 +197,27 @@ def copy_mathjax(app, exc):
     shutil.copy2(src/'tex-svg.js', dst/'tex-svg.js')
     shutil.copytree(src/'input'/'tex'/'extensions', dst/'input'/'tex'/'extensions', dirs_exist_ok=True)
 
+# viewcode finds a method's source by its tag `Class.name` in the module; a method added with fastcore's `@patch` is a
+# top-level `def name` there, so its [source] link goes to that def.
+def find_source(app, modname):
+    import importlib
+    if not (modname == 'fsmis' or modname.startswith('fsmis.')): return None
+    from sphinx.pycode import ModuleAnalyzer
+    try:
+        analyzer = ModuleAnalyzer.for_module(modname); analyzer.find_tags()
+        mod = importlib.import_module(modname)
+    except Exception: return None
+    tags = dict(analyzer.tags)
+    for cname, cls in vars(mod).items():
+        if not inspect.isclass(cls) or cls.__module__ != modname: continue
+        for name, f in vars(cls).items():
+            t = tags.get(name)
+            if (f'{cname}.{name}' not in tags and t and t[0] == 'def' and inspect.isfunction(f)
+                    and f.__code__.co_filename == getattr(mod, '__file__', None) and t[1] <= f.__code__.co_firstlineno <= t[2]):
+                tags[f'{cname}.{name}'] = t
+    return analyzer.code, tags
+
 def setup(app):
     app.connect('autodoc-process-docstring', process_docstring)
+    app.connect('viewcode-find-source', find_source)
     app.connect('build-finished', copy_mathjax)

@@ -355,3 +355,153 @@ def test_browser_fetched_nothing_remote(site, browser):
         page.close()
     remote = [u for u in browser.requests if not u.startswith(('file:', 'data:', 'blob:', 'about:'))]
     assert browser.requests and not remote, remote[:10]
+
+
+# ---- tables, signatures and the way in (issue 30) ---------------------------------------------------------------
+
+_re_pipe_rule = re.compile(r'^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$')
+
+def _rendered(art):
+    "A copy of an <article> without the code of the cells (what the reader reads as text and outputs)."
+    art = BeautifulSoup(str(art), 'html.parser')
+    for e in art.select('div.cell_input, script, style'): e.decompose()
+    return art
+
+def test_no_raw_pipe_table(site):
+    "Markdown tables, in prose, in markdown outputs or printed by a cell, render as HTML tables: no `|---|` line left."
+    raw = []
+    for f in _html_files(site):
+        art = _soup(f).select_one('article')
+        if art is None or '_modules' in f.parts: continue
+        art = _rendered(art)
+        raw += [f'{f.relative_to(site)}: {l.strip()[:80]}' for l in art.get_text('\n').splitlines() if _re_pipe_rule.match(l)]
+        raw += [f'{f.relative_to(site)}: <p> {p.get_text()[:80]}' for p in art.select('p') if p.get_text().lstrip().startswith('|')]
+    assert not raw, f'{len(raw)} raw pipe-table lines:\n' + '\n'.join(raw[:30])
+    qs = _soup(site/_page(_nb_with(r'quick_start'))).select_one('article')
+    assert qs.select('div.cell_output table'), "the quick start's Dice table (a markdown output) is an HTML table"
+    abl = _soup(site/_page(_nb_with(r'tutorials/ablations'))).select_one('article')
+    printed = abl.select('div.cell_output table')
+    assert len(printed) >= 5 and any(t.select('strong') for t in printed), 'printed tables rendered, **bold** as bold'
+    assert abl.select('div.cell_output pre'), 'the text printed around a table stays text'
+
+def test_builder_turns_printed_tables_into_tables():
+    text = 'EP2, Dice %:\n| Method | liver |\n|---|---:|\n| adnet | **5.08** |\ntable saved\n'
+    assert bd.table_blocks(text) == [(False, 'EP2, Dice %:\n'), (True, '| Method | liver |\n|---|---:|\n| adnet | **5.08** |\n'),
+                                     (False, 'table saved\n')]
+    outs = bd.tables_to_markdown([nbformat.v4.new_output('stream', name='stdout', text=text)])
+    assert [o['output_type'] for o in outs] == ['stream', 'display_data', 'stream']
+    assert outs[1]['data']['text/markdown'].startswith('| Method')
+    assert bd.table_blocks('a | b\nno rule here\n') == [(False, 'a | b\nno rule here\n')]
+
+def test_patched_methods_are_methods():
+    src = '@patch\ndef segment(self:LabelWidget, query): pass\n@patch_to(Viewer)\ndef show(self): pass\ndef f(x): pass\nclass _P: pass'
+    assert bd.public_defs(src) == ['LabelWidget.segment', 'Viewer.show', 'f']
+
+def test_tables_scroll_sideways_on_phones(site, browser):
+    "At 400 px a wide table scrolls inside its box (every column reachable), the page itself does not."
+    page = _open(browser, site/_page(_nb_with(r'tutorials/ablations')), width=400, height=800)
+    res = page.evaluate("""() => [...document.querySelectorAll('article table')].map(t => {
+        let el = t, scroll = false;
+        while (el && el.tagName !== 'ARTICLE') {
+            const o = getComputedStyle(el).overflowX;
+            if ((o === 'auto' || o === 'scroll') && el.clientWidth <= window.innerWidth) { scroll = true; break; }
+            el = el.parentElement; }
+        return {wide: t.scrollWidth > window.innerWidth - 20, scroll: scroll,
+                reach: el ? el.scrollWidth >= t.scrollWidth - 1 : false}; })""")
+    assert res and any(r['wide'] for r in res), 'the ablation tables are wider than a phone'
+    cut = [i for i, r in enumerate(res) if r['wide'] and not (r['scroll'] and r['reach'])]
+    assert not cut, f'tables {cut} are cut at 400px instead of scrolling'
+    sw, w = page.evaluate('[document.documentElement.scrollWidth, window.innerWidth]')
+    assert sw <= w, f'the page scrolls sideways ({sw}px)'
+    page.close()
+
+
+def _entries(site):
+    "{id of an API entry: (page, <dt>)} over the whole site."
+    res = {}
+    for f in _html_files(site):
+        if '_modules' in f.parts: continue
+        for dt in _soup(f).select('article dl.py > dt[id]'): res.setdefault(dt['id'], (f.relative_to(site).as_posix(), dt))
+    return res
+
+def _has_signature(dt) -> bool: return dt.select_one('.sig-paren') is not None
+
+def test_named_entries_have_their_signatures(site):
+    e = _entries(site)
+    for q, params in [('fsmis.label.LabelWidget', ['image', 'classes', 'affine', 'slice_index', 'zoom']),
+                      ('fsmis.viz.VolumeViewer', ['case_or_volume', 'label', 'pred']),
+                      ('fsmis.label.LabelWidget.segment', ['query', 'out', 'checkpoint', 'z', 'device'])]:
+        assert q in e, f'{q} has no entry'
+        page, dt = e[q]
+        names = [n.get_text() for n in dt.select('em.sig-param span.n, em.sig-param .sig-name')]
+        assert all(p in names for p in params) and '*args' not in dt.get_text(), f'{q} on {page}: {dt.get_text(" ", strip=True)}'
+        assert '= None' not in dt.get_text().split('(')[0], f'{q} rendered as an attribute'
+    seg = e['fsmis.label.LabelWidget.segment'][1].find_next_sibling('dd').get_text(' ', strip=True)
+    assert 'bundled model' in seg and 'support slice' in seg, 'parameter comments of a @patch method shown'
+    assert e['fsmis.label.LabelWidget.segment'][1].select_one('a[href*="_modules/"]') is not None, '[source] link'
+
+def test_every_public_callable_has_a_signature(site):
+    """Sweep: every function and class that a module defines and lists in __all__, and their public methods, have an
+    entry with a signature (a `@patch` function is the method of its class)."""
+    import importlib, inspect
+    from fsmis._modidx import d
+    entries, missing, nosig, n = _entries(site), [], [], 0
+    def check(q, obj, alts=()):
+        nonlocal n
+        n += 1
+        hit = entries.get(q) or next((entries[a] for a in alts if a in entries), None)
+        if hit is None: missing.append(q); return
+        page, dt = hit
+        if not _has_signature(dt): nosig.append(f'{q} ({page})')
+        elif inspect.isclass(obj) and '*args, **kwargs' in dt.get_text(' ', strip=True).replace(' ,', ','):
+            try: real = str(inspect.signature(obj))
+            except (TypeError, ValueError): real = ''
+            if '**kwargs' not in real: nosig.append(f'{q} ({page}): (*args, **kwargs) instead of {real}')
+    for modname in d['syms']:
+        mod = importlib.import_module(modname)
+        for name in getattr(mod, '__all__', []):
+            obj = getattr(mod, name, None)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or getattr(obj, '__module__', None) != modname: continue
+            if obj.__name__ != name: continue   # made by a call (`positive_int = whole_number(1)`), not a def or class
+            check(f'{modname}.{name}', obj, [f'{modname}.{obj.__qualname__}'])   # a @patch function: Class.name
+            if not inspect.isclass(obj): continue
+            for m, v in vars(obj).items():
+                f = getattr(v, '__func__', v)
+                if m.startswith('_') or not inspect.isfunction(f): continue
+                check(f'{modname}.{name}.{m}', f, [k for k in entries if k.endswith(f'.{name}.{m}')])
+    assert n > 100, n
+    assert not missing, f'{len(missing)} public callables without an API entry:\n' + '\n'.join(missing[:40])
+    assert not nosig, f'{len(nosig)} entries without a signature:\n' + '\n'.join(nosig[:40])
+
+
+def test_home_page_leads_to_the_tutorials(site):
+    home = _soup(site/'index.html')
+    hrefs = {urlsplit(a['href']).path for a in home.select('article a[href]')}
+    for nb in ['tutorials/quick_start.ipynb', 'tutorials/your_own_scans.ipynb', 'tutorials/when_to_use.ipynb',
+               'tutorials/ablations.ipynb', 'tutorials/densemp.ipynb', _nb_with(r'_label\.ipynb$'), _nb_with(r'_core\.ipynb$')]:
+        assert _page(nb) in hrefs, f'the home page does not link {_page(nb)}'
+        assert (site/_page(nb)).is_file()
+    nxt = home.select_one('a.next-page')
+    assert nxt is not None and urlsplit(nxt['href']).path == _page('tutorials/quick_start.ipynb'), '"Next" leads to the quick start'
+    assert [sec for sec, _ in _listed() if sec][0] == 'Tutorials', 'tutorials first in the sidebar'
+    assert home.select('.sidebar-tree p.caption')[0].get_text(strip=True) == 'Tutorials'
+
+def test_home_page_links_work_in_the_browser(site, browser):
+    page = _open(browser, site/'index.html')
+    page.click('article a[href="tutorials/quick_start.html"]')
+    page.wait_for_load_state('load')
+    assert page.url.endswith('tutorials/quick_start.html') and 'Quick start' in page.inner_text('article h1'), page.url
+    page.click('a.next-page')   # and on to the next tutorial
+    page.wait_for_load_state('load')
+    assert '/tutorials/' in page.url and not page.errors
+    page.close()
+
+def test_labelling_and_when_to_use_pages(site):
+    lab = _soup(site/_page(_nb_with(r'_label\.ipynb$'))).select_one('article').get_text()
+    assert 'pip install jupyterlab' in lab and 'pip install ".[dev]"' in lab, 'how to get JupyterLab for the widget'
+    assert 'adnet_chaos_t2_small.pth' in lab and 'bundled' in lab, 'the model segment uses without a checkpoint'
+    w = _soup(site/_page('tutorials/when_to_use.ipynb')).select_one('article')
+    text = w.get_text(' ')
+    for cite in ['arXiv:2408.00714', 'arXiv:2504.03600', 'arXiv:2503.08373', 'GPU', 'approximate']:
+        assert cite in text, cite
+    assert w.select('table'), 'the comparison is a table'

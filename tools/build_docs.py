@@ -79,15 +79,42 @@ def site_pages(nbs: Path) -> list[tuple[Path, str, str | None]]:
 
 # ---- notebook -> staged notebook ----------------------------------------------------------------------------------
 
+def _patched_class(fn) -> str | None:
+    "The class a fastcore `@patch` (or `@patch_to(Cls)`) function is added to, else None."
+    for dec in fn.decorator_list:
+        call = dec if isinstance(dec, ast.Call) else None
+        name = ast.unparse(call.func if call else dec).split('.')[-1]
+        if name == 'patch':
+            args = fn.args.posonlyargs + fn.args.args
+            ann = args[0].annotation if args else None
+            if isinstance(ann, ast.Tuple) and ann.elts: ann = ann.elts[0]   # `self:(A, B)`: documented on the first
+            if isinstance(ann, ast.BinOp): ann = ann.left                     # `self:A|B`
+            if ann is not None: return ast.unparse(ann).strip('\'"')
+        if name == 'patch_to' and call and call.args:
+            cls = call.args[0]
+            if isinstance(cls, ast.Tuple) and cls.elts: cls = cls.elts[0]
+            return ast.unparse(cls)
+    return None
+
 def public_defs(src: str) -> list[str]:
-    "Public functions and classes defined at the top level of a cell: the names nbdev's `add_show_docs` documents."
+    """Public functions and classes defined at the top level of a cell: the names nbdev's `add_show_docs` documents.
+    A function added to a class with fastcore's `@patch` is the method `Class.name` (the module-level name that
+    `@patch` leaves behind is None, so documenting it as a function would show `name = None`)."""
     try: tree = ast.parse(src)
     except SyntaxError: return []
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and not n.name.startswith('_')]
+    res = []
+    for n in tree.body:
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or n.name.startswith('_'): continue
+        cls = _patched_class(n) if not isinstance(n, ast.ClassDef) else None
+        res.append(f'{cls}.{n.name}' if cls else n.name)
+    return res
 
-def _autodoc(qualname: str, obj_kind: str) -> str:
-    return f'```{{eval-rst}}\n.. auto{obj_kind}:: {qualname}\n```'
+def _autodoc(qualname: str, obj_kind: str, exclude=()) -> str:
+    "An autodoc directive; classes list their public methods and properties (those documented elsewhere excluded)."
+    opts = ''
+    if obj_kind == 'class':
+        opts = '\n   :members:\n   :undoc-members:' + (f'\n   :exclude-members: {", ".join(sorted(exclude))}' if exclude else '')
+    return f'```{{eval-rst}}\n.. auto{obj_kind}:: {qualname}{opts}\n```'
 
 def _kind(qualname: str) -> str:
     "autodoc directive for the object at `qualname` (imported)."
@@ -96,7 +123,11 @@ def _kind(qualname: str) -> str:
     obj = importlib.import_module(mod)
     for p in rest.split('.'): obj = getattr(obj, p)
     if inspect.isclass(obj): return 'class'
-    if '.' in rest: return 'method' if callable(obj) else 'attribute'
+    if '.' in rest:
+        owner = importlib.import_module(mod)
+        for p in rest.split('.')[:-1]: owner = getattr(owner, p)
+        if isinstance(inspect.getattr_static(owner, rest.split('.')[-1], None), property): return 'property'
+        return 'method' if callable(obj) else 'attribute'
     return 'function' if callable(obj) else 'data'
 
 _re_fence = re.compile(r'(^```.*?^```[ \t]*$|^~~~.*?^~~~[ \t]*$)', re.M | re.S)
@@ -109,6 +140,20 @@ class Stager:
         self.nbs, self.src, self.pages = nbs, src, pages
         self.names = {rel: name for rel, name, _ in pages}
         self.symbols = self._symbols()
+        self.patched = self._patched()
+
+    def _patched(self) -> dict:
+        "{class name: method names added by `@patch` in an exported cell of any page}: the class's entry leaves them out."
+        res = {}
+        for rel, _, _ in self.pages:
+            try: cells = json.loads((self.nbs/rel).read_text(encoding='utf-8')).get('cells', [])
+            except (OSError, ValueError): continue   # stage() reports the unreadable notebook
+            for c in cells:
+                src = ''.join(c.get('source', []))
+                if c.get('cell_type') != 'code' or 'patch' not in src or not re.search(r'^\s*#\s*\|\s*exports?\b', src, re.M): continue
+                for q in public_defs(src):
+                    if '.' in q: res.setdefault(q.split('.')[-2], set()).add(q.split('.')[-1])
+        return res
 
     def _symbols(self) -> dict:
         "Short and qualified names of the package's symbols -> qualified name (from nbdev's index, fsmis/_modidx.py)."
@@ -180,6 +225,7 @@ class Stager:
                 last_md = src
                 cells.append(c); continue
             if c.cell_type != 'code': cells.append(c); continue
+            if c.get('outputs'): c.outputs = tables_to_markdown(c.outputs)
             if 'default_exp' in d:   # the page is the module's home: `fsmis.x` references in other pages link here
                 cells.append(_md_cell(f'```{{eval-rst}}\n.. py:module:: {_modname(d["default_exp"].split()[0])}\n```')); continue
             if 'exporti' in d or _false(d.get('include')): continue
@@ -193,7 +239,7 @@ class Stager:
                 docs = []
                 for n in names:
                     q = f'{_modname(mod)}:{n}'
-                    try: docs.append(_autodoc(q.replace(':', '.'), _kind(q)))
+                    try: docs.append(_autodoc(q.replace(':', '.'), _kind(q), self.patched.get(n, ())))
                     except (ImportError, AttributeError) as e:
                         raise BuildError(f'{self.nbs/rel}: `{n}` is exported but cannot be found in module {_modname(mod)} '
                                          f'({type(e).__name__}: {e}); run nbdev-export') from None
@@ -206,7 +252,8 @@ class Stager:
             targets = _showdoc_targets(c.source)
             if targets:
                 try:
-                    cells.append(_md_cell('\n\n'.join(_autodoc(q, self._kind_of(q)) for q in self._resolve(targets, default_exp))))
+                    cells.append(_md_cell('\n\n'.join(_autodoc(q, self._kind_of(q), self.patched.get(q.split('.')[-1], ()))
+                                                        for q in self._resolve(targets, default_exp))))
                     continue
                 except (KeyError, ImportError, AttributeError):
                     d.setdefault('echo', 'false')   # a symbol we cannot resolve: show the stored output
@@ -262,6 +309,40 @@ class Stager:
             opts = ':hidden:\n' + (f':caption: {sec}\n' if sec else '')
             res.append('```{toctree}\n' + opts + '\n' + '\n'.join(names) + '\n```')
         return '\n\n'.join(res)
+
+_re_delim = re.compile(r'^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$')
+
+def table_blocks(text: str) -> list[tuple[bool, str]]:
+    "`text` split into (is a pipe table, part): a table is a `| header |` line, a `|---|` line and the `|` lines after."
+    lines, res, buf, i = text.splitlines(keepends=True), [], [], 0
+    while i < len(lines):
+        if (i + 1 < len(lines) and lines[i].lstrip().startswith('|') and '|' in lines[i + 1]
+                and _re_delim.match(lines[i + 1].rstrip('\n'))):
+            j = i + 2
+            while j < len(lines) and lines[j].lstrip().startswith('|'): j += 1
+            if buf: res.append((False, ''.join(buf))); buf = []
+            res.append((True, ''.join(lines[i:j])))
+            i = j
+        else: buf.append(lines[i]); i += 1
+    if buf: res.append((False, ''.join(buf)))
+    return res
+
+def tables_to_markdown(outputs: list) -> list:
+    """Printed pipe tables (fsmis prints its results as markdown tables) become markdown outputs, so the page shows
+    HTML tables instead of pipes in a text block; the printed text around them stays text, in order."""
+    from nbformat import from_dict
+    res = []
+    for o in outputs:
+        text = o.get('text', '')
+        text = ''.join(text) if isinstance(text, list) else text
+        if o.get('output_type') != 'stream' or o.get('name') != 'stdout' or '|' not in text: res.append(o); continue
+        for is_table, part in table_blocks(text):
+            if is_table:
+                res.append(from_dict({'output_type': 'display_data', 'metadata': {},
+                                      'data': {'text/markdown': part, 'text/plain': part}}))
+            elif part.strip('\n'):
+                res.append(from_dict({'output_type': 'stream', 'name': 'stdout', 'text': part.strip('\n') + '\n'}))
+    return res
 
 def _false(v) -> bool: return v is not None and str(v).strip().lower() in ('false', 'no', '0')
 def _modname(mod: str) -> str: return mod if mod == LIB or mod.startswith(LIB + '.') else f'{LIB}.{mod}'
