@@ -1,7 +1,7 @@
 """Speed of DenseMP's stages 2 and 3 on the CPU: steps per second and step time / encoder forward+backward.
 
 Trains stage 2 (PANet, superpixel episodes, CE + L_PAR) and stage 3 (fine-tuning on the mixture of superpixel and
-ground-truth episodes) through the package's training path (`fsmis.pretrain.densemp.train_stage` -> `train_fold`) for
+ground-truth episodes) through the package's training path (`fsmis.train.train_stage` -> `train_fold`) for
 --steps steps each, on the built-in phantoms (default) or a dataset (--data chaos_t2), and times, interleaved on the
 same machine, the encoder's forward + backward of one episode's two images (1 support + 1 query) at the same size:
 ratio = training step (everything fit_iters does: episode drawing, augmentation, model, loss, backward, SGD,
@@ -15,7 +15,7 @@ from fsmis.config import ExperimentConfig
 from fsmis.data.datasets import open_dataset
 from fsmis.data.folds import fold_split
 from fsmis.models.encoders import make_encoder
-from fsmis.pretrain.densemp import train_stage, finetune_config
+from fsmis.train import train_stage, finetune_config
 
 
 def enc_ms(encoder, size, reps=20):

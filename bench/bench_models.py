@@ -12,7 +12,8 @@ import torch
 from fsmis.models.adnet import ADNet
 from fsmis.models.alpnet import ALPNet
 from fsmis.losses import ADNetLoss, ProtoCELoss
-from fsmis.learner import ToyEpisodes, adnet_learner, fit_iters
+from fsmis.data.phantom import ToyEpisodes
+from fsmis.learner import adnet_learner, fit_iters
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 

@@ -6,9 +6,10 @@ Docs: https://fsmis.github.io/fsmis/cli.html.md"""
 
 # %% ../nbs/51_cli.ipynb #bbe67429
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, os, sys
 from pathlib import Path
-import numpy as np
+from .config import METHODS
+
 
 # %% auto #0
 __all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_float', 'device_name', 'subcommand',
@@ -269,7 +270,7 @@ def _args_train(p):
     """Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, superpixel episodes
     for ALPNet/PANet), with periodic checkpoints, exact --resume and a final checkpoint DIR/final.pth. Options
     override the --config file."""
-    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='method (default adnet)')
+    p.add_argument('--method', choices=METHODS, default=None, help='method (default adnet)')
     p.add_argument('--dataset', default=None, help="registered dataset ('chaos_t2', 'ms_cmrseg_bssfp', 'phantom') or a folder (default chaos_t2)")
     p.add_argument('--fold', type=nonneg_int, default=0, help='fold whose training cases are used')
     p.add_argument('--config', default=None, help='ExperimentConfig YAML/JSON file')
@@ -286,18 +287,13 @@ def _args_train(p):
     p.add_argument('--workers', type=positive_int, default=None, help='processes for the supervoxels (default: the free cores)')
 
 # %% ../nbs/51_cli.ipynb #6e4d536d
-def _load_model(path, device=None, method=None, encoder='small'):
-    "(model, checkpoint dict) from a fsmis checkpoint, or from a bare state dict given --method."
-    import torch
-    from fsmis.learner import read_checkpoint, load_model, build_model
-    from fsmis.core import default_device
+def _load_model(path, device=None, method=None, encoder=None):
+    "(model, its metadata) from any fsmis model file; `method`/`encoder` only for old bare state dicts."
+    from fsmis.learner import read_checkpoint, load_model
     ck = read_checkpoint(_existing(path, 'checkpoint'))
-    if 'model_kind' in ck: return load_model(path, device, ck=ck), ck
-    if method is None: raise UserError(f"{path}: a bare state dict (no model kind stored): pass --method and --encoder")
-    m = build_model(method, encoder=encoder)
-    try: m.load_state_dict(ck.get('model', ck))
-    except RuntimeError as e: raise UserError(f"{path}: does not match {method} with encoder {encoder} ({_one_line(e)[:200]})") from None
-    return m.to(default_device(device)).eval(), {}
+    m = load_model(path, device, ck=ck, kind=method, encoder=encoder)
+    return m, m.fsmis_meta
+
 
 # %% ../nbs/51_cli.ipynb #2e6ddd87
 _PROTOCOLS = {'EP1': ('EP1', 'adnet'), 'EP2': ('EP2', 'adnet'), 'setting1': ('ouyang', 'ouyang'), 'setting2': ('ouyang', 'ouyang')}
@@ -347,8 +343,8 @@ def _args_evaluate(p):
     p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help="folds (default: the checkpoint's fold, else 0)")
     p.add_argument('--classes', nargs='+', default=None, help='class names (default: the dataset\'s test classes)')
     p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
-    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
-    p.add_argument('--encoder', default='small', help='for bare state dicts only')
+    p.add_argument('--method', choices=METHODS, default=None, help='model kind, only for model files of fsmis < 0.3 (bare state dicts)')
+    p.add_argument('--encoder', default=None, help='encoder, only for model files of fsmis < 0.3 (bare state dicts; default small)')
     p.add_argument('--out', default=None, help='folder for results.csv and tables.md')
 
 # %% ../nbs/51_cli.ipynb #46e04d37
@@ -357,8 +353,7 @@ def _cmd_segment(a):
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
     model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
-    size = a.size if a.size is not None else ck.get('size')
-    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=size)
+    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size)  # size, normalization: the checkpoint's
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
@@ -375,8 +370,8 @@ def _args_segment(p):
     p.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
     p.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
     p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
-    p.add_argument('--method', choices=['adnet', 'alpnet', 'panet'], default=None, help='for bare state dicts only')
-    p.add_argument('--encoder', default='small', help='for bare state dicts only')
+    p.add_argument('--method', choices=METHODS, default=None, help='model kind, only for model files of fsmis < 0.3 (bare state dicts)')
+    p.add_argument('--encoder', default=None, help='encoder, only for model files of fsmis < 0.3 (bare state dicts; default small)')
 
 # %% ../nbs/51_cli.ipynb #6b9db87a
 def _cmd_pretrain(a):

@@ -13,8 +13,11 @@ from .core import atomic_write
 from .data.datasets import get_spec
 
 # %% auto #0
-__all__ = ['PAPER_CONFIGS', 'DENSEMP_BUDGETS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config', 'ouyang_config',
-           'eval_classes', 'reproduce_config', 'demo_config']
+__all__ = ['METHODS', 'PAPER_CONFIGS', 'DENSEMP_BUDGETS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config',
+           'ouyang_config', 'eval_classes', 'reproduce_config', 'demo_config']
+
+# %% ../nbs/40_config.ipynb #ae7b0001
+METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
 
 # %% ../nbs/40_config.ipynb #6d95d881
 @dataclass
@@ -24,7 +27,7 @@ class ExperimentConfig:
     dataset: str = 'chaos_t2'  # registry name or folder ('phantom' for the built-in synthetic set)
     dataset_kw: dict = field(default_factory=dict)  # extra `open_dataset` arguments (e.g. phantom n_cases)
     classes: list | None = None  # class names to evaluate (default: all of the dataset / its test classes)
-    method: str = 'adnet'  # 'adnet', 'alpnet', 'panet', or 'intensity' (no training)
+    method: str = 'adnet'  # one of `METHODS` (a few-shot model of `fsmis.learner.LEARNERS`), or 'intensity' (no training)
     encoder: str = 'small'  # encoder name for the learner ('small', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
     encoder_weights: str | None = None  # local encoder weights file to start from (e.g. a DenseCL stage-1 encoder)
     pretrain_steps: int | None = None  # stage 1 per fold: DenseCL steps on the fold's training scans (when encoder_weights is empty)
@@ -103,7 +106,7 @@ class ExperimentConfig:
         if self.checkpoint not in ('final', 'val'): raise ValueError(f"checkpoint must be 'final' or 'val', got {self.checkpoint!r}")
         if self.runs < 1: raise ValueError(f"runs must be >= 1, got {self.runs}")
         if not list(self.folds): raise ValueError("folds is empty: give at least one fold index")
-        if self.method not in ('adnet', 'alpnet', 'panet', 'intensity'): raise ValueError(f"method: unknown {self.method!r}")
+        if self.method not in (*METHODS, 'intensity'): raise ValueError(f"method: unknown {self.method!r} (choose one of {', '.join(METHODS)} or 'intensity')")
         for b in self.baselines:
             if b not in ('untrained', 'intensity'): raise ValueError(f"baselines: unknown baseline {b!r}")
 

@@ -7,14 +7,14 @@ Docs: https://fsmis.github.io/fsmis/core.html.md"""
 # %% ../nbs/00_core.ipynb #0edd1585
 from __future__ import annotations
 import os, glob, random, tempfile, contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path',
-           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar']
+           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices', 'support_slice']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -220,3 +220,31 @@ def progress_bar(gen, # iterable to wrap
         from fastprogress.fastprogress import progress_bar as _pb
         return _pb(gen, total=total, leave=leave)
     return LineProgress(gen, total, desc)
+
+# %% ../nbs/00_core.ipynb #5e1ec7a1
+def labelled_slices(label, # label volume (z, h, w) of class indices
+                    cls: int | None = None, # a class index, or None for any class (> 0)
+                   ) -> np.ndarray:
+    "Sorted indices of the slices that hold at least one voxel of `cls` (of any class when None)."
+    label = np.asarray(label)
+    if label.ndim != 3: raise ValueError(f"label must be a (z, h, w) volume, got shape {label.shape}")
+    hit = label > 0 if cls is None else label == cls
+    return np.flatnonzero(hit.reshape(label.shape[0], -1).any(1))
+
+
+# %% ../nbs/00_core.ipynb #5e1ec7a3
+def support_slice(mask, # support mask volume (z, h, w) of class indices
+                  z: int | None = None, # a chosen slice (checked), or None for the rule
+                  source='support mask', # name for error messages
+                  cls: int | None = None, # the class whose slices count (None: any labelled class)
+                 ) -> int:
+    "The support slice: `z` if given (it must be labelled), else the middle labelled slice (half of the labelled range)."
+    mask = np.asarray(mask)
+    labelled = labelled_slices(mask, cls)
+    what = 'the support mask is empty (no labelled voxel)' if cls is None else f'has no slice with class {cls}'
+    if not len(labelled): raise ValueError(f"{source}: {what}")
+    if z is None: return int(labelled[len(labelled) // 2])
+    z = int(z)
+    if not 0 <= z < len(mask): raise ValueError(f"slice {z} out of range: {source} has {len(mask)} slices")
+    if z not in set(labelled.tolist()): raise ValueError(f"slice {z}: {source} is empty on this slice (labelled slices: {labelled.min()}..{labelled.max()})")
+    return z

@@ -94,14 +94,13 @@ def ep2_predictions(model, # few-shot model (inference API)
                     size=None, # slice size the model sees
                    ) -> np.ndarray:
     "EP2 class-index prediction volume of `query` (each class segmented from its own support slice)."
-    from fsmis.eval.protocols import ep2_tasks, predict_tasks, encode_volume, eval_mode
+    from fsmis.eval.protocols import ep2_tasks
+    from fsmis.eval.inference import predict_tasks, encode_volume, eval_mode, labels_from_margins
     tasks = [t for c in classes for t in ep2_tasks(support.label, query.label, c)]
     with eval_mode(model):
         qf = encode_volume(model, query.image, size=size)
-        pred = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label, tasks, size=size)
-    out = np.zeros(query.image.shape, np.int64)
-    for c in classes: out[pred[c] > 0] = c
-    return out
+        margins = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label, tasks, size=size, scores=True)
+    return labels_from_margins(margins)  # the package's one multi-class rule
 
 # %% ../nbs/52_demo.ipynb #0af2fc79
 def demo_figure(models: dict, # {name: model}
@@ -115,8 +114,8 @@ def demo_figure(models: dict, # {name: model}
                ):
     "`fsmis.viz.prediction_figure` of each model's EP2 prediction, each class's support slice chosen as EP2 does."
     from fsmis.viz import prediction_figure
-    from fsmis.eval.inference import support_slice
-    sup_z = {c: support_slice(support.label == c) for c in classes}
+    from fsmis.core import support_slice
+    sup_z = {c: support_slice(support.label, cls=c) for c in classes}
     preds = {name: ep2_predictions(m, support, query, classes, size) for name, m in models.items()}
     return prediction_figure(support, query, preds, classes, sup_z, n_slices=n_slices, panel=panel, dpi=dpi)
 

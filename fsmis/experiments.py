@@ -9,21 +9,20 @@ from __future__ import annotations
 import dataclasses, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
-import numpy as np
 import pandas as pd
 import torch
 from .core import atomic_write
+from .learner import save_model
 from .data.datasets import CaseStore, get_spec, open_dataset
 from .data.folds import fold_split
-from .eval.metrics import summarize, to_markdown, paired_wilcoxon, df_markdown
+from .eval.metrics import results_tables, summary_tables, df_markdown
 from .eval.protocols import evaluate, IntensityPrototype, learned_threshold
-from .config import ExperimentConfig, cpu_budget_config, eval_classes
-from .train import train_fold, initial_model
+from .config import ExperimentConfig, eval_classes
+from .train import train_fold, initial_model, stage1_weights, train_stages
 from .viz import plot_results, plot_threshold_sweep
 
 # %% auto #0
-__all__ = ['ExperimentResult', 'make_tables', 'label_group_classes', 'stage1_weights', 'run_experiment', 'load_experiment',
-           'experiment_main']
+__all__ = ['ExperimentResult', 'make_tables', 'label_group_classes', 'run_experiment', 'load_experiment']
 
 # %% ../nbs/42_experiments.ipynb #32d21e61
 @dataclass
@@ -40,21 +39,9 @@ def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
                 classes=None, # column order (class names)
                 main:str|None=None, # method compared to the others (one-sided Wilcoxon, * if p < 0.05)
                ) -> dict:
-    "{protocol: markdown table} in the papers' layout (mean ± std over folds x runs; mean ± std over classes)."
-    out = {}
-    r = results[results['threshold_sweep'] == False] if 'threshold_sweep' in results else results
-    for proto, g in r.groupby('protocol', sort=False):
-        s = summarize(g, classes=[c for c in (classes or []) if c in set(g['class'])] or None)
-        stars, notes = {}, []
-        if main is not None and main in set(g.method):
-            for m in s.index:
-                if m == main: continue
-                w = paired_wilcoxon(g[g.method == main], g[g.method == m]) if (g.method == m).any() else None
-                if w is not None:
-                    notes.append(f"{main} > {m}: one-sided Wilcoxon p = {w['pvalue']:.2g} (n = {w['n']}, mean diff {100*w['mean_diff']:.1f} Dice points)")
-                    stars.setdefault(main, True); stars[main] = stars[main] and w['pvalue'] < 0.05
-        out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
-    return out
+    "{protocol: markdown table} in the papers' layout (`fsmis.eval.metrics.results_tables`: mean ± std over folds x runs, Mean ± across classes)."
+    return results_tables(results, classes, main)
+
 
 # %% ../nbs/42_experiments.ipynb #0e98eac1
 def label_group_classes(cfg:ExperimentConfig, # the experiment (its `label_groups`, or `classes`)
@@ -66,40 +53,6 @@ def label_group_classes(cfg:ExperimentConfig, # the experiment (its `label_group
     bad = [g for g in cfg.label_groups if g not in known]
     if bad: raise ValueError(f"label_groups: {bad} not among the dataset's label groups {list(known)}")
     return {g: eval_classes(dataclasses.replace(cfg, classes=list(known[g]), label_groups=None), ds) for g in cfg.label_groups}
-
-# %% ../nbs/42_experiments.ipynb #fbddc50d
-def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_steps or pretrain_minutes, pretrain_kw, seed, device)
-                   ds, # the opened dataset
-                   train_ids:list, # the fold's training cases: the only scans stage 1 reads (images, never labels)
-                   fold:int, # fold index (file name and seed)
-                   folder, # where the weights file and its checkpoints go (cached: a finished file is reused)
-                   progress:bool=False, # DenseCL progress bar
-                   test_classes=None, # class indices of this evaluation; under Setting 2 their slices are never shown
-                   store=None, # `CaseStore` of `ds` (labels read only under Setting 2, to find those slices)
-                  ) -> Path:
-    "Stage 1 of one fold: DenseCL-pretrain `cfg.encoder` on the fold's training scans (Setting 2: without test-organ slices); returns the weights file."
-    from fsmis.pretrain import densecl as D
-    from fsmis.learner import list_checkpoints
-    train_ids = sorted(str(c) for c in train_ids)
-    exclude = None
-    if cfg.setting == 2:  # Ouyang's Setting 2 holds for every training stage: no slice with a test organ, labelled or not
-        if not test_classes: raise ValueError("stage 1 under Setting 2 needs test_classes (the slices to leave out)")
-        from fsmis.data.folds import setting2_keep
-        store = store if store is not None else CaseStore(ds)
-        exclude = {c: np.flatnonzero(~setting2_keep(store[c].label, test_classes)) for c in train_ids}
-    tag = '' if exclude is None else '_no' + '-'.join(str(int(k)) for k in sorted(test_classes))
-    out = Path(folder)/f'densecl_fold{fold}{tag}.pth'
-    if out.is_file():
-        made = D.read_encoder_meta(out)
-        if sorted(made.get('case_ids') or []) != train_ids or made.get('encoder') != cfg.encoder:
-            raise ValueError(f"{out}: stage-1 weights of other training cases or encoder ({made.get('encoder')}, {made.get('case_ids')}); "
-                             f"fold {fold} trains {cfg.encoder} on {train_ids}: delete the file or use another output folder")
-        return out
-    ck = out.with_name(out.stem + '_checkpoints')
-    D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
-                       resume='last' if list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
-                       progress=progress, case_ids=train_ids, exclude=exclude, **cfg.pretrain_kw)
-    return out
 
 # %% ../nbs/42_experiments.ipynb #4e888c5e
 def run_experiment(cfg:ExperimentConfig, # the experiment
@@ -143,13 +96,14 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
                     if 'untrained' in cfg.baselines:
                         models['untrained'] = initial_model(cfg, seed).to(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')).eval()
                     if staged:  # DenseMP: stage 2 (and stage 3) cached in the results folder, resumable
-                        from fsmis.pretrain.densemp import train_stages
                         model, tinfo = train_stages(cfg, ds, split.train_ids, out_dir if out_dir is not None else Path(tmp.name),
                                                     f'fold{fold}_run{run}', seed=seed, test_classes=list(classes), store=store)
                     else:
                         learn = train_fold(cfg, ds, split.train_ids, seed=seed, test_classes=list(classes), store=store)
                         model, tinfo = learn.model.eval(), learn.train_info
-                    if out_dir is not None: _save_model(model, out_dir/f"model_fold{fold}_run{run}{'' if group is None else '_' + group}.pth")
+                    if out_dir is not None:  # the run's model in the one model file format: `fsmis segment` / `evaluate` read it as is
+                        save_model(model, out_dir/f"model_fold{fold}_run{run}{'' if group is None else '_' + group}.pth",
+                                   fold=fold, n_folds=cfg.n_folds, fold_variant=cfg.fold_variant, run=run, group=group)
                     models[cfg.method] = model; info.update(tinfo)
                     info['T'] = learned_threshold(model)
                 if 'intensity' in cfg.baselines: models.setdefault('intensity', IntensityPrototype())
@@ -179,10 +133,6 @@ def _paper_order(ds, results) -> list | None:
         except (ValueError, TypeError): return None
     return spec.ordered(list(dict.fromkeys(results['class'])))
 
-def _save_model(model, path):
-    "Final weights of a run (atomic), for re-evaluation without retraining."
-    with atomic_write(path, 'wb') as f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
-
 def _finish(cfg, results, runs, ds, out_dir):
     "Tables (and files when out_dir is set) from the rows so far."
     order = _paper_order(ds, results)
@@ -195,7 +145,7 @@ def _finish(cfg, results, runs, ds, out_dir):
         md += [f"## {p}\n\n{t}\n" for p, t in tables.items()]
         if len(runs): md.append("## Runs\n\n" + df_markdown(runs.drop(columns=[c for c in ('queries',) if c in runs])) + '\n')
         with atomic_write(out_dir/'tables.md', 'w') as f: f.write('\n'.join(md))
-        plot_results(results, order, out_dir/'dice.png')
+        plot_results(summary_tables(results, order), order, out_dir/'dice.png')  # the numbers of tables.md
         if results['threshold_sweep'].any(): plot_threshold_sweep(results, runs, out_dir/'threshold_sweep.png')
     return ExperimentResult(results, runs, tables, out_dir)
 
@@ -211,24 +161,3 @@ def load_experiment(out_dir # folder written by `run_experiment`
     runs = pd.read_csv(out_dir/'runs.csv') if (out_dir/'runs.csv').is_file() else pd.DataFrame()
     order = _paper_order(cfg.dataset, res)
     return ExperimentResult(res, runs, make_tables(res, order, cfg.method if cfg.method != 'intensity' else None), out_dir)
-
-# %% ../nbs/42_experiments.ipynb #f5619146
-def experiment_main(argv=None # command-line arguments (default: sys.argv[1:])
-                   ) -> ExperimentResult:
-    "Command-line entry: run `--config FILE` or `--cpu-budget DATASET`, writing results to `--out`."
-    import argparse
-    ap = argparse.ArgumentParser(prog='python -m fsmis.experiments', description='Train and evaluate a few-shot experiment.')
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument('--config', help='YAML/JSON file written by ExperimentConfig.save')
-    g.add_argument('--cpu-budget', metavar='DATASET', help="the CPU-budget configuration of a dataset (chaos_t2, ms_cmrseg_bssfp)")
-    ap.add_argument('--minutes', type=float, default=60., help='training minutes per fold (--cpu-budget)')
-    ap.add_argument('--folds', type=int, nargs='+', default=None, help='folds to run (default: config / fold 0)')
-    ap.add_argument('--runs', type=int, default=None, help='runs per fold')
-    ap.add_argument('--out', required=True, help='results folder')
-    a = ap.parse_args(argv)
-    cfg = ExperimentConfig.load(a.config) if a.config else cpu_budget_config(a.cpu_budget, minutes=a.minutes)
-    if a.folds is not None: cfg.folds = list(a.folds)
-    if a.runs is not None: cfg.runs = a.runs
-    return run_experiment(cfg, a.out)
-
-if __name__ == '__main__' and '__file__' in globals(): experiment_main()  # not when run inside a notebook

@@ -10,7 +10,7 @@ import math, random, pickle, re, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn as nn
 from .core import quiet_imports, progress_bar
 with quiet_imports():
     from fastai.learner import Learner
@@ -19,58 +19,21 @@ with quiet_imports():
     from fastai.optimizer import OptimWrapper
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
+from fastcore.meta import delegates
+from fastcore.basics import patch
 from .core import atomic_write, default_device
 from .models.adnet import ADNet
 from .models.alpnet import ALPNet, PANet
+from .models.ppnet import PPNet
+from .models.canet import CANet
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
-__all__ = ['MODELS', 'ToyEpisodes', 'toy_dls', 'IterTrainer', 'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice',
-           'EpisodeLog', 'read_checkpoint', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
-           'resolve_resume', 'fit_iters', 'FewShotLearner', 'build_model', 'load_model', 'adnet_learner',
-           'alpnet_learner', 'panet_learner']
-
-# %% ../nbs/14_learner.ipynb #33d0b999
-class ToyEpisodes(torch.utils.data.Dataset):
-    "Random phantom-like 1-way episodes: (sup_imgs [K,1,H,W], sup_masks [K,H,W], qry_imgs [Q,1,H,W], qry_masks [Q,H,W])."
-    def __init__(self, n: int = 1000, # episodes per 'epoch' (the draw ignores the index)
-                 size: int = 64, # image size H = W
-                 n_shots: int = 1, # K
-                 n_queries: int = 1, # Q
-                 n_blobs: int = 3, # blobs per scene
-                ): self.n, self.size, self.k, self.q, self.nb = n, size, n_shots, n_queries, n_blobs
-    def __len__(self): return self.n
-
-    def _slice(self, blobs, yy, xx, tgt):
-        img = 0.3 * torch.randn(self.size, self.size) + 0.3 * torch.sin(xx * 0.15 + yy * 0.05)
-        for i, (cy, cx, ry, rx, lvl, fy, fx) in enumerate(blobs):
-            cy, cx = cy + 0.03 * torch.randn(()), cx + 0.03 * torch.randn(()); s = 1 + 0.05 * torch.randn(())
-            m = (((yy - cy * self.size) / (ry * s * self.size))**2 + ((xx - cx * self.size) / (rx * s * self.size))**2) < 1
-            img = torch.where(m, lvl + 0.5 * torch.sin(fy * yy + fx * xx) + 0.2 * torch.randn(self.size, self.size), img)
-            if i == tgt: mask = m.float()
-        return img[None], mask
-
-    def __getitem__(self, i):
-        yy, xx = torch.meshgrid(torch.arange(self.size, dtype=torch.float32), torch.arange(self.size, dtype=torch.float32), indexing='ij')
-        blobs = [(0.25 + 0.5 * torch.rand(()), 0.25 + 0.5 * torch.rand(()), 0.1 + 0.1 * torch.rand(()), 0.1 + 0.1 * torch.rand(()),
-                  2 * torch.rand(()) - 1, 1.5 * torch.rand(()), 1.5 * torch.rand(())) for _ in range(self.nb)]
-        tgt = int(torch.randint(self.nb, ()))
-        sl = [self._slice(blobs, yy, xx, tgt) for _ in range(self.k + self.q)]
-        imgs, masks = torch.stack([s[0] for s in sl]), torch.stack([s[1] for s in sl])
-        return imgs[:self.k], masks[:self.k], imgs[self.k:], masks[self.k:].long()
-
-# %% ../nbs/14_learner.ipynb #cc80688d
-def toy_dls(n: int = 1000, # episodes per epoch
-            size: int = 64, # image size
-            bs: int = 1, # episodes per batch
-            device='cpu', # device of the batches
-            **kw # passed to `ToyEpisodes`
-           ) -> DataLoaders:
-    "fastai DataLoaders of `ToyEpisodes` (train and a small valid set), n_inp = 3."
-    dls = DataLoaders(DataLoader(ToyEpisodes(n, size, **kw), bs=bs, shuffle=False, device=device),
-                      DataLoader(ToyEpisodes(8, size, **kw), bs=bs, device=device), device=device)
-    dls.n_inp = 3
-    return dls
+__all__ = ['fit_iters', 'MODELS', 'LEARNERS', 'IterTrainer', 'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice',
+           'EpisodeLog', 'read_checkpoint', 'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint',
+           'Checkpointer', 'list_checkpoints', 'resolve_resume', 'FewShotLearner', 'build_model', 'load_model',
+           'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner', 'ppnet_learner',
+           'canet_learner']
 
 # %% ../nbs/14_learner.ipynb #5e2c7212
 def _rng_state():
@@ -240,20 +203,45 @@ def read_checkpoint(path, # checkpoint file
     if 'input_size' in ck: ck.setdefault('size', ck.pop('input_size'))  # checkpoints written before the key was renamed
     return ck
 
+# %% ../nbs/14_learner.ipynb #c0ffee01
+_NOT_META = ('model', 'opt', 'rng', 'scaler', 'data', 'iteration', 'schedule', 'model_kind', 'model_config')  # training state and model description; the rest is metadata
+
+def model_checkpoint(model: nn.Module, # a model from `build_model` / `load_model`
+                     kind: str | None = None, # model kind (default: `model.model_kind`)
+                     config: dict | None = None, # constructor arguments (default: `model.model_config`)
+                     meta: dict | None = None, # metadata (default: `model.fsmis_meta`)
+                    ) -> dict:
+    "The one model file format: weights, model kind and constructor arguments, and the metadata (size, classes, normalization, ...)."
+    kind = kind or getattr(model, 'model_kind', None)
+    if kind is None: raise ValueError(f"{type(model).__name__}: not built by `build_model` (no model kind): cannot write a loadable model file")
+    meta = getattr(model, 'fsmis_meta', {}) if meta is None else meta
+    config = getattr(model, 'model_config', {}) if config is None else config
+    return {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}, 'model_kind': kind, 'model_config': dict(config),
+            **{k: v for k, v in meta.items() if k not in _NOT_META}}
+
+def save_model(model: nn.Module, # a model from `build_model` / `load_model`
+               path, # destination file (written atomically)
+               **meta, # extra metadata (added to `model.fsmis_meta` in the file only)
+              ) -> Path:
+    "Write a trained model (no optimiser state) in the checkpoint format: `load_model`, `fsmis segment` and `fsmis evaluate` read it."
+    ck = model_checkpoint(model); ck.update(meta)
+    with atomic_write(path) as f: torch.save(ck, f)
+    return Path(path)
+
 # %% ../nbs/14_learner.ipynb #9f822fd7
 def save_checkpoint(learn: Learner, # learner to save
                     path, # destination file (written atomically)
                     scaler=None, # mixed-precision gradient scaler to save (default: `learn.scaler`, if any)
                    ):
-    "Save model, optimizer, iteration, schedule, scaler, RNG states and `learn.checkpoint_meta` (input size, classes, data) to `path`."
+    "Save model, optimizer, iteration, schedule, scaler, RNG states and the model's metadata (`model_checkpoint`) to `path`."
     if learn.opt is None: learn.create_opt()
     it = [c for c in learn.cbs if isinstance(c, IterTrainer)]
     sched = ({'lr': it[0].base_lr, 'decay': it[0].decay, 'decay_every': it[0].decay_every} if it
              else dict(getattr(learn, 'fsmis_schedule', {})))
     data = it[0].data_state() if it and hasattr(it[0], 'pos') else None
-    ck = {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(), 'iteration': int(getattr(learn, 'iteration', 0)),
-          'schedule': sched, 'rng': _rng_state(), 'model_kind': getattr(learn, 'model_kind', type(learn.model).__name__),
-          'model_config': getattr(learn, 'model_config', {}), **getattr(learn, 'checkpoint_meta', {})}
+    ck = {**model_checkpoint(learn.model, getattr(learn, 'model_kind', None) or type(learn.model).__name__, getattr(learn, 'model_config', None),
+                             getattr(learn, 'checkpoint_meta', None)), 'opt': learn.opt.state_dict(), 'iteration': int(getattr(learn, 'iteration', 0)),
+          'schedule': sched, 'rng': _rng_state()}
     sc = scaler if scaler is not None else getattr(learn, 'scaler', None)
     if sc is not None: ck['scaler'] = sc.state_dict()
     if data is not None: ck['data'] = data
@@ -324,7 +312,8 @@ def resolve_resume(resume, # None, a checkpoint file, or 'last'
     return cks[-1]
 
 # %% ../nbs/14_learner.ipynb #1aa3ce0e
-def fit_iters(learn: Learner, # a Learner from the factories below (or any with a few-shot model)
+@patch
+def fit_iters(self: Learner, # a Learner from the factories below (or any with a few-shot model)
               n_steps: int | None, # total iterations to reach (None: until `minutes` are up)
               minutes: float | None = None, # also stop after this many minutes of training
               ckpt_every: int | None = None, # save a checkpoint every this many iterations
@@ -336,7 +325,8 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
               weights_only: bool = True, # safe checkpoint loading (see `read_checkpoint`)
               cbs: list | None = None, # extra callbacks for this fit (e.g. `fsmis.train.ValCheckpoint`)
              ) -> Learner:
-    "Train `learn` up to iteration `n_steps` with the paper's SGD schedule, checkpoints and exact resume."
+    "Train up to iteration `n_steps` with the paper's SGD schedule, checkpoints and exact resume (`learn.fit_iters(n)`)."
+    learn = self
     if n_steps is None and minutes is None: raise ValueError("fit_iters needs n_steps or minutes")
     if n_steps is not None and n_steps < 0: raise ValueError(f"n_steps={n_steps}: must be >= 0")
     if len(learn.dls.train) == 0: raise ValueError("learn.dls.train is empty: it yields no episode batch")
@@ -354,45 +344,88 @@ def fit_iters(learn: Learner, # a Learner from the factories below (or any with 
     with learn.no_bar(), learn.no_logging(): learn.fit(n_ep, cbs=cbs)
     return learn
 
+fit_iters = Learner.fit_iters  # the same method as a function: `fit_iters(learn, n_steps)`
+
+
 # %% ../nbs/14_learner.ipynb #eecd1a5b
-MODELS = {'adnet': ADNet, 'alpnet': ALPNet, 'panet': PANet}
+MODELS = {}  # model kind -> nn.Module class, filled by `register_learner` below
 
 class FewShotLearner(Learner):
     "fastai `Learner` whose `get_preds` keeps batch order (the model output is a dict, which fastai cannot reorder)."
     def get_preds(self, *args, reorder: bool = False, **kwargs): return super().get_preds(*args, reorder=reorder, **kwargs)
 
+
 # %% ../nbs/14_learner.ipynb #c6a22d25
-def build_model(kind: str, # 'adnet', 'alpnet' or 'panet'
-                **config # constructor arguments (encoder name, alpha, ...)
+_ENCODER_INIT = ('weights', 'tv_weights')  # where the encoder's first weights come from: not part of the model's description
+
+def build_model(kind: str, # a registered model kind ('adnet', 'alpnet', 'panet', ...)
+                **config # constructor arguments (encoder name, alpha, ...; `weights`/`tv_weights` initialise the encoder)
                ) -> nn.Module:
-    "Build a few-shot model by kind."
+    "Build a few-shot model by kind; it carries `model_kind`, `model_config` and `fsmis_meta`, all that its checkpoint needs."
     if kind not in MODELS: raise ValueError(f"model kind={kind!r}: expected one of {list(MODELS)}")
-    return MODELS[kind](**config)
+    m = MODELS[kind](**config)
+    m.model_kind, m.model_config = kind, {k: v for k, v in config.items() if k not in _ENCODER_INIT}
+    m.fsmis_meta = {}  # size, classes, normalization, dataset, fold, ...: written into every checkpoint of the model
+    return m
+
 
 # %% ../nbs/14_learner.ipynb #d6cd9145
-def load_model(path, # checkpoint written by `save_checkpoint` / `fit_iters`
+def load_model(path, # a model file: `save_model`, `save_checkpoint`, or an old bare state dict (give `kind`)
                device=None, # device for the model (default: best available)
                weights_only: bool = True, # see `read_checkpoint`
                ck: dict | None = None, # the checkpoint dict when it has been read already (`path` is then not read again)
+               kind: str | None = None, # only for a bare state dict without metadata (files of fsmis < 0.3): its model kind
+               encoder: str | None = None, # only for a bare state dict: its encoder name
               ) -> nn.Module:
-    "Rebuild a trained few-shot model from a checkpoint, in eval mode (for evaluation and the CLI)."
+    "Rebuild a trained few-shot model from any fsmis model file, in eval mode, with its metadata in `model.fsmis_meta`."
     if ck is None: ck = read_checkpoint(path, weights_only)
-    if 'model_kind' not in ck or 'model' not in ck: raise ValueError(f"checkpoint {path}: no model kind and weights stored (not written by fsmis)")
+    if 'model_kind' not in ck:  # a bare state dict (fsmis < 0.3 wrote the final model of each run so)
+        if kind is None: raise ValueError(f"checkpoint {path}: a bare state dict with no model kind stored (an old results file): "
+                                          f"give the model kind and encoder (fsmis evaluate/segment: --method and --encoder)")
+        ck = {'model': ck.get('model', ck), 'model_kind': kind, 'model_config': {'encoder': encoder or 'small'}}
+    if 'model' not in ck: raise ValueError(f"checkpoint {path}: no model weights stored")
     m = build_model(ck['model_kind'], **dict(ck.get('model_config') or {}))
     try: m.load_state_dict(ck['model'])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {path}: its weights do not fit a {ck['model_kind']} model with {ck.get('model_config')} "
                          f"({' '.join(str(e).split())[:160]})") from None
+    m.fsmis_meta = {k: v for k, v in ck.items() if k not in _NOT_META}
     return m.to(default_device(device)).eval()
 
+
 # %% ../nbs/14_learner.ipynb #00765800
-def _learner(dls, kind, loss, config, lr, momentum, wd, decay, decay_every, amp, channels_last, path, enc_kw):
-    model = build_model(kind, **config, **enc_kw)
-    model.par = bool(getattr(loss, 'par', False))
+LEARNERS = {}  # model kind -> learner factory: `fsmis.train` and the command line reach every model through this table
+
+def register_learner(kind: str, # model kind, the key of `MODELS` and `ExperimentConfig.method`
+                     model_cls: type, # the nn.Module class of the kind
+                    ):
+    "Decorator: register a learner factory (and its model class) under `kind`."
+    def deco(factory):
+        MODELS[kind], LEARNERS[kind] = model_cls, factory
+        return factory
+    return deco
+
+def fewshot_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
+                    kind: str, # registered model kind
+                    loss_func, # loss object (its `par` switch decides `model.par`)
+                    lr: float = 1e-3, # SGD learning rate
+                    momentum: float = 0.9, # SGD momentum
+                    wd: float = 5e-4, # weight decay
+                    decay: float = 0.98, # lr factor every `decay_every` iterations (paper 0.98; released code 0.95)
+                    decay_every: int = 1000, # iterations between decays
+                    amp: bool | None = None, # mixed precision (None: on for CUDA)
+                    channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
+                    path=None, # Learner path (checkpoints go to path/'checkpoints')
+                    **model_kw, # arguments of the model (encoder, weights, ...)
+                   ) -> FewShotLearner:
+    "The Learner every factory returns: the model of `kind`, torch SGD, the paper's step decay (train with `fit_iters`)."
+    model = build_model(kind, **model_kw)
+    model.par = bool(getattr(loss_func, 'par', False))
+    model.model_config['par'] = model.par
     dev = torch.device(getattr(dls, 'device', None) or 'cpu')
     opt = partial(OptimWrapper, opt=torch.optim.SGD, momentum=momentum, weight_decay=wd)
-    learn = FewShotLearner(dls, model, loss_func=loss, opt_func=opt, lr=lr, path=path or '.', train_bn=True)
-    learn.model_kind, learn.model_config = kind, {**config, 'par': model.par}
+    learn = FewShotLearner(dls, model, loss_func=loss_func, opt_func=opt, lr=lr, path=path or '.', train_bn=True)
+    learn.model_kind, learn.model_config, learn.checkpoint_meta = kind, model.model_config, model.fsmis_meta  # the model's own dicts
     learn.fsmis_schedule = {'lr': lr, 'decay': decay, 'decay_every': decay_every}
     cuda = dev.type == 'cuda'
     if channels_last if channels_last is not None else cuda: learn.model.to(memory_format=torch.channels_last)
@@ -401,6 +434,8 @@ def _learner(dls, kind, loss, config, lr, momentum, wd, decay, decay_every, amp,
         learn.to_fp16()
     return learn
 
+@register_learner('adnet', ADNet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
 def adnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                   encoder: str = 'small', # 'small', 'resnet18', 'resnet50', 'resnet101'
                   weights=None, # local encoder weights (see `make_encoder`)
@@ -412,20 +447,16 @@ def adnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                   thresh: bool = True, # loss term L_T
                   par: bool = True, # loss term L_PAR
                   w_bg: float = 0.1, # background weight of L_S
-                  lr: float = 1e-3, # SGD learning rate
-                  momentum: float = 0.9, # SGD momentum
-                  wd: float = 5e-4, # weight decay
-                  decay: float = 0.98, # lr factor every `decay_every` iterations (paper 0.98; released code 0.95)
-                  decay_every: int = 1000, # iterations between decays
-                  amp: bool | None = None, # mixed precision (None: on for CUDA)
-                  channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
-                  path=None, # Learner path (checkpoints go to path/'checkpoints')
-                 ) -> Learner:
+                  **kwargs
+                 ) -> FewShotLearner:
     "fastai Learner for ADNet with the paper's optimisation (train with `fit_iters`)."
-    return _learner(dls, 'adnet', ADNetLoss(w_bg, seg, thresh, par), dict(encoder=encoder, alpha=alpha, kappa=kappa, t_init=t_init),
-                    lr, momentum, wd, decay, decay_every, amp, channels_last, path, dict(weights=weights, tv_weights=tv_weights))
+    return fewshot_learner(dls, 'adnet', ADNetLoss(w_bg, seg, thresh, par), encoder=encoder, weights=weights, tv_weights=tv_weights,
+                           alpha=alpha, kappa=kappa, t_init=t_init, **kwargs)
+
 
 # %% ../nbs/14_learner.ipynb #b483e91b
+@register_learner('alpnet', ALPNet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
 def alpnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                    encoder: str = 'small', # encoder name
                    weights=None, # local encoder weights
@@ -434,25 +465,56 @@ def alpnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                    window_test: int = 2, # ALP window at test
                    par: bool = True, # PAR term (the released SSL-ALPNet trains with it)
                    w_bg: float = 0.05, # background weight of the cross-entropy
-                   lr: float = 1e-3, momentum: float = 0.9, wd: float = 5e-4, # SGD
-                   decay: float = 0.98, decay_every: int = 1000, # step decay
-                   amp: bool | None = None, channels_last: bool | None = None, path=None,
-                  ) -> Learner:
+                   **kwargs
+                  ) -> FewShotLearner:
     "fastai Learner for ALPNet (SSL-ALPNet / DenseMP few-shot model)."
-    return _learner(dls, 'alpnet', ProtoCELoss(w_bg, par=par), dict(encoder=encoder, window_train=window_train, window_test=window_test),
-                    lr, momentum, wd, decay, decay_every, amp, channels_last, path, dict(weights=weights, tv_weights=tv_weights))
+    return fewshot_learner(dls, 'alpnet', ProtoCELoss(w_bg, par=par), encoder=encoder, weights=weights, tv_weights=tv_weights,
+                           window_train=window_train, window_test=window_test, **kwargs)
+
 
 # %% ../nbs/14_learner.ipynb #0f632400
+@register_learner('panet', PANet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
 def panet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                   encoder: str = 'small', # encoder name
                   weights=None, # local encoder weights
                   tv_weights: str | None = None, # torchvision weight name (online only)
                   par: bool = True, # PAR term
                   w_bg: float = 1.0, # background weight (PANet: unweighted)
-                  lr: float = 1e-3, momentum: float = 0.9, wd: float = 5e-4, # SGD
-                  decay: float = 0.98, decay_every: int = 1000, # step decay
-                  amp: bool | None = None, channels_last: bool | None = None, path=None,
-                 ) -> Learner:
+                  **kwargs
+                 ) -> FewShotLearner:
     "fastai Learner for PANet."
-    return _learner(dls, 'panet', ProtoCELoss(w_bg, par=par), dict(encoder=encoder),
-                    lr, momentum, wd, decay, decay_every, amp, channels_last, path, dict(weights=weights, tv_weights=tv_weights))
+    return fewshot_learner(dls, 'panet', ProtoCELoss(w_bg, par=par), encoder=encoder, weights=weights, tv_weights=tv_weights, **kwargs)
+
+
+# %% ../nbs/14_learner.ipynb #ae7b0002
+@register_learner('ppnet', PPNet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
+def ppnet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
+                  encoder: str = 'small', # encoder name
+                  weights=None, # local encoder weights
+                  tv_weights: str | None = None, # torchvision weight name (online only)
+                  parts: int = 5, # part prototypes per class
+                  par: bool = True, # PAR term
+                  w_bg: float = 1.0, # background weight of the cross-entropy
+                  **kwargs
+                 ) -> FewShotLearner:
+    "fastai Learner for PPNet (part-aware prototypes; vSSL baseline of ADNet Tables 1-3)."
+    return fewshot_learner(dls, 'ppnet', ProtoCELoss(w_bg, par=par), encoder=encoder, weights=weights, tv_weights=tv_weights, parts=parts, **kwargs)
+
+# %% ../nbs/14_learner.ipynb #ae7b0003
+@register_learner('canet', CANet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
+def canet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
+                  encoder: str = 'small', # encoder name
+                  weights=None, # local encoder weights
+                  tv_weights: str | None = None, # torchvision weight name (online only)
+                  width: int = 256, # channels of the dense comparison decoder
+                  iom_steps: int = 4, # refinement passes of the iterative optimization module at test time
+                  history_drop: float = 0.7, # probability that the IOM's previous-mask input is zeros in training
+                  w_bg: float = 1.0, # background weight of the cross-entropy
+                  **kwargs
+                 ) -> FewShotLearner:
+    "fastai Learner for CANet (dense comparison + iterative refinement; vSSL baseline of ADNet Tables 1-3; no PAR)."
+    return fewshot_learner(dls, 'canet', ProtoCELoss(w_bg, par=False), encoder=encoder, weights=weights, tv_weights=tv_weights,
+                           width=width, iom_steps=iom_steps, history_drop=history_drop, **kwargs)

@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/train.html.md"""
 
 # %% ../nbs/41_train.ipynb #6759c6f7
 from __future__ import annotations
-import time
+import dataclasses, hashlib, json, shutil, time
 from pathlib import Path
 import numpy as np
 import torch.nn as nn
@@ -14,13 +14,15 @@ from .core import quiet_imports
 with quiet_imports(): from fastai.callback.core import Callback
 from .core import set_seed, default_device
 from .data.datasets import CaseStore
+from .data.folds import setting2_keep
 from .eval.protocols import evaluate
 from .config import ExperimentConfig, eval_classes
 import fsmis.learner as L
 
 # %% auto #0
 __all__ = ['PSEUDO_LABELS', 'EPISODES_PER_PASS', 'pseudo_label_mode', 'train_classes', 'init_state', 'initial_model',
-           'cfg_encoder_kw', 'validation_split', 'val_classes', 'ValCheckpoint', 'train_fold']
+           'cfg_encoder_kw', 'validation_split', 'val_classes', 'ValCheckpoint', 'train_fold', 'stage1_weights',
+           'finetune_config', 'stage_fingerprint', 'train_stage', 'train_stages']
 
 # %% ../nbs/41_train.ipynb #fd342bd2
 PSEUDO_LABELS = {'supervoxels': ('3d', 'vssl'), 'superpixels': ('2d', 'pssl'),  # cfg.pseudo_labels -> (supervoxel mode, sampler)
@@ -149,7 +151,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     "Train a few-shot model on `train_ids`: pseudo-labels, episodes, learner, fit; returns the Learner (`learn.train_info`)."
     from fsmis.data.supervoxels import dataset_supervoxels
     from fsmis.data.episodes import episode_dls
-    if cfg.method not in L.MODELS: raise ValueError(f"method {cfg.method!r} is not trained (choose one of {list(L.MODELS)})")
+    if cfg.method not in L.LEARNERS: raise ValueError(f"method {cfg.method!r} is not trained (choose one of {list(L.LEARNERS)})")
     enc_kw = cfg_encoder_kw(cfg)  # a missing or mismatching weights file fails here, before the pseudo-labels
     init = init_state(cfg) if cfg.init_weights else None
     seed = cfg.seed if seed is None else int(seed)
@@ -175,10 +177,10 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler=sampler, n_episodes=EPISODES_PER_PASS,
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
-    learn = getattr(L, f'{cfg.method}_learner')(dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
+    learn = L.LEARNERS[cfg.method](dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
     if init is not None: learn.model.load_state_dict(init)
-    learn.checkpoint_meta = dict(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
-                                 **(meta or {}))
+    learn.model.fsmis_meta.update(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
+                                  norm=ds.norm_params(), **(meta or {}))
     t1 = time.perf_counter()
     L.fit_iters(learn, cfg.n_steps, minutes=cfg.time_budget_min, ckpt_every=ckpt_every if ckpt_dir else None, ckpt_dir=ckpt_dir,
                 resume=resume, show_progress=progress, cbs=cbs)
@@ -193,3 +195,116 @@ def _dataset_ref(cfg, ds) -> str:
     "How a checkpoint names its dataset: the registry name, or a folder's absolute path."
     folder = getattr(ds, 'folder', None)
     return str(Path(folder).resolve()) if folder is not None and getattr(ds.spec, 'name', None) == 'folder' else getattr(ds, 'name', cfg.dataset)
+
+# %% ../nbs/41_train.ipynb #fbddc50d
+def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_steps or pretrain_minutes, pretrain_kw, seed, device)
+                   ds, # the opened dataset
+                   train_ids:list, # the fold's training cases: the only scans stage 1 reads (images, never labels)
+                   fold:int, # fold index (file name and seed)
+                   folder, # where the weights file and its checkpoints go (cached: a finished file is reused)
+                   progress:bool=False, # DenseCL progress bar
+                   test_classes=None, # class indices of this evaluation; under Setting 2 their slices are never shown
+                   store=None, # `CaseStore` of `ds` (labels read only under Setting 2, to find those slices)
+                  ) -> Path:
+    "Stage 1 of one fold: DenseCL-pretrain `cfg.encoder` on the fold's training scans (Setting 2: without test-organ slices); returns the weights file."
+    from fsmis.pretrain import densecl as D
+    train_ids = sorted(str(c) for c in train_ids)
+    exclude = None
+    if cfg.setting == 2:  # Ouyang's Setting 2 holds for every training stage: no slice with a test organ, labelled or not
+        if not test_classes: raise ValueError("stage 1 under Setting 2 needs test_classes (the slices to leave out)")
+        store = store if store is not None else CaseStore(ds)
+        exclude = {c: np.flatnonzero(~setting2_keep(store[c].label, test_classes)) for c in train_ids}
+    tag = '' if exclude is None else '_no' + '-'.join(str(int(k)) for k in sorted(test_classes))
+    out = Path(folder)/f'densecl_fold{fold}{tag}.pth'
+    if out.is_file():
+        made = D.read_encoder_meta(out)
+        if sorted(made.get('case_ids') or []) != train_ids or made.get('encoder') != cfg.encoder:
+            raise ValueError(f"{out}: stage-1 weights of other training cases or encoder ({made.get('encoder')}, {made.get('case_ids')}); "
+                             f"fold {fold} trains {cfg.encoder} on {train_ids}: delete the file or use another output folder")
+        return out
+    ck = out.with_name(out.stem + '_checkpoints')
+    D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
+                       resume='last' if L.list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
+                       progress=progress, case_ids=train_ids, exclude=exclude, **cfg.pretrain_kw)
+    return out
+
+# %% ../nbs/41_train.ipynb #a9eca939
+def finetune_config(cfg: ExperimentConfig, # the experiment (its `finetune_steps`, `finetune_lr`, `p_supervised`)
+                    init, # the stage-2 checkpoint to start from
+                   ) -> ExperimentConfig:
+    "The configuration of DenseMP's stage 3: from the stage-2 model, `finetune_steps` at `finetune_lr` on mixed episodes."
+    if cfg.finetune_steps < 1: raise ValueError(f"finetune_steps={cfg.finetune_steps}: stage 3 needs at least one step")
+    return dataclasses.replace(cfg, init_weights=str(init), encoder_weights=None, pretrain_steps=None, pretrain_minutes=None,
+                               n_steps=cfg.finetune_steps, time_budget_min=None, lr=cfg.finetune_lr,
+                               pseudo_labels='superpixels+labels', finetune_steps=0)
+
+# %% ../nbs/41_train.ipynb #385db234
+_NOT_TRAINING = ('name', 'folds', 'runs', 'protocols', 'baselines', 'thresholds', 'eval_batch_size', 'device', 'num_threads',
+                 'classes', 'label_groups', 'finetune_steps', 'finetune_lr', 'p_supervised')  # fields that do not change a stage's weights
+
+def stage_fingerprint(cfg: ExperimentConfig, # the stage's configuration
+                      train_ids: list, # its training cases
+                      seed: int, # its seed
+                      test_classes, # the classes kept out (Setting 2) or held for evaluation
+                     ) -> str:
+    "A short hash of everything that decides a stage's weights."
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
+    if cfg.pseudo_labels == 'superpixels+labels': d.update(p_supervised=cfg.p_supervised)
+    d.update(train_ids=sorted(str(c) for c in train_ids), seed=int(seed), test_classes=sorted(int(c) for c in test_classes))
+    for k in ('init_weights', 'encoder_weights'):  # a file by its name (stage files are named by what made them), not its folder
+        if d[k]: d[k] = Path(d[k]).name
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/41_train.ipynb #03edb7c9
+def train_stage(cfg: ExperimentConfig, # the stage's configuration
+                ds, # the dataset
+                train_ids: list, # the fold's training cases
+                out, # the stage's checkpoint file (cached result)
+                seed: int | None = None, # the run's seed (default cfg.seed)
+                test_classes=(), # class indices evaluated (kept out of training under Setting 2)
+                store=None, # loaded cases (validation checkpoints)
+                progress: bool = False, # progress bars
+               ) -> tuple:
+    "(model, info) of one training stage: read from `out` if it was finished, else trained (resuming an interrupted run) and saved there."
+    out, seed = Path(out), cfg.seed if seed is None else int(seed)
+    fp = stage_fingerprint(cfg, train_ids, seed, test_classes)
+    if out.is_file():
+        ck = L.read_checkpoint(out)
+        if ck.get('stage_fingerprint') != fp:
+            raise ValueError(f"{out}: a stage trained with other settings, cases or seed; delete it or use another results folder")
+        return L.load_model(out, cfg.device, ck=ck), dict(ck.get('train_info') or {}, cached=True)
+    ckd = out.with_name(out.stem + '_checkpoints')
+    every = max(1, min(1000, cfg.n_steps // 10))
+    learn = train_fold(cfg, ds, train_ids, seed=seed, test_classes=list(test_classes), store=store, ckpt_dir=ckd, ckpt_every=every,
+                       resume='last' if L.list_checkpoints(ckd) else None, progress=progress)
+    info = {k: (v.item() if hasattr(v, 'item') else v) for k, v in learn.train_info.items()}
+    learn.model.fsmis_meta.update(stage_fingerprint=fp, train_info=info)
+    L.save_checkpoint(learn, out)
+    shutil.rmtree(ckd, ignore_errors=True)  # the stage is done: its file is the result
+    return learn.model.eval(), dict(info, cached=False)
+
+# %% ../nbs/41_train.ipynb #5d4d0454
+def train_stages(cfg: ExperimentConfig, # the experiment (stage 1 already done: its weights in `encoder_weights`)
+                 ds, # the dataset
+                 train_ids: list, # the fold's training cases
+                 folder, # where the stage files go (the results folder)
+                 tag: str, # the run's name in file names, e.g. 'fold0_run0'
+                 seed: int | None = None, # the run's seed
+                 test_classes=(), # the evaluated class indices (this label group)
+                 store=None, # loaded cases
+                 progress: bool = False, # progress bars
+                ) -> tuple:
+    "(model, info) of one run: stage 2 (`cfg` itself), then stage 3 when `cfg.finetune_steps > 0`; each cached in `folder`."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    test = '-'.join(str(c) for c in sorted(int(c) for c in test_classes))
+    shared = cfg.setting == 1 and cfg.checkpoint == 'final'  # stage 2 then ignores the test classes
+    s2 = folder/f"stage2_{tag}{'' if shared else '_test' + test}.pth"
+    model, info = train_stage(cfg, ds, train_ids, s2, seed, () if shared else test_classes, store, progress)
+    info = {f'stage2_{k}': v for k, v in info.items()}
+    if cfg.finetune_steps:
+        model, i3 = train_stage(finetune_config(cfg, s2), ds, train_ids, folder/f'stage3_{tag}_test{test}.pth', seed, test_classes,
+                                store, progress)
+        info.update({f'stage3_{k}': v for k, v in i3.items()})
+    info['train_s'] = sum(float(info.get(f'stage{s}_train_s') or 0) for s in (2, 3))
+    info['steps'] = int(info.get('stage3_steps') or info.get('stage2_steps') or 0)
+    return model.eval(), info

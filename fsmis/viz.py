@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.patches import Patch
 from skimage.segmentation import mark_boundaries
-from .core import Case, atomic_write
+from .core import Case, atomic_write, support_slice
+
 
 # %% auto #0
 __all__ = ['class_colors', 'overlay', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode', 'episode_row',
@@ -492,8 +493,8 @@ class VolumeViewer(widgets.VBox):
         self.classes = {c: (classes or {}).get(c, f'class {c}') for c in sorted(present)}
         self.n = int(max(list(present) + [max(classes) if classes else 0, 1]))
         if slice_index is None:
-            lab_sl = pick_slices(self.label, z) if self.label is not None else []
-            slice_index = lab_sl[len(lab_sl) // 2] if lab_sl else z // 2
+            labelled = self.label is not None and bool(np.asarray(self.label).any())
+            slice_index = support_slice(self.label) if labelled else z // 2  # the package's one support-slice rule
         if not 0 <= slice_index < z: raise ValueError(f"slice_index={slice_index} out of range for {z} slices")
         self.panels = ([('label', self.label)] if self.label is not None or not self.preds else []) + list(self.preds.items())
         px = (len(self.panels) * (w + 1) - 1) * self.zoom

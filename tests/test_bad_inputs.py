@@ -27,7 +27,8 @@ def one_line(err, *names):
 def files(tmp_path_factory):
     "Phantom scans, a tiny trained checkpoint and assorted broken files."
     from fsmis.data.phantom import PhantomDataset
-    from fsmis.learner import toy_dls, adnet_learner, save_checkpoint, fit_iters
+    from fsmis.data.phantom import toy_dls
+    from fsmis.learner import adnet_learner, save_checkpoint, fit_iters
     d = tmp_path_factory.mktemp('bad')
     PhantomDataset(n_cases=6, seed=2, shape=(8, 48, 48)).to_folder(d/'data')
     torch.manual_seed(0)
@@ -180,7 +181,8 @@ def test_api_config_errors(files):
 
 
 def test_api_nonfinite_loss_stops_with_the_step(tmp_path):
-    from fsmis.learner import toy_dls, adnet_learner, fit_iters, NonFiniteLoss, list_checkpoints, read_checkpoint
+    from fsmis.data.phantom import toy_dls
+    from fsmis.learner import adnet_learner, fit_iters, NonFiniteLoss, list_checkpoints, read_checkpoint
     torch.manual_seed(0)
     learn = adnet_learner(toy_dls(20, size=32), 'small', lr=1e-3, path=tmp_path)
     fit_iters(learn, 3, ckpt_every=3, ckpt_dir=tmp_path/'ck', show_progress=False)
@@ -210,7 +212,8 @@ def test_api_broken_supervoxel_cache_is_recomputed(tmp_path):
 
 def test_api_nonfinite_message_is_ours_not_fastais(tmp_path):
     "fastai prefixes errors raised in callbacks; the divergence message reaches the user as one clean line."
-    from fsmis.learner import toy_dls, adnet_learner, fit_iters, NonFiniteLoss
+    from fsmis.data.phantom import toy_dls
+    from fsmis.learner import adnet_learner, fit_iters, NonFiniteLoss
     learn = adnet_learner(toy_dls(8, size=32), 'small', lr=float('nan'), path=tmp_path)
     with pytest.raises(NonFiniteLoss) as e: fit_iters(learn, 3, show_progress=False)
     assert str(e.value).startswith('training diverged at step 1') and 'Exception occured' not in str(e.value)

@@ -44,7 +44,8 @@ def phantom_folder(tmp_path_factory):
 def checkpoint(tmp_path_factory):
     "An (untrained) ADNet checkpoint as `fsmis train` / `fsmis demo` write them."
     import torch
-    from fsmis.learner import toy_dls, adnet_learner, save_checkpoint
+    from fsmis.data.phantom import toy_dls
+    from fsmis.learner import adnet_learner, save_checkpoint
     torch.manual_seed(0)
     learn = adnet_learner(toy_dls(4, 32), 'small', path=tmp_path_factory.mktemp('ck'))
     return save_checkpoint(learn, Path(learn.path)/'model.pth')

@@ -1,4 +1,4 @@
-"""DenseMP stages 2-3 (fsmis.pretrain.densemp): the pipeline resumes at the interrupted stage, and the protocol is honest
+"""DenseMP stages 2-3 (fsmis.train): the pipeline resumes at the interrupted stage, and the protocol is honest
 (no checkpoint chosen on the test fold, fine-tuning labels only from the training label group of the training cases,
 under Setting 2 no training slice holds a test organ)."""
 import dataclasses, subprocess, sys
@@ -10,7 +10,7 @@ from fsmis.data.datasets import open_dataset
 from fsmis.data.folds import fold_split
 import fsmis.data.episodes as E
 import fsmis.learner as L
-import fsmis.pretrain.densemp as DM
+import fsmis.train as DM
 import fsmis.pretrain.densecl as D
 import fsmis.train as T
 from fsmis.experiments import run_experiment
@@ -121,7 +121,7 @@ def test_reproduce_densemp_commands():
 
 def test_stage1_setting2_leaves_test_organ_slices_out(tmp_path, monkeypatch):
     "Stage 1 is training too: under Setting 2 DenseCL never sees a slice with a test organ (Setting 1: it does, so the check can fail)."
-    from fsmis.experiments import stage1_weights
+    from fsmis.train import stage1_weights
     ds = _ds(); split = fold_split(ds.case_ids, 0, 3, 'ouyang')
     made, real = [], D.unlabeled_slices
     monkeypatch.setattr(D, 'unlabeled_slices', lambda *a, **k: made.append(real(*a, **k)) or made[-1])

@@ -6,7 +6,8 @@ import torch
 
 from fsmis.core import Case
 from fsmis.eval.metrics import dice, dice_counts, dice_from_counts, summarize, paired_wilcoxon, to_markdown
-from fsmis.eval.protocols import ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks, labelled_slices, IntensityPrototype, evaluate, evaluate_case, segment_volume, threshold_override, learned_threshold
+from fsmis.eval.protocols import ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks, labelled_slices, IntensityPrototype, evaluate, evaluate_case
+from fsmis.eval.inference import segment_volume, threshold_override, learned_threshold
 from fsmis.data.folds import setting2_keep, setting_keep
 
 

@@ -1,7 +1,8 @@
 "Tests of fsmis.learner: iteration training, loss decrease, schedule, checkpoints, exact resume, safe loading (CPU)."
 import pickle, argparse
 import pytest, torch, pandas as pd
-from fsmis.learner import (toy_dls, adnet_learner, alpnet_learner, panet_learner, fit_iters, save_checkpoint,
+from fsmis.data.phantom import toy_dls
+from fsmis.learner import (adnet_learner, alpnet_learner, panet_learner, fit_iters, save_checkpoint,
                            load_checkpoint, read_checkpoint, list_checkpoints, load_model, IterTrainer)
 from fsmis.models.adnet import ADNet
 

@@ -4,7 +4,7 @@ from fsmis.models.encoders import make_encoder, SmallCNN, ResNetEncoder, ENCODER
 from fsmis.models.adnet import ADNet, masked_average_pool, mask_weights
 from fsmis.models.alpnet import ALPNet, PANet, local_prototypes, proto_score
 from fsmis.losses import ADNetLoss, ProtoCELoss
-from fsmis.learner import ToyEpisodes
+from fsmis.data.phantom import ToyEpisodes
 
 torch.set_num_threads(1)
 

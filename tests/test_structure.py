@@ -106,7 +106,7 @@ def test_three_callers_one_training(phantom_folder, tmp_path, monkeypatch):
     cfg = ExperimentConfig(name='x', dataset=str(phantom_folder), folds=[0], runs=1, n_steps=20, size=32, lr=1e-2, rho=300,
                            seed=0, device='cpu', protocols=['EP2'], baselines=[])
     run_experiment(cfg, tmp_path/'exp', progress=False)
-    b = torch.load(tmp_path/'exp'/'model_fold0_run0.pth', weights_only=True)
+    b = torch.load(tmp_path/'exp'/'model_fold0_run0.pth', weights_only=True)['model']
     ds = demo_dataset(phantom_folder, n_cases=None)
     split = fold_split(ds.case_ids, 0)
     learn, _, _ = train_demo(ds, split.train_ids, n_steps=20, size=32, lr=1e-2, seed=0, device='cpu', rho=300, progress=False)
@@ -118,11 +118,11 @@ def test_three_callers_one_training(phantom_folder, tmp_path, monkeypatch):
 
 
 def test_setting2_training_uses_the_documented_filter(monkeypatch):
-    import fsmis.data.episodes as E, fsmis.data.folds as Fo, fsmis.eval.protocols as P
+    import fsmis.data.episodes as E, fsmis.data.folds as Fo
     from fsmis.config import ExperimentConfig
     from fsmis.data.datasets import open_dataset
     from fsmis.train import train_fold
-    assert E.setting_keep is Fo.setting_keep is P.setting_keep and P.setting2_keep is Fo.setting2_keep
+    assert E.setting_keep is Fo.setting_keep
     calls = []
     def spy(label, test_classes, setting=1):
         calls.append((tuple(test_classes), setting)); return Fo.setting_keep(label, test_classes, setting)
@@ -163,3 +163,115 @@ def test_rho_default_is_the_datasets_on_every_route(name, codes, rho, tmp_path, 
     for args in routes:
         with pytest.raises(_Stop): main(args)
     assert seen == [rho] * 3 and all(type(r) is int for r in seen)
+
+
+def _tiny_model(seed=0, **meta):
+    from fsmis.learner import build_model
+    torch.manual_seed(seed)
+    m = build_model('adnet', encoder='small').eval()
+    m.fsmis_meta.update(meta)
+    return m
+
+
+def _write_pair(folder, ds, ids):
+    "Raw (unnormalized) image and label files of `ids`, as a user would hand them to `fsmis segment`."
+    from fsmis.data.io import write_nifti
+    for cid in ids:
+        c = ds.load(cid, normalize=False)
+        write_nifti(folder/f'image_{cid}.nii.gz', c.image.astype(np.float32), c.affine)
+        write_nifti(folder/f'label_{cid}.nii.gz', c.label.astype(np.uint8), c.affine)
+
+
+@pytest.mark.parametrize('norm', ['volume', 'global'])
+def test_segment_writes_what_evaluate_scores(tmp_path, norm):
+    "For one class, the label map `fsmis segment` writes equals the mask `evaluate` scores (same support slice, normalization from the checkpoint)."
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.io import read_nifti
+    from fsmis.eval.inference import segment_files, encode_volume, predict_tasks, eval_mode
+    from fsmis.eval.protocols import ep2_tasks
+    torch.set_num_threads(1)
+    ds = open_dataset('phantom', n_cases=3, shape=(12, 48, 48))
+    if norm == 'global': ds.spec = __import__('dataclasses').replace(ds.spec, modality='CT'); ds.fit_norm(['3'])
+    model = _tiny_model(norm=ds.norm_params())
+    _write_pair(tmp_path, ds, ['1', '2'])
+    sup, qry = ds.load('1'), ds.load('2')
+    for c in (1, 3):
+        one = (sup.label == c).astype(np.uint8)
+        from fsmis.data.io import write_nifti
+        write_nifti(tmp_path/f'mask{c}.nii.gz', one, sup.affine)
+        r = segment_files(model, tmp_path/'image_2.nii.gz', tmp_path/'image_1.nii.gz', tmp_path/f'mask{c}.nii.gz', tmp_path/f'p{c}.nii.gz')
+        written = read_nifti(tmp_path/f'p{c}.nii.gz', dtype=None)[0]
+        tasks = ep2_tasks(sup.label, qry.label, c)
+        assert r['slice'] == tasks[0].sup_slices[0]  # one support-slice rule
+        with eval_mode(model):
+            scored = predict_tasks(model, encode_volume(model, qry.image), qry.image.shape[1:], sup.image, sup.label, tasks)[c]
+        assert written.shape == scored.shape and written.any()
+        np.testing.assert_array_equal(written > 0, scored > 0)
+    # the check can fail: another normalization gives another map
+    segment_files(model, tmp_path/'image_2.nii.gz', tmp_path/'image_1.nii.gz', tmp_path/'mask3.nii.gz', tmp_path/'q.nii.gz',
+                  norm={'kind': 'global', 'mean': 0., 'std': 1e3})
+    assert not np.array_equal(read_nifti(tmp_path/'q.nii.gz', dtype=None)[0], written)
+
+
+def test_multiclass_output_is_defined_on_the_binary_tasks():
+    "segment_volume = per-class binary tasks merged by the largest foreground margin; one class = the binary mask."
+    from fsmis.data.datasets import open_dataset
+    from fsmis.eval.inference import segment_volume, predict_tasks, encode_volume, eval_mode, Task, labels_from_margins
+    torch.set_num_threads(1)
+    ds = open_dataset('phantom', n_cases=2, shape=(8, 48, 48))
+    sup, qry = ds.load('1'), ds.load('2')
+    m = _tiny_model()
+    z = 4
+    lab = segment_volume(m, qry.image, sup.image[z], sup.label[z])
+    cls = [int(c) for c in np.unique(sup.label[z]) if c]
+    with eval_mode(m):
+        qf = encode_volume(m, qry.image)
+        mg = predict_tasks(m, qf, qry.image.shape[1:], sup.image[z][None], sup.label[z][None], [Task(c, [0], np.arange(8)) for c in cls], scores=True)
+        bins = predict_tasks(m, qf, qry.image.shape[1:], sup.image[z][None], sup.label[z][None], [Task(c, [0], np.arange(8)) for c in cls])
+    np.testing.assert_array_equal(lab, labels_from_margins(mg))
+    for c in cls: np.testing.assert_array_equal(bins[c] > 0, mg[c] > 0)
+    one = segment_volume(m, qry.image, sup.image[z], (sup.label[z] == cls[0]) * cls[0])
+    np.testing.assert_array_equal(one > 0, bins[cls[0]] > 0)
+    assert set(np.unique(lab)) <= {0, *cls}
+
+
+def test_every_run_model_loads_without_method(tmp_path, monkeypatch):
+    "Every model file `run_experiment` writes loads with `fsmis segment` and `fsmis evaluate` as is; old bare files need --method."
+    from fsmis.cli import main
+    from fsmis.config import ExperimentConfig
+    from fsmis.experiments import run_experiment
+    from fsmis.data.datasets import open_dataset
+    monkeypatch.setenv('FSMIS_CACHE', str(tmp_path/'cache'))
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig(name='x', dataset='phantom', dataset_kw=dict(n_cases=6, shape=(10, 48, 48)), folds=[0], runs=1, n_steps=2,
+                           size=32, rho=300, device='cpu', protocols=['EP2'], baselines=[], method='panet', pseudo_labels='superpixels',
+                           encoder='small')
+    run_experiment(cfg, tmp_path/'exp', progress=False)
+    f = tmp_path/'exp'/'model_fold0_run0.pth'
+    ck = torch.load(f, weights_only=True)
+    assert ck['model_kind'] == 'panet' and ck['size'] == 32 and ck['norm'] == {'kind': 'volume'} and ck['fold'] == 0
+    ds = open_dataset('phantom', n_cases=6, shape=(10, 48, 48))
+    _write_pair(tmp_path, ds, ['1', '2'])
+    assert main(['segment', str(tmp_path/'image_2.nii.gz'), str(tmp_path/'image_1.nii.gz'), str(tmp_path/'label_1.nii.gz'),
+                 '--checkpoint', str(f), '--out', str(tmp_path/'p.nii.gz'), '--device', 'cpu']) == 0
+    bare = tmp_path/'bare.pth'; torch.save(ck['model'], bare)  # how fsmis < 0.3 wrote a run's model
+    assert main(['segment', str(tmp_path/'image_2.nii.gz'), str(tmp_path/'image_1.nii.gz'), str(tmp_path/'label_1.nii.gz'),
+                 '--checkpoint', str(bare), '--out', str(tmp_path/'b.nii.gz'), '--device', 'cpu']) == 2
+    assert main(['segment', str(tmp_path/'image_2.nii.gz'), str(tmp_path/'image_1.nii.gz'), str(tmp_path/'label_1.nii.gz'),
+                 '--checkpoint', str(bare), '--method', 'panet', '--out', str(tmp_path/'b.nii.gz'), '--device', 'cpu']) == 0
+
+
+def test_training_reaches_factories_through_the_registry(monkeypatch):
+    "`train_fold` builds its learner from `LEARNERS[cfg.method]`, not from a built name."
+    import fsmis.learner as L
+    from fsmis.config import ExperimentConfig
+    from fsmis.data.datasets import open_dataset
+    from fsmis.train import train_fold
+    seen = []
+    real = L.LEARNERS['adnet']
+    monkeypatch.setitem(L.LEARNERS, 'adnet', lambda *a, **k: seen.append(k) or real(*a, **k))
+    torch.set_num_threads(1)
+    ds = open_dataset('phantom', n_cases=3, shape=(8, 48, 48))
+    learn = train_fold(ExperimentConfig(dataset='phantom', n_steps=1, size=32, rho=200), ds, ['1', '2'], seed=0)
+    assert len(seen) == 1 and seen[0]['encoder'] == 'small' and learn.iteration == 1
+    assert learn.model.fsmis_meta['norm'] == {'kind': 'volume'} and learn.model.fsmis_meta['size'] == 32

@@ -15,7 +15,8 @@ from .io import read_nifti
 
 # %% auto #0
 __all__ = ['CHAOS_CLASSES', 'SYNAPSE_CLASSES', 'ABDOMEN_GROUPS', 'ABDOMEN_ORDER', 'DATASETS', 'DatasetSpec', 'register_dataset',
-           'get_spec', 'sort_ids', 'check_image', 'zscore', 'Dataset', 'FileDataset', 'open_dataset', 'CaseStore']
+           'get_spec', 'sort_ids', 'check_image', 'zscore', 'normalize_volume', 'Dataset', 'FileDataset',
+           'open_dataset', 'CaseStore']
 
 # %% ../../nbs/02_data.datasets.ipynb #5618ffc4
 @dataclass
@@ -163,6 +164,17 @@ def zscore(image: np.ndarray, # float volume
     if not s > 0: raise ValueError(f"cannot z-score: standard deviation is {s}")
     return ((image - m) / s).astype(np.float32) if np.abs(image).max() < 1e30 else ((image.astype(np.float64) - m) / s).astype(np.float32)
 
+def normalize_volume(image: np.ndarray, # raw float volume (z, h, w)
+                     norm: dict | None = None, # {'kind': 'volume'} (own statistics) or {'kind': 'global', 'mean': m, 'std': s}; None: 'volume'
+                    ) -> np.ndarray:
+    "The one normalization rule, as a dataset applies it at load time and a checkpoint records it (`Dataset.norm_params`)."
+    norm = norm or {'kind': 'volume'}
+    if not isinstance(norm, dict) or norm.get('kind') not in ('volume', 'global'):
+        raise ValueError(f"norm={norm!r}: expected {{'kind': 'volume'}} or {{'kind': 'global', 'mean': m, 'std': s}}")
+    if norm['kind'] == 'global': return zscore(image, norm['mean'], norm['std'])
+    return zscore(image)
+
+
 # %% ../../nbs/02_data.datasets.ipynb #cd8e485d
 class Dataset:
     "Base class: a named, ordered list of cases with a `DatasetSpec`; subclasses implement `_load_raw`."
@@ -200,12 +212,16 @@ class Dataset:
         self._norm_stats = (float(mean), std)
         return self._norm_stats
 
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        "Load-time normalization of the spec: per-volume z-score (MR) or global z-score (CT, `fit_norm`)."
+    def norm_params(self) -> dict:
+        "This dataset's normalization as data (`normalize_volume`'s `norm`): what a checkpoint records and inference applies."
         if self.spec.norm == 'global':
             if self._norm_stats is None: self.fit_norm()
-            return zscore(image, *self._norm_stats)
-        return zscore(image)
+            return {'kind': 'global', 'mean': self._norm_stats[0], 'std': self._norm_stats[1]}
+        return {'kind': 'volume'}
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        "Load-time normalization of the spec: per-volume z-score (MR) or global z-score (CT, `fit_norm`)."
+        return normalize_volume(image, self.norm_params())
 
     def load(self, cid, # case id (str or int)
              normalize: bool = True, # apply the dataset's load-time normalization

@@ -7,16 +7,15 @@ Docs: https://fsmis.github.io/fsmis/data.episodes.html.md"""
 # %% ../../nbs/08_data.episodes.ipynb #5fa526e2
 from __future__ import annotations
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ..core import quiet_imports
 with quiet_imports():
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
 from ..core import Case, default_device, resize_slices
-from .augment import EpisodeAugment, adnet_augment, alpnet_augment
+from .augment import adnet_augment, alpnet_augment
 from .folds import setting_keep
 
 # %% auto #0

@@ -11,9 +11,11 @@ from scipy import ndimage as ndi
 from ..core import Case
 from .io import write_nifti
 from .datasets import Dataset, DatasetSpec, register_dataset, CHAOS_CLASSES, ABDOMEN_GROUPS, ABDOMEN_ORDER
+import torch
+
 
 # %% auto #0
-__all__ = ['PHANTOM', 'make_phantom', 'threshold_dice', 'PhantomDataset']
+__all__ = ['PHANTOM', 'make_phantom', 'threshold_dice', 'PhantomDataset', 'ToyEpisodes', 'toy_dls']
 
 # %% ../../nbs/05_data.phantom.ipynb #2a29b738
 def _grid(shape, spacing):
@@ -298,3 +300,47 @@ class PhantomDataset(Dataset):
 PHANTOM = register_dataset(DatasetSpec('phantom', 'MR', CHAOS_CLASSES, rho=1000, target_spacing=(None, None, None),
                                        description='built-in synthetic abdominal MR-like phantom (fsmis.data.phantom)',
                                        label_groups=ABDOMEN_GROUPS, paper_order=ABDOMEN_ORDER, opener=PhantomDataset), replace=True)
+
+# %% ../../nbs/05_data.phantom.ipynb #33d0b999
+class ToyEpisodes(torch.utils.data.Dataset):
+    "Random phantom-like 1-way episodes: (sup_imgs [K,1,H,W], sup_masks [K,H,W], qry_imgs [Q,1,H,W], qry_masks [Q,H,W])."
+    def __init__(self, n: int = 1000, # episodes per 'epoch' (the draw ignores the index)
+                 size: int = 64, # image size H = W
+                 n_shots: int = 1, # K
+                 n_queries: int = 1, # Q
+                 n_blobs: int = 3, # blobs per scene
+                ): self.n, self.size, self.k, self.q, self.nb = n, size, n_shots, n_queries, n_blobs
+    def __len__(self): return self.n
+
+    def _slice(self, blobs, yy, xx, tgt):
+        img = 0.3 * torch.randn(self.size, self.size) + 0.3 * torch.sin(xx * 0.15 + yy * 0.05)
+        for i, (cy, cx, ry, rx, lvl, fy, fx) in enumerate(blobs):
+            cy, cx = cy + 0.03 * torch.randn(()), cx + 0.03 * torch.randn(()); s = 1 + 0.05 * torch.randn(())
+            m = (((yy - cy * self.size) / (ry * s * self.size))**2 + ((xx - cx * self.size) / (rx * s * self.size))**2) < 1
+            img = torch.where(m, lvl + 0.5 * torch.sin(fy * yy + fx * xx) + 0.2 * torch.randn(self.size, self.size), img)
+            if i == tgt: mask = m.float()
+        return img[None], mask
+
+    def __getitem__(self, i):
+        yy, xx = torch.meshgrid(torch.arange(self.size, dtype=torch.float32), torch.arange(self.size, dtype=torch.float32), indexing='ij')
+        blobs = [(0.25 + 0.5 * torch.rand(()), 0.25 + 0.5 * torch.rand(()), 0.1 + 0.1 * torch.rand(()), 0.1 + 0.1 * torch.rand(()),
+                  2 * torch.rand(()) - 1, 1.5 * torch.rand(()), 1.5 * torch.rand(())) for _ in range(self.nb)]
+        tgt = int(torch.randint(self.nb, ()))
+        sl = [self._slice(blobs, yy, xx, tgt) for _ in range(self.k + self.q)]
+        imgs, masks = torch.stack([s[0] for s in sl]), torch.stack([s[1] for s in sl])
+        return imgs[:self.k], masks[:self.k], imgs[self.k:], masks[self.k:].long()
+
+# %% ../../nbs/05_data.phantom.ipynb #cc80688d
+def toy_dls(n: int = 1000, # episodes per epoch
+            size: int = 64, # image size
+            bs: int = 1, # episodes per batch
+            device='cpu', # device of the batches
+            **kw # passed to `ToyEpisodes`
+           ) -> DataLoaders:
+    "fastai DataLoaders of `ToyEpisodes` (train and a small valid set), n_inp = 3."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    dls = DataLoaders(DataLoader(ToyEpisodes(n, size, **kw), bs=bs, shuffle=False, device=device),
+                      DataLoader(ToyEpisodes(8, size, **kw), bs=bs, device=device), device=device)
+    dls.n_inp = 3
+    return dls

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from ..core import progress_bar
 from ..core import atomic_write
 from .io import read_nifti, write_nifti
-from .datasets import get_spec, DatasetSpec, FileDataset, check_image, sort_ids
+from .datasets import get_spec, DatasetSpec, FileDataset, check_image
 
 # %% auto #0
 __all__ = ['clip_top', 'window_ct', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad', 'preprocess_case',

@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/data.supervoxels.html.md"""
 
 # %% ../../nbs/06_data.supervoxels.ipynb #32f2835c
 from __future__ import annotations
-import contextlib, hashlib, io, os, json, sys, time
+import contextlib, hashlib, os, json, sys, time
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp

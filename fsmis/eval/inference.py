@@ -7,18 +7,19 @@ Docs: https://fsmis.github.io/fsmis/eval.inference.html.md"""
 # %% ../../nbs/22_eval.inference.ipynb #1dc68187
 from __future__ import annotations
 import contextlib, inspect
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from ..core import resize_slices
+from ..core import resize_slices, support_slice
 from ..data.io import read_nifti, write_nifti
-from ..data.datasets import check_image, zscore
+from ..data.datasets import check_image, normalize_volume
 
 # %% auto #0
 __all__ = ['MAX_CLASSES', 'BUNDLED_MODEL', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with',
-           'learned_threshold', 'predict_tasks', 'fg_of', 'segment_volume', 'support_slice', 'check_support_mask',
-           'segment_paths', 'segment_files', 'bundled_model_path']
+           'learned_threshold', 'Task', 'predict_tasks', 'fg_margin', 'fg_of', 'labels_from_margins', 'segment_volume',
+           'check_support_mask', 'segment_paths', 'segment_files', 'bundled_model_path']
 
 # %% ../../nbs/22_eval.inference.ipynb #5cb6fc79
 def model_device(model:nn.Module) -> torch.device:
@@ -93,6 +94,15 @@ def learned_threshold(model:nn.Module) -> float|None:
     th = getattr(model, 'threshold', None)
     return None if th is None else float(th.detach().cpu().reshape(-1)[0]) if isinstance(th, torch.Tensor) else float(th)
 
+# %% ../../nbs/22_eval.inference.ipynb #3021ae03
+@dataclass
+class Task:
+    "One inference step of a protocol: support slice(s) of class `cls` segment the query slices `qry_slices`."
+    cls: int  # class index (in the label volumes)
+    sup_slices: list  # support slice indices used as the K shots
+    qry_slices: np.ndarray  # query slice indices this support segments
+    chunk: int = 0  # chunk number (EP1), 0 otherwise
+
 # %% ../../nbs/22_eval.inference.ipynb #7d5ad559
 def predict_tasks(model:nn.Module, # few-shot model
                   qry_feats:torch.Tensor, # [Z, C, h, w] features of the whole query volume (`encode_volume`)
@@ -104,8 +114,9 @@ def predict_tasks(model:nn.Module, # few-shot model
                   sup_cache:dict|None=None, # {slice index: features [1,C,h,w]}; filled and reused
                   T:float|None=None, # threshold override (ADNet's line search); None: the model's own
                   size=None, # slice size the model sees (support images and masks resized); None: as stored
+                  scores: bool = False, # return each class's foreground margin (float32, > 0 where it wins) instead of its mask
                  ) -> dict:
-    "Binary prediction volumes {class: uint8 (Z, H, W)} for a list of tasks on pre-encoded query features."
+    "Binary prediction volumes {class: uint8 (Z, H, W)} (or margins, `fg_margin`) for a list of tasks on pre-encoded query features."
     dev = model_device(model)
     sup_cache = {} if sup_cache is None else sup_cache
     need = sorted({s for t in tasks for s in t.sup_slices} - set(sup_cache))
@@ -116,7 +127,8 @@ def predict_tasks(model:nn.Module, # few-shot model
     out = {}
     with torch.inference_mode():
         for t in tasks:
-            pred = out.setdefault(t.cls, np.zeros((qry_feats.shape[0], *qry_size), np.uint8))
+            pred = out.setdefault(t.cls, np.full((qry_feats.shape[0], *qry_size), -1, np.float32) if scores else
+                                  np.zeros((qry_feats.shape[0], *qry_size), np.uint8))
             sf = torch.cat([sup_cache[s] for s in t.sup_slices])
             sm = resize_slices(torch.as_tensor(sup_label[t.sup_slices] == t.cls, dtype=torch.float32)[:, None], size, mask=True).to(dev)
             protos = model.prototypes(sf, sm)
@@ -124,17 +136,31 @@ def predict_tasks(model:nn.Module, # few-shot model
             for i in range(0, len(q), batch_size):
                 b = q[i:i+batch_size]
                 probs = segment_with(model, qry_feats[torch.as_tensor(b, device=qry_feats.device)], protos, qry_size, T)
-                pred[b] = fg_of(probs).cpu().numpy()
+                pred[b] = (fg_margin(probs) if scores else fg_of(probs)).cpu().numpy()
     return out
 
 # %% ../../nbs/22_eval.inference.ipynb #3bf8ec57
+def fg_margin(probs:torch.Tensor, # [N, 2, H, W] (or [N, 1+n, H, W]) probabilities, channel 0 background
+             ) -> torch.Tensor:
+    "float [N,H,W]: channel 1's probability minus the best other channel's; > 0 exactly where channel 1 wins the argmax."
+    others = probs[:, 0] if probs.shape[1] == 2 else torch.cat([probs[:, :1], probs[:, 2:]], 1).amax(1)
+    return (probs[:, 1] - others).float()
+
 def fg_of(probs:torch.Tensor, # [N, 2, H, W] (or [N, 1+n, H, W]) probabilities, channel 0 background
          ) -> torch.Tensor:
     "uint8 [N,H,W] mask where channel 1 wins the argmax (ties go to the lower channel, as in `argmax`)."
-    if probs.shape[1] == 2: return (probs[:, 1] > probs[:, 0]).to(torch.uint8)
-    return (probs.argmax(1) == 1).to(torch.uint8)
+    return (fg_margin(probs) > 0).to(torch.uint8)
+
 
 # %% ../../nbs/22_eval.inference.ipynb #d2cfe7c9
+def labels_from_margins(margins: dict, # {class index: float (Z, H, W) foreground margin} from `predict_tasks(scores=True)`
+                       ) -> np.ndarray:
+    "Label volume: per voxel the class with the largest positive margin, 0 where no class wins (multi-class output, defined once)."
+    cls = list(margins)
+    m = np.stack([margins[c] for c in cls])
+    best = m.argmax(0)
+    return np.where(m.max(0) > 0, np.asarray(cls, np.int64)[best], 0).astype(np.int64)
+
 def segment_volume(model:nn.Module, # few-shot model with the inference API
                    image, # query volume (z, h, w), normalized
                    sup_images, # support slice(s) (H, W) or (K, H, W)
@@ -143,7 +169,7 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
                    batch_size:int=16, # slices per forward pass
                    size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
                   ) -> np.ndarray:
-    "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s)."
+    "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s): `predict_tasks` + `labels_from_margins`."
     image = check_image(image, 'query image', allow_constant=True)
     si, sl = np.asarray(sup_images), np.asarray(sup_labels)
     if si.ndim == 2: si, sl = si[None], sl[None]
@@ -152,31 +178,16 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
         raise ValueError(f"sup_images {si.shape}, sup_labels {sl.shape} and query slices {image.shape[1:]} must match in (H, W)")
     classes = [int(c) for c in np.unique(sl) if c] if classes is None else [int(c) for c in classes]
     if not classes: raise ValueError("sup_labels has no foreground class to segment")
-    dev = model_device(model)
-    with eval_mode(model), torch.inference_mode():
+    tasks = []
+    for c in classes:
+        shots = [int(k) for k in range(len(sl)) if (sl[k] == c).any()]
+        if not shots: raise ValueError(f"class {c}: no support slice holds it")
+        tasks.append(Task(c, shots, np.arange(len(image))))
+    with eval_mode(model):
         qf = encode_volume(model, image, batch_size=batch_size, size=size)
-        sf = encode_volume(model, si, batch_size=batch_size, size=size)
-        sm = resize_slices(torch.as_tensor(np.stack([sl == c for c in classes], 1), dtype=torch.float32), size, mask=True).to(dev)
-        protos = model.prototypes(sf, sm)
-        lut = torch.as_tensor([0, *classes], device=dev)
-        out = [lut[model.segment(qf[i:i+batch_size], protos, size=image.shape[1:]).argmax(1)].cpu()
-               for i in range(0, len(qf), batch_size)]
-    return torch.cat(out).numpy().astype(np.int64)
+        margins = predict_tasks(model, qf, image.shape[1:], si, sl, tasks, batch_size, size=size, scores=True)
+    return labels_from_margins(margins)
 
-# %% ../../nbs/22_eval.inference.ipynb #caa77df6
-def support_slice(mask, # support mask volume (z, h, w) of class indices
-                  z: int | None = None, # a chosen slice (checked), or None for the rule
-                  source='support mask', # name for error messages
-                 ) -> int:
-    "The support slice: `z` if given (it must be labelled), else the middle labelled slice (half of the labelled range)."
-    mask = np.asarray(mask)
-    labelled = np.flatnonzero((mask > 0).reshape(len(mask), -1).any(1))
-    if not len(labelled): raise ValueError(f"{source}: the support mask is empty (no labelled voxel)")
-    if z is None: return int(labelled[len(labelled) // 2])
-    z = int(z)
-    if not 0 <= z < len(mask): raise ValueError(f"slice {z} out of range: {source} has {len(mask)} slices")
-    if not (mask[z] > 0).any(): raise ValueError(f"slice {z}: {source} is empty on this slice (labelled slices: {labelled.min()}..{labelled.max()})")
-    return z
 
 # %% ../../nbs/22_eval.inference.ipynb #4f614ce7
 MAX_CLASSES = 255  # a support mask with more classes than this is not a label map (an image given as the mask?)
@@ -221,15 +232,19 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
                   support_mask, # support mask of class indices (.nii/.nii.gz); one slice is used
                   out, # output label volume (.nii/.nii.gz), written atomically with the query's geometry
                   z: int | None = None, # support slice (None: `support_slice`'s rule)
-                  size: int | None = None, # slice size the model sees (None: as stored)
+                  size: int | None = None, # slice size the model sees (None: the model's training size, from its checkpoint)
+                  norm: dict | None = None, # intensity normalization (`normalize_volume`; None: the one its checkpoint records)
                  ) -> dict:
-    "`fsmis segment`: check the files, z-score, bring the support slice to the query's size, segment, write; returns a summary."
+    "`fsmis segment`: check the files, normalize as in training, bring the support slice to the query's size, segment, write."
+    meta = getattr(model, 'fsmis_meta', None) or {}  # what `fsmis.learner.load_model` read from the checkpoint
+    size = meta.get('size') if size is None else size
+    norm = meta.get('norm') if norm is None else norm
     paths, out = segment_paths(query, support, support_mask, out)
     q, _, q_aff = read_nifti(paths['query']); s, _, _ = read_nifti(paths['support'])
     m = check_support_mask(read_nifti(paths['support mask'], dtype=None)[0], paths['support mask'])
     if m.shape != s.shape: raise ValueError(f"support mask shape {m.shape} (z,h,w) != support image shape {s.shape}")
     z = support_slice(m, z, paths['support mask'])
-    qn, sn = zscore(check_image(q, paths['query'])), zscore(check_image(s, paths['support']))
+    qn, sn = normalize_volume(check_image(q, paths['query']), norm), normalize_volume(check_image(s, paths['support']), norm)
     si = torch.as_tensor(sn[z])[None, None]; sm = torch.as_tensor(m[z], dtype=torch.float32)[None, None]
     si, sm = resize_slices(si, qn.shape[1:])[0, 0].numpy(), resize_slices(sm, qn.shape[1:], mask=True)[0, 0].numpy().astype(np.int64)
     if not sm.any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")

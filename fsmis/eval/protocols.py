@@ -6,41 +6,19 @@ Docs: https://fsmis.github.io/fsmis/eval.protocols.html.md"""
 
 # %% ../../nbs/21_eval.protocols.ipynb #29c0b93b
 from __future__ import annotations
-import contextlib, inspect
-from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import Case, default_device
+from ..core import Case, labelled_slices, support_slice
 from .metrics import dice_counts, dice_from_counts
-from .inference import (model_device, encode_volume, eval_mode, threshold_override, segment_with, learned_threshold,
-                                  predict_tasks, fg_of, segment_volume)
-from ..core import resize_slices
-from ..data.folds import setting_keep, setting2_keep  # the one Setting 1/2 rule, shared with the samplers
+from .inference import Task, encode_volume, eval_mode, learned_threshold, predict_tasks
+
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'Task', 'labelled_slices', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks',
-           'protocol_tasks', 'IntensityPrototype', 'evaluate_case', 'evaluate']
-
-# %% ../../nbs/21_eval.protocols.ipynb #3021ae03
-@dataclass
-class Task:
-    "One inference step of a protocol: support slice(s) of class `cls` segment the query slices `qry_slices`."
-    cls: int  # class index (in the label volumes)
-    sup_slices: list  # support slice indices used as the K shots
-    qry_slices: np.ndarray  # query slice indices this support segments
-    chunk: int = 0  # chunk number (EP1), 0 otherwise
-
-# %% ../../nbs/21_eval.protocols.ipynb #421272bd
-def labelled_slices(label, # label volume (z, h, w) of class indices
-                    cls:int, # class index
-                   ) -> np.ndarray:
-    "Sorted indices of the slices that contain at least one voxel of `cls`."
-    label = np.asarray(label)
-    if label.ndim != 3: raise ValueError(f"label must be a (z, h, w) volume, got shape {label.shape}")
-    return np.flatnonzero((label == cls).reshape(label.shape[0], -1).any(1))
+__all__ = ['PROTOCOLS', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks', 'protocol_tasks', 'IntensityPrototype',
+           'evaluate_case', 'evaluate']
 
 # %% ../../nbs/21_eval.protocols.ipynb #241f75d3
 def support_slice_indices(sup_label, # support label volume (z, h, w)
@@ -78,9 +56,8 @@ def ep2_tasks(sup_label, # support label volume
               n_chunks:int=3, # unused (same signature as `ep1_tasks`)
              ) -> list:
     "EP2: the middle labelled support slice segments every slice of the query volume."
-    lab = labelled_slices(sup_label, cls)
-    if len(lab) == 0: raise ValueError(f"support label volume has no slice with class {cls}")
-    return [Task(cls, [int(lab[len(lab)//2])], np.arange(np.asarray(qry_label).shape[0]))]
+    z = support_slice(sup_label, source='support label volume', cls=cls)  # the one support-slice rule (`fsmis segment` too)
+    return [Task(cls, [z], np.arange(np.asarray(qry_label).shape[0]))]
 
 # %% ../../nbs/21_eval.protocols.ipynb #a080dd6b
 PROTOCOLS = {'EP1': ep1_tasks, 'EP2': ep2_tasks, 'ouyang': ep1_tasks}

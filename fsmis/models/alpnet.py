@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/models.alpnet.html.md"""
 
 # %% ../../nbs/12_models.alpnet.ipynb #91baca76
 from __future__ import annotations
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
 from .adnet import FewShotModel, masked_average_pool, cosine_map, weighted_sum, _avg_shots
 
 # %% auto #0

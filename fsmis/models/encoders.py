@@ -7,7 +7,7 @@ Docs: https://fsmis.github.io/fsmis/models.encoders.html.md"""
 # %% ../../nbs/10_models.encoders.ipynb #93ec8bd5
 from __future__ import annotations
 from pathlib import Path
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn as nn
 import torchvision
 
 # %% auto #0
