@@ -329,19 +329,20 @@ def table_blocks(text: str) -> list[tuple[bool, str]]:
 
 def tables_to_markdown(outputs: list) -> list:
     """Printed pipe tables (fsmis prints its results as markdown tables) become markdown outputs, so the page shows
-    HTML tables instead of pipes in a text block; the printed text around them stays text, in order."""
+    HTML tables instead of pipes in a text block; the printed text around them stays text, in order (as plain-text
+    outputs, which MyST-NB does not merge with the cell's other streams the way it merges streams)."""
     from nbformat import from_dict
     res = []
     for o in outputs:
         text = o.get('text', '')
         text = ''.join(text) if isinstance(text, list) else text
-        if o.get('output_type') != 'stream' or o.get('name') != 'stdout' or '|' not in text: res.append(o); continue
-        for is_table, part in table_blocks(text):
-            if is_table:
-                res.append(from_dict({'output_type': 'display_data', 'metadata': {},
-                                      'data': {'text/markdown': part, 'text/plain': part}}))
-            elif part.strip('\n'):
-                res.append(from_dict({'output_type': 'stream', 'name': 'stdout', 'text': part.strip('\n') + '\n'}))
+        parts = table_blocks(text) if o.get('output_type') == 'stream' and o.get('name') == 'stdout' and '|' in text else []
+        if not any(t for t, _ in parts): res.append(o); continue
+        for is_table, part in parts:
+            if is_table: data = {'text/markdown': part, 'text/plain': part}
+            elif part.strip('\n'): data = {'text/plain': part.strip('\n')}
+            else: continue
+            res.append(from_dict({'output_type': 'display_data', 'metadata': {}, 'data': data}))
     return res
 
 def _false(v) -> bool: return v is not None and str(v).strip().lower() in ('false', 'no', '0')
