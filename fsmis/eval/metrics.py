@@ -1,4 +1,4 @@
-"""3D Dice per query volume and class, the papers' mean ± std aggregation, and a one-sided Wilcoxon test.
+"""3D Dice and surface distances (HD95, ASSD in mm) per query volume and class, the papers' mean ± std aggregation, and a one-sided Wilcoxon test.
 
 Docs: https://fsmis.github.io/fsmis/eval.metrics.html.md"""
 
@@ -8,11 +8,12 @@ Docs: https://fsmis.github.io/fsmis/eval.metrics.html.md"""
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import ndimage, stats
 
 # %% auto #0
-__all__ = ['dice_counts', 'dice_from_counts', 'dice', 'run_means', 'summarize', 'cell_text', 'to_markdown', 'df_markdown',
-           'summary_tables', 'paired_wilcoxon', 'run_wilcoxon', 'results_tables']
+__all__ = ['METRICS', 'dice_counts', 'dice_from_counts', 'dice', 'surface_voxels', 'surface_distances', 'run_means', 'summarize',
+           'cell_text', 'to_markdown', 'df_markdown', 'summary_tables', 'infinite_counts', 'paired_wilcoxon',
+           'run_wilcoxon', 'available_metrics', 'results_tables']
 
 # %% ../../nbs/20_eval.metrics.ipynb #62b4453d
 def dice_counts(pred, # predicted foreground, bool/0-1 array of any shape (e.g. (z, h, w))
@@ -40,31 +41,69 @@ def dice(pred, # predicted foreground (bool or 0/1), any shape
     "3D Dice in [0, 1] of two binary volumes (counts summed over all voxels); nan if both are empty."
     return dice_from_counts(*dice_counts(pred, target))
 
+# %% ../../nbs/20_eval.metrics.ipynb #fc9eb79a
+def surface_voxels(mask, # binary mask, any number of dimensions
+                  ) -> np.ndarray:
+    "Voxels of `mask` with a face neighbour in the background (outside the array counts as background)."
+    mask = np.asarray(mask).astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
+
+# %% ../../nbs/20_eval.metrics.ipynb #93290af5
+def surface_distances(pred, # predicted foreground (bool or 0/1), e.g. (z, h, w)
+                      target, # ground-truth foreground, same shape
+                      spacing=None, # voxel size in mm, one per axis in array order ((z, h, w), as `Case.spacing`); None: 1 mm
+                      slices=None, # evaluate only these indices along the first axis (the others count as background); None: all
+                     ) -> dict:
+    "{'hd95', 'assd'} in mm: 95th percentile and mean of the pooled surface distances pred -> target and target -> pred; nan if both masks are empty, inf if one is."
+    pred, target = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
+    if pred.shape != target.shape: raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
+    spacing = (1.0,) * pred.ndim if spacing is None else tuple(float(s) for s in np.ravel(spacing))
+    if len(spacing) != pred.ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be {pred.ndim} positive numbers, one per axis of pred {pred.shape}, got {spacing}")
+    if slices is not None:
+        keep = np.zeros(pred.shape[0], bool); keep[np.asarray(slices, int)] = True
+        keep = keep.reshape(-1, *[1] * (pred.ndim - 1))
+        pred, target = pred & keep, target & keep
+    has_p, has_t = pred.any(), target.any()
+    if not (has_p or has_t): return dict(hd95=float('nan'), assd=float('nan'))
+    if not (has_p and has_t): return dict(hd95=float('inf'), assd=float('inf'))
+    box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(pred | target))  # the joint bounding box...
+    sp, st = (surface_voxels(np.pad(m[box], 1)) for m in (pred, target))       # ...plus one background voxel
+    d = np.concatenate([ndimage.distance_transform_edt(~st, sampling=spacing)[sp],   # pred -> target
+                        ndimage.distance_transform_edt(~sp, sampling=spacing)[st]])  # target -> pred
+    return dict(hd95=float(np.percentile(d, 95)), assd=float(d.mean()))
+
 # %% ../../nbs/20_eval.metrics.ipynb #e7488cd5
-def run_means(df:pd.DataFrame, # one row per query volume and class: columns `class`, `dice` and the keys in `by`
+METRICS = {'dice': 'Dice (%)', 'hd95': 'HD95 (mm)', 'assd': 'ASSD (mm)'}  # per-volume scores a table can print, with their units
+
+def run_means(df:pd.DataFrame, # one row per query volume and class: columns `class`, the `metric` and the keys in `by`
               by=('method', 'fold', 'run'), # columns identifying one evaluation run
+              metric:str='dice', # the column to average: 'dice', 'hd95' or 'assd'
              ) -> pd.DataFrame:
-    "Mean Dice over the query volumes of each run and class (NaN volumes skipped)."
+    "Mean `metric` over the query volumes of each run and class (NaN and infinite volumes skipped)."
     by = [c for c in by if c in df.columns]
-    missing = {'class', 'dice'} - set(df.columns)
-    if missing: raise ValueError(f"df is missing columns {sorted(missing)}")
-    return df.groupby([*by, 'class'], sort=False)['dice'].mean().reset_index()
+    missing = {'class', metric} - set(df.columns)
+    if missing: raise ValueError(f"df is missing columns {sorted(missing)}" + (" (evaluate with surface=True for surface distances)" if metric in ('hd95', 'assd') else ''))
+    v = df[metric].astype(float)
+    return df.assign(**{metric: v.where(np.isfinite(v))}).groupby([*by, 'class'], sort=False)[metric].mean().reset_index()
 
 # %% ../../nbs/20_eval.metrics.ipynb #f5b3a390
-def summarize(df:pd.DataFrame, # per-volume results: columns `class`, `dice` in [0,1] and the columns in `by`
+def summarize(df:pd.DataFrame, # per-volume results: columns `class`, the `metric` and the columns in `by`
               classes=None, # class names in column order (default: order of first appearance)
               by=('method', 'fold', 'run'), # the table's row key, then the columns identifying one run (fold, run)
-              percent:bool=True, # report Dice in percent like the papers
+              percent:bool=True, # report Dice in percent like the papers (distances stay in mm)
+              metric:str='dice', # the per-volume score to aggregate: 'dice' (in [0, 1]), 'hd95' or 'assd' (mm)
              ) -> pd.DataFrame:
     "The one table aggregation: per row and class, mean ± std (ddof 0) over runs of the run's mean over volumes; Mean: the class means' mean ± population std."
     by = list(by)
     if not by: raise ValueError("by is empty: give the row key, then the run keys, e.g. ('method', 'fold', 'run')")
+    if metric not in METRICS: raise ValueError(f"metric={metric!r}: choose one of {list(METRICS)}")
     key = by[0]
     if key not in df.columns: df = df.assign(**{key: 'model'})
-    rm = run_means(df, by)
+    rm = run_means(df, by, metric)
     classes = list(dict.fromkeys(rm['class'])) if classes is None else list(classes)
-    k = 100.0 if percent else 1.0
-    g = rm.groupby([key, 'class'], sort=False)['dice']
+    k = 100.0 if percent and metric == 'dice' else 1.0
+    g = rm.groupby([key, 'class'], sort=False)[metric]
     mean, std = (s.unstack('class').reindex(index=list(dict.fromkeys(rm[key])), columns=classes) * k
                  for s in (g.mean(), g.std(ddof=0)))
     out = pd.DataFrame(index=mean.index)
@@ -105,12 +144,24 @@ def df_markdown(df:pd.DataFrame, # any small table
 def summary_tables(results:pd.DataFrame, # per-volume rows of `run_experiment` (columns protocol, method, fold, run, class, dice)
                    classes=None, # column order (class names; those absent from a protocol are left out)
                    by=('method', 'fold', 'run'), # the table's row key, then the run keys (as `summarize`)
+                   metric:str='dice', # the score of the tables: 'dice', 'hd95' or 'assd'
                   ) -> dict:
     "{protocol: `summarize` table} of the results, threshold-sweep rows left out."
     if 'protocol' not in results.columns: raise ValueError("results has no `protocol` column: give rows of run_experiment")
     r = results[~results['threshold_sweep'].astype(bool)] if 'threshold_sweep' in results else results
-    return {p: summarize(g, classes=[c for c in (classes or []) if c in set(g['class'])] or None, by=by)
+    return {p: summarize(g, classes=[c for c in (classes or []) if c in set(g['class'])] or None, by=by, metric=metric)
             for p, g in r.groupby('protocol', sort=False)}
+
+# %% ../../nbs/20_eval.metrics.ipynb #e73258e9
+def infinite_counts(df:pd.DataFrame, # per-volume results: columns `class`, the `metric` and the row key
+                    metric:str='hd95', # the distance column
+                    key:str='method', # the table's row key
+                   ) -> pd.DataFrame:
+    "Per row and class: `n_inf` volumes whose `metric` is infinite (left out of the means) of `n` volumes with a value."
+    if key not in df.columns: df = df.assign(**{key: 'model'})
+    v = df[metric].astype(float)
+    return (df.assign(n_inf=np.isinf(v), n=v.notna()).groupby([key, 'class'], sort=False)[['n_inf', 'n']].sum()
+              .astype(int).reset_index())
 
 # %% ../../nbs/20_eval.metrics.ipynb #acc08468
 def paired_wilcoxon(a:pd.DataFrame, # results of method a (columns `dice` and the keys)
@@ -146,25 +197,46 @@ def run_wilcoxon(a:pd.DataFrame, # per-volume results of method a (columns `clas
     return dict(w, min_p=min(1.0, (2.0 if alternative == 'two-sided' else 1.0) * 0.5**w['n']))
 
 # %% ../../nbs/20_eval.metrics.ipynb #dcc37076
+def available_metrics(results:pd.DataFrame, # per-volume rows
+                     ) -> tuple:
+    "The `METRICS` the rows carry (a column with at least one value), Dice first."
+    return tuple(m for m in METRICS if m in results.columns and results[m].notna().any())
+
+def _wilcoxon_notes(g:pd.DataFrame, s:pd.DataFrame, main:str|None) -> tuple:
+    "({main: star}, notes): `main` against every other row of summary `s` with `run_wilcoxon` on the rows `g`."
+    stars, notes = {}, []
+    if main is None or main not in s.index: return stars, notes
+    for m in s.index:
+        if m == main: continue
+        try: w = run_wilcoxon(g[g['method'] == main], g[g['method'] == m])
+        except ValueError as e:
+            notes.append(f"{main} > {m}: no test ({e})"); stars[main] = False; continue
+        small = f"; with n = {w['n']} no p below {w['min_p']:.2g} is possible" if w['min_p'] >= 0.05 else ''
+        notes.append(f"{main} > {m}: one-sided Wilcoxon on per-run mean Dice, p = {w['pvalue']:.2g} "
+                     f"(n = {w['n']} fold x run pairs, mean diff {100*w['mean_diff']:.1f} Dice points{small})")
+        stars[main] = stars.get(main, True) and w['pvalue'] < 0.05
+    return stars, notes
+
 def results_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
                    classes=None, # column order (class names)
-                   main:str|None=None, # method compared to the others (one-sided Wilcoxon on per-run means, * if p < 0.05)
+                   main:str|None=None, # method compared to the others (one-sided Wilcoxon on per-run mean Dice, * if p < 0.05)
+                   metrics=('dice',), # the tables per protocol, in this order: 'dice', 'hd95', 'assd' (see `available_metrics`)
                   ) -> dict:
-    "{protocol: markdown table} in the papers' layout (class cells over folds x runs; Mean ± across classes), with the tests of `main`."
-    out = {}
+    "{protocol: markdown} in the papers' layout (class cells over folds x runs; Mean ± across classes): one table per metric, Dice with the tests of `main`."
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics: raise ValueError(f"metrics={metrics!r}: choose from {list(METRICS)}")
     r = results[~results['threshold_sweep'].astype(bool)] if 'threshold_sweep' in results else results
-    for proto, s in summary_tables(r, classes).items():
-        g = r[r['protocol'] == proto]
-        stars, notes = {}, []
-        if main is not None and main in s.index:
-            for m in s.index:
-                if m == main: continue
-                try: w = run_wilcoxon(g[g['method'] == main], g[g['method'] == m])
-                except ValueError as e:
-                    notes.append(f"{main} > {m}: no test ({e})"); stars[main] = False; continue
-                small = f"; with n = {w['n']} no p below {w['min_p']:.2g} is possible" if w['min_p'] >= 0.05 else ''
-                notes.append(f"{main} > {m}: one-sided Wilcoxon on per-run mean Dice, p = {w['pvalue']:.2g} "
-                             f"(n = {w['n']} fold x run pairs, mean diff {100*w['mean_diff']:.1f} Dice points{small})")
-                stars[main] = stars.get(main, True) and w['pvalue'] < 0.05
-        out[proto] = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {n}' for n in notes) if notes else '')
+    out = {}
+    for metric in metrics:
+        for proto, s in summary_tables(r, classes, metric=metric).items():
+            g = r[r['protocol'] == proto]
+            if metric == 'dice': stars, notes = _wilcoxon_notes(g, s, main)
+            else:
+                n = infinite_counts(g, metric)
+                left = ', '.join(f"{x['method']} {x['class']}: {x['n_inf']} of {x['n']} volumes" for x in n[n.n_inf > 0].to_dict('records'))
+                stars, notes = {}, [f"infinite {metric.upper()} (prediction or target empty), left out of the means: {left}"] if left else []
+            t = to_markdown(s, stars=stars) + ('\n\n' + '\n'.join(f'- {x}' for x in notes) if notes else '')
+            if len(metrics) > 1: t = f"{METRICS[metric]}\n\n{t}"
+            out[proto] = f"{out[proto]}\n\n{t}" if proto in out else t
     return out
