@@ -10,7 +10,9 @@ is the thin layer that feeds the same notebooks to Sphinx (configured by docs/co
 2. the cells nbdev documents become autodoc directives: every public function/class of an `#| export(s)` cell and
    every `show_doc(x)` cell (signature, docstring, parameter comments, [source] link); the other directives
    (`echo: false`, `output: false`, `include: false`, `code-fold`, `fig-alt`/`fig-cap`) become MyST-NB cell tags
-   and image options; stored outputs are rendered, notebooks are never executed;
+   and image options; stored outputs are rendered, notebooks are never executed; pipe tables a cell printed become
+   markdown outputs (rendered as HTML tables, see `tables_to_markdown`); a function added to a class with fastcore's
+   `@patch` is documented as that class's method; a class's entry lists its public methods and properties;
 3. the home page (nbs/index.ipynb) gets the navigation, in the order and sections of nbs/sidebar.yml (entries whose
    notebook is missing are skipped, notebooks not listed are appended under "More");
 4. Sphinx builds the HTML (warnings are errors) into a temporary folder that then replaces `--out`.
