@@ -100,15 +100,17 @@ class IntensityPrototype(nn.Module):
 # %% ../../nbs/21_eval.protocols.ipynb #3534abc6
 def evaluate_case(model:nn.Module, # few-shot model with the inference API
                   support:Case, # labelled support case
-                  query:Case, # labelled query case (labels used for EP1 weak labels and for scoring)
+                  query:Case, # labelled query case (labels used for EP1 weak labels and for scoring; its spacing for distances)
                   classes:dict|None=None, # {class index: name} to evaluate (default: support.classes)
                   protocol:str='EP2', # 'EP1', 'EP2' or 'ouyang'
                   n_chunks:int=3, # EP1 chunks
                   batch_size:int=16, # slices per forward pass
                   thresholds=None, # optional list of thresholds for a line search (`segment_with` overrides T)
                   size=None, # slice size the model sees (its training size); Dice is always at the query's size
+                  surface:bool=True, # also score HD95 and ASSD (mm, the query's spacing) on the evaluated slices
                  ) -> list:
-    "Rows {case, class, cls, protocol, threshold, tp, fp, fn, dice, n_slices} for one query volume."
+    "Rows {case, class, cls, protocol, threshold, tp, fp, fn, dice, n_slices[, hd95, assd]} for one query volume."
+    from fsmis.eval.metrics import surface_distances
     if query.label is None or support.label is None: raise ValueError("support and query cases need labels")
     classes = classes or support.classes
     if not classes: raise ValueError("classes is empty and support.classes is not set")
@@ -122,11 +124,12 @@ def evaluate_case(model:nn.Module, # few-shot model with the inference API
             th = learned_threshold(model) if t is None else float(t)
             for c, name in classes.items():
                 ev = np.concatenate([x.qry_slices for x in tasks[c]]) if tasks[c] else np.zeros(0, int)
-                p = pred.get(c, np.zeros(query.image.shape, np.uint8))[ev]
-                tp, fp, fn = dice_counts(p, query.label[ev] == c)
+                pc = pred.get(c, np.zeros(query.image.shape, np.uint8))
+                tp, fp, fn = dice_counts(pc[ev], query.label[ev] == c)
                 rows.append(dict(case=query.case_id, support=support.case_id, cls=int(c), **{'class': name},
                                  protocol=protocol, threshold=th, tp=tp, fp=fp, fn=fn,
                                  dice=dice_from_counts(tp, fp, fn), n_slices=len(ev)))
+                if surface: rows[-1].update(surface_distances(pc, query.label == c, query.spacing, slices=ev))
     return rows
 
 # %% ../../nbs/21_eval.protocols.ipynb #f99d0c0e
@@ -140,8 +143,9 @@ def evaluate(model:nn.Module, # few-shot model
              batch_size:int=16, # slices per forward pass
              progress:bool=False, # show a fastprogress bar
              size=None, # slice size the model sees; predictions are scored at the stored size
+             surface:bool=True, # also score HD95 and ASSD in mm (columns `hd95`, `assd`)
             ) -> pd.DataFrame:
-    "One row per query volume and class (and threshold) under `protocol`."
+    "One row per query volume and class (and threshold) under `protocol`: Dice, and HD95 / ASSD unless `surface=False`."
     load = dataset.__getitem__ if isinstance(dataset, dict) else dataset.load
     sup = load(support_id)
     classes = classes or getattr(dataset, 'classes', None) or sup.classes
@@ -151,5 +155,5 @@ def evaluate(model:nn.Module, # few-shot model
         from fsmis.core import progress_bar
         ids = progress_bar(ids, leave=False, desc='query volumes')
     rows = [r for q in ids for r in evaluate_case(model, sup, load(q), classes, protocol, batch_size=batch_size,
-                                                    thresholds=thresholds, size=size)]
+                                                    thresholds=thresholds, size=size, surface=surface)]
     return pd.DataFrame(rows)
