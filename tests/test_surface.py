@@ -221,3 +221,14 @@ def test_results_tables_dice_first_and_default_unchanged():
     assert available_metrics(res.assign(hd95=np.nan).drop(columns='assd')) == ('dice',)
     assert results_tables(res, metrics='hd95')['EP2'].startswith('| Method |')
     with pytest.raises(ValueError, match='choose from'): results_tables(res, metrics=('dice', 'hausdorff'))
+
+
+def test_infinite_distances_survive_results_csv(tmp_path):
+    "results.csv keeps inf and nan apart (`inf` and an empty field), so tables re-read from it are the same."
+    res = _results(np.random.default_rng(2))
+    res.loc[[0, 5], 'hd95'] = np.inf; res.loc[7, 'assd'] = np.nan
+    res.to_csv(tmp_path/'results.csv', index=False)
+    back = pd.read_csv(tmp_path/'results.csv', dtype={'case': str})
+    assert np.isinf(back.hd95).sum() == 2 and back.assd.isna().sum() == 1
+    m = ('dice', 'hd95', 'assd')
+    assert results_tables(back, metrics=m, main='adnet') == results_tables(res, metrics=m, main='adnet')
