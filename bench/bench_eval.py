@@ -13,7 +13,8 @@ import torch
 from fsmis.core import data_root, default_device
 from fsmis.data.datasets import open_dataset
 from fsmis.data.folds import fold_split
-from fsmis.eval.protocols import evaluate_case, IntensityPrototype
+from fsmis.eval.protocols import evaluate_case
+from fsmis.models.intensity import IntensityPrototype
 from fsmis.data.datasets import CaseStore
 
 

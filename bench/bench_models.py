@@ -52,8 +52,8 @@ def bench(name, size, reps, model_cls=ADNet, loss_cls=ADNetLoss):
         n = 2 * reps
         dls = DataLoaders(DataLoader(Repeat(item, 10 * n), bs=1), DataLoader(Repeat(item, 1), bs=1)); dls.n_inp = 3
         learn = adnet_learner(dls, name, path=tempfile.mkdtemp())
-        fit_iters(learn, 2, show_progress=False)  # warm-up
-        t0 = time.perf_counter(); fit_iters(learn, 2 + n, show_progress=False)
+        fit_iters(learn, 2, progress=False)  # warm-up
+        t0 = time.perf_counter(); fit_iters(learn, 2 + n, progress=False)
         res['learn_ms'] = (time.perf_counter() - t0) / n * 1e3; res['learn_ratio'] = res['learn_ms'] / (sum(te) / len(te) * 1e3)
     return res
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
 from .core import atomic_write
-from .config import ExperimentConfig, reproduce_config
+from .config import ExperimentConfig, reproduce_config, CPU_MINUTES
 from .eval.metrics import summarize, cell_text, run_wilcoxon, df_markdown
 
 # %% auto #0
@@ -74,7 +74,7 @@ _KID = ('right kidney', 'left kidney', 'Mean')  # DenseMP's ablation columns (RK
 _DM_ABD = ('right kidney', 'left kidney', 'liver', 'spleen', 'Mean')  # DenseMP's Tables 1-2 columns (RK, LK, liver, spleen)
 _NO_STAGE1 = {'pretrain_minutes': None, 'pretrain_steps': None}
 _DM_OVER = {'baselines': [], 'thresholds': []}  # DenseMP grids: the rows are the baselines
-_STAGE1_ONLY = {'n_steps': 0, 'time_budget_min': None, 'finetune_steps': 0}  # the stage-1 encoder, no few-shot training
+_STAGE1_ONLY = {'n_steps': 0, 'minutes': None, 'finetune_steps': 0}  # the stage-1 encoder, no few-shot training
 _DENSEMP_ROWS = {'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0},
                  'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'alpnet'},
                  'PANet, stage 1 only': _STAGE1_ONLY, 'DenseMP (stages 1-3)': {},
@@ -199,7 +199,7 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
                    budget: str = 'cpu', # 'cpu' or 'paper' (`reproduce_config`)
                    folds=None, # folds (default: the budget's: cpu 0, paper 0-4)
                    runs: int | None = None, # runs per fold (default: the budget's: cpu 1, paper 3)
-                   minutes: float = 30., # training minutes per cell (cpu budget)
+                   minutes: float = CPU_MINUTES, # training minutes per cell (cpu budget)
                    over: dict | None = None, # changes applied to every cell (a reduced budget, a device, ...)
                   ) -> list:
     "Every cell of the grid, in a fixed order (rows, then folds, then runs)."
@@ -270,7 +270,7 @@ def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
                  budget: str = 'cpu', # 'cpu' or 'paper'
                  folds=None, # folds (default: the budget's)
                  runs: int | None = None, # runs per fold (default: the budget's)
-                 minutes: float = 30., # training minutes per cell (cpu budget)
+                 minutes: float = CPU_MINUTES, # training minutes per cell (cpu budget)
                  workers: int = 1, # worker processes
                  cells=None, # only these cell indices (e.g. one per job of a SLURM array); None: all
                  over: dict | None = None, # changes applied to every cell

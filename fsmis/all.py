@@ -14,6 +14,7 @@ from .models.adnet import *
 from .models.alpnet import *
 from .models.ppnet import *
 from .models.canet import *
+from .models.intensity import *
 from .losses import *
 from .learner import *
 from .eval.metrics import *

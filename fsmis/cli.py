@@ -8,7 +8,7 @@ Docs: https://fsmis.github.io/fsmis/cli.html.md"""
 from __future__ import annotations
 import argparse, os, sys
 from pathlib import Path
-from .config import METHODS
+from .config import METHODS, CPU_MINUTES
 
 
 # %% auto #0
@@ -325,7 +325,7 @@ def _cmd_evaluate(a):
         rows.append(df.assign(method=method, fold=f, run=0))
     res = pd.concat(rows, ignore_index=True)
     tables = make_tables(res, ds.spec.ordered(list(dict.fromkeys(res['class']))))
-    for p, t in tables.items(): print(f"{a.protocol} ({p}), Dice %:\n{t}")
+    for p, t in tables.items(): print(f"{a.protocol} ({p}):\n{t}")
     if a.out:
         out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out/'results.csv', 'w') as fh: res.to_csv(fh, index=False)
@@ -335,7 +335,7 @@ def _cmd_evaluate(a):
 # %% ../nbs/51_cli.ipynb #c718d8f0
 @subcommand('evaluate', _cmd_evaluate, help='evaluate a checkpoint under EP1 / EP2 / Setting 1 / Setting 2')
 def _args_evaluate(p):
-    """Dice per query volume and class on the test cases of the given folds; paper-style tables. setting1 and setting2
+    """Dice, HD95 and ASSD (mm) per query volume and class on the test cases of the given folds; paper-style tables. setting1 and setting2
     both use Ouyang's protocol (they differ in training, not in evaluation)."""
     p.add_argument('checkpoint', help='checkpoint file (fsmis train / fsmis demo / run_experiment)')
     p.add_argument('--dataset', default=None, help='registered dataset or folder (default: the one stored in the checkpoint)')
@@ -426,7 +426,7 @@ def _args_reproduce(p):
     encoder, MINUTES per fold; --budget paper: the published budget, for a GPU."""
     p.add_argument('name', nargs='?', default=None, help='configuration name (see --list)')
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget')
-    p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per fold (cpu budget)')
+    p.add_argument('--minutes', type=positive_float, default=CPU_MINUTES, help='training minutes per fold (cpu budget)')
     p.add_argument('--pretrain-steps', type=positive_int, default=None, help=_PRETRAIN_STEPS_HELP)
     p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')
     p.add_argument('--runs', type=positive_int, default=None, help='runs per fold')
@@ -443,7 +443,7 @@ def _cmd_ablate(a):
         return 0
     abl = get_ablation(a.name)
     over = {k: v for k, v in dict(size=a.size, device=a.device).items() if v is not None}
-    if a.steps is not None: over.update(n_steps=a.steps, time_budget_min=None)
+    if a.steps is not None: over.update(n_steps=a.steps, minutes=None)
     if a.pretrain_steps is not None: over.update(pretrain_steps=a.pretrain_steps, pretrain_minutes=None)  # rows that set stage 1 keep theirs
     out = _writable_dir(a.out or f"ablation_{abl.name}_{a.budget}", '--out')
     if a.table:
@@ -466,7 +466,7 @@ def _args_ablate(p):
     p.add_argument('name', nargs='?', default=None, help='ablation name (see --list)')
     p.add_argument('--list', action='store_true', help='list the ablations')
     p.add_argument('--budget', choices=['cpu', 'paper'], default='cpu', help='training budget of every cell')
-    p.add_argument('--minutes', type=positive_float, default=30., help='training minutes per cell (cpu budget)')
+    p.add_argument('--minutes', type=positive_float, default=CPU_MINUTES, help='training minutes per cell (cpu budget)')
     p.add_argument('--steps', type=positive_int, default=None, help='training steps per cell (instead of --minutes: a reduced budget)')
     p.add_argument('--pretrain-steps', type=positive_int, default=None, help=_PRETRAIN_STEPS_HELP)
     p.add_argument('--folds', type=nonneg_int, nargs='+', default=None, help='folds (default: cpu 0, paper 0-4)')

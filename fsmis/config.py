@@ -13,13 +13,17 @@ from .core import atomic_write
 from .data.datasets import get_spec
 
 # %% auto #0
-__all__ = ['METHODS', 'PAPER_CONFIGS', 'DENSEMP_BUDGETS', 'DEMO_DEFAULTS', 'ExperimentConfig', 'cpu_budget_config',
-           'ouyang_config', 'eval_classes', 'reproduce_config', 'demo_config']
+__all__ = ['METHODS', 'CPU_MINUTES', 'RENAMED_FIELDS', 'PAPER_CONFIGS', 'DENSEMP_BUDGETS', 'DEMO_DEFAULTS', 'ExperimentConfig',
+           'cpu_budget_config', 'ouyang_config', 'eval_classes', 'reproduce_config', 'demo_config']
 
 # %% ../nbs/40_config.ipynb #ae7b0001
 METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
+CPU_MINUTES = 30.  # training minutes per fold (per cell) of the CPU budget: the one default of `cpu_budget_config`, `reproduce_config`, the ablations and the CLI
+
 
 # %% ../nbs/40_config.ipynb #6d95d881
+RENAMED_FIELDS = {'time_budget_min': 'minutes', 'checkpoint': 'select'}  # old name -> new: old config files still load
+
 @dataclass
 class ExperimentConfig:
     "Everything that defines an experiment: data, folds, runs, method, training budget, protocols, baselines."
@@ -49,13 +53,13 @@ class ExperimentConfig:
     rho: int | None = None  # supervoxel minimum size (default: the dataset's, 5000 abdominal / 1000 cardiac)
     min_size: int = 400  # superpixel minimum size in pixels (2D pseudo-labels: SSL-ALPNet, DenseMP; its ablation 100 / 400 / 1600)
     n_steps: int = 50_000  # training steps (episodes / batch_size)
-    time_budget_min: float | None = None  # stop training after this many minutes (whatever n_steps says)
+    minutes: float | None = None  # stop training after this many minutes (whatever n_steps says)
     lr: float = 1e-3  # learning rate (SGD as in the papers unless learner_kw says otherwise)
     batch_size: int = 1  # episodes per step
     size: int | None = None  # resize slices to size x size for training and evaluation (None: native 256)
-    checkpoint: str = 'final'  # 'final' or 'val' (best on a validation split drawn from the training cases)
-    n_val: int = 2  # validation cases (checkpoint='val')
-    val_every: int = 500  # steps between validation evaluations (checkpoint='val')
+    select: str = 'final'  # which weights a run keeps: 'final' or 'val' (best on a validation split drawn from the training cases)
+    n_val: int = 2  # validation cases (select='val')
+    val_every: int = 500  # steps between validation evaluations (select='val')
     baselines: list = field(default_factory=lambda: ['untrained', 'intensity'])  # evaluated by the same code
     thresholds: list | None = None  # line search thresholds (e.g. -20..-15), EP of the first protocol
     eval_batch_size: int = 16  # slices per forward pass at evaluation
@@ -96,14 +100,14 @@ class ExperimentConfig:
             if self.classes is not None: raise ValueError("label_groups and classes: give one of them (each group names its classes)")
             if not isinstance(self.label_groups, (list, tuple)) or not self.label_groups or not all(isinstance(g, str) for g in self.label_groups):
                 raise ValueError(f"label_groups must be a non-empty list of group names, got {self.label_groups!r}")
-        if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float)) and self.time_budget_min > 0):
-            raise ValueError(f"time_budget_min must be > 0 minutes or None, got {self.time_budget_min!r}")
+        if self.minutes is not None and not (isinstance(self.minutes, (int, float)) and self.minutes > 0):
+            raise ValueError(f"minutes must be > 0 minutes or None, got {self.minutes!r}")
         if not isinstance(self.folds, (list, tuple)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.folds):
             raise ValueError(f"folds must be a list of fold indices, got {self.folds!r}")
         for p in self.protocols:
             if p not in ('EP1', 'EP2', 'ouyang'): raise ValueError(f"protocols: unknown protocol {p!r}")
         if self.setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {self.setting!r}")
-        if self.checkpoint not in ('final', 'val'): raise ValueError(f"checkpoint must be 'final' or 'val', got {self.checkpoint!r}")
+        if self.select not in ('final', 'val'): raise ValueError(f"select must be 'final' or 'val', got {self.select!r}")
         if self.runs < 1: raise ValueError(f"runs must be >= 1, got {self.runs}")
         if not list(self.folds): raise ValueError("folds is empty: give at least one fold index")
         if self.method not in (*METHODS, 'intensity'): raise ValueError(f"method: unknown {self.method!r} (choose one of {', '.join(METHODS)} or 'intensity')")
@@ -136,6 +140,8 @@ class ExperimentConfig:
         except Exception as e:  # yaml.YAMLError (python tags included) / json.JSONDecodeError
             raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({' '.join(str(e).split())[:120]})") from None
         if not isinstance(d, dict): raise ValueError(f"config file {path}: expected a mapping of ExperimentConfig fields, got {type(d).__name__}")
+        for old, new in RENAMED_FIELDS.items():  # files written before a field was renamed
+            if old in d and new not in d: d[new] = d.pop(old)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
         if unknown: raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
@@ -144,14 +150,14 @@ class ExperimentConfig:
 
 # %% ../nbs/40_config.ipynb #4346d0b8
 def cpu_budget_config(dataset:str='chaos_t2', # 'chaos_t2' or 'ms_cmrseg_bssfp'
-                      minutes:float=60., # training time per fold
+                      minutes:float=CPU_MINUTES, # training time per fold
                       folds=(0,), # folds to run
                       runs:int=1, # runs per fold
                       **kw, # any other `ExperimentConfig` field
                      ) -> ExperimentConfig:
     "The reduced configuration that trains on a CPU in `minutes` per fold (small encoder, 128 px slices)."
     d = dict(name=f'cpu_{dataset}', dataset=dataset, encoder='small', folds=list(folds), runs=runs,
-             time_budget_min=minutes, n_steps=100_000, size=128, device='cpu', protocols=['EP1', 'EP2'], lr=1e-3,
+             minutes=minutes, n_steps=100_000, size=128, device='cpu', protocols=['EP1', 'EP2'], lr=1e-3,
              num_threads=1, pretrain_kw={'queue': 256},  # a CPU-sized DenseCL queue, fewer keys than a fold's training slices
              baselines=['untrained', 'intensity'], thresholds=[-20., -19., -18., -17., -16., -15., -14., -12., -10., -8.])
     d.update(kw)
@@ -213,7 +219,7 @@ DENSEMP_BUDGETS = {  # the three stages of a `densemp=True` configuration under 
 
 def reproduce_config(name: str, # a key of PAPER_CONFIGS
                      budget: str = 'cpu', # 'cpu' (small encoder, minutes per fold) or 'paper' (published budget, GPU)
-                     minutes: float = 30., # training minutes per fold (cpu budget; `fsmis reproduce --minutes`)
+                     minutes: float = CPU_MINUTES, # training minutes per fold (cpu budget; `fsmis reproduce --minutes`)
                      **over, # any ExperimentConfig field (folds, runs, seed, device, ...); None values are ignored
                     ):
     "The ExperimentConfig of a named paper configuration under a budget."

@@ -15,8 +15,10 @@ from .core import atomic_write
 from .learner import save_model
 from .data.datasets import CaseStore, get_spec, open_dataset
 from .data.folds import fold_split
-from .eval.metrics import results_tables, summary_tables, df_markdown
-from .eval.protocols import evaluate, IntensityPrototype, learned_threshold
+from .eval.metrics import results_tables, summary_tables, df_markdown, available_metrics
+from .eval.inference import learned_threshold
+from .eval.protocols import evaluate
+from .models.intensity import IntensityPrototype
 from .config import ExperimentConfig, eval_classes
 from .train import train_fold, initial_model, stage1_weights, train_stages
 from .viz import plot_results, plot_threshold_sweep
@@ -40,7 +42,7 @@ def make_tables(results:pd.DataFrame, # per-volume rows of `run_experiment`
                 main:str|None=None, # method compared to the others (one-sided Wilcoxon, * if p < 0.05)
                ) -> dict:
     "{protocol: markdown table} in the papers' layout (`fsmis.eval.metrics.results_tables`: mean ± std over folds x runs, Mean ± across classes)."
-    return results_tables(results, classes, main)
+    return results_tables(results, classes, main, metrics=available_metrics(results))  # Dice, then HD95 and ASSD (mm) when scored
 
 
 # %% ../nbs/42_experiments.ipynb #0e98eac1
@@ -115,7 +117,7 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
                         rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=False))
                     if cfg.thresholds and name == cfg.method and hasattr(m, 'threshold'):
                         df = evaluate(m, store, split.support_id, split.query_ids, cfg.protocols[0], classes,
-                                      thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, size=cfg.size)
+                                      thresholds=cfg.thresholds, batch_size=cfg.eval_batch_size, size=cfg.size, surface=False)
                         rows.append(df.assign(method=name, fold=fold, run=run, seed=seed, threshold_sweep=True))
                 info['eval_s'] = time.perf_counter() - t0
                 runs.append(info)

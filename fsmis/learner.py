@@ -29,11 +29,29 @@ from .models.canet import CANet
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
-__all__ = ['fit_iters', 'MODELS', 'LEARNERS', 'IterTrainer', 'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice',
-           'EpisodeLog', 'read_checkpoint', 'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint',
-           'Checkpointer', 'list_checkpoints', 'resolve_resume', 'FewShotLearner', 'build_model', 'load_model',
-           'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner', 'ppnet_learner',
-           'canet_learner']
+__all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'LEARNERS', 'step_lr', 'cosine_lr', 'IterTrainer', 'StopAfter',
+           'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'read_checkpoint', 'model_checkpoint',
+           'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints', 'resolve_resume',
+           'FewShotLearner', 'build_model', 'load_model', 'register_learner', 'fewshot_learner', 'adnet_learner',
+           'alpnet_learner', 'panet_learner', 'ppnet_learner', 'canet_learner']
+
+# %% ../nbs/14_learner.ipynb #d0e5c0a1
+DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
+
+def step_lr(it: int, # iteration (0-based)
+            lr: float, # base learning rate
+            decay: float = DECAY, # factor per `decay_every` iterations
+            decay_every: int = DECAY_EVERY, # iterations between decays
+           ) -> float:
+    "The few-shot papers' schedule: lr x decay^(it // decay_every)."
+    return lr * decay ** (it // decay_every)
+
+def cosine_lr(it: int, # iteration (0-based)
+              lr: float, # peak learning rate
+              total: int | None, # schedule length T (None or 0: constant lr while unknown)
+             ) -> float:
+    "DenseCL's (MoCo v2's) schedule: lr (1 + cos(pi min(it, T) / T)) / 2."
+    return lr if not total else lr * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
 
 # %% ../nbs/14_learner.ipynb #5e2c7212
 def _rng_state():
@@ -53,15 +71,16 @@ def _set_rng_state(st):
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
 class IterTrainer(Callback):
-    "Iteration-counted training: count iterations, step-decay the lr, skip validation, restore pending RNG states."
+    "Iteration-counted training: count iterations, set the lr of each step from a schedule, skip validation, restore pending RNG states."
     order = 20  # after TrainEvalCallback (-10) and MixedPrecision (10)
     def __init__(self, lr: float = 1e-3, # base learning rate
-                 decay: float = 0.98, # lr factor per `decay_every` iterations (paper 0.98, released code 0.95)
-                 decay_every: int = 1000, # iterations between decays
+                 decay: float = DECAY, # lr factor per `decay_every` iterations (paper 0.98, released code 0.95)
+                 decay_every: int = DECAY_EVERY, # iterations between decays
                  validate: bool = False, # run fastai's validation after each DataLoader epoch
-                ): self.base_lr, self.decay, self.decay_every, self.validate = lr, decay, decay_every, validate
+                 schedule=None, # a function iteration -> lr (e.g. `cosine_lr`); None: `step_lr` with the arguments above
+                ): self.base_lr, self.decay, self.decay_every, self.validate, self.schedule = lr, decay, decay_every, validate, schedule
 
-    def lr_at(self, it): return self.base_lr * self.decay ** (it // self.decay_every)
+    def lr_at(self, it): return self.schedule(it) if self.schedule is not None else step_lr(it, self.base_lr, self.decay, self.decay_every)
     def before_fit(self):
         if not hasattr(self.learn, 'iteration'): self.learn.iteration = 0
         fl = getattr(self.dls.train, 'fake_l', None)
@@ -157,13 +176,13 @@ class EpisodeLog(Callback):
     "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_steps`."
     order = 90
     def __init__(self, n_steps: int, # target iteration (for the bar)
-                 show: bool = True, # show the progress bar
+                 progress: bool = True, # show the progress bar
                  avg: int = 20, # running-mean window of the bar comment
-                ): self.n_steps, self.show, self.avg, self.pb = n_steps, show, avg, None
+                ): self.n_steps, self.progress, self.avg, self.pb = n_steps, progress, avg, None
     def before_fit(self):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
         start = getattr(self.learn, 'iteration', 0)
-        if self.show and self.n_steps > start:
+        if self.progress and self.n_steps > start:
             self.start = start; self.pb = progress_bar(range(start, self.n_steps), leave=True, desc='training steps'); self.pb.update(0)
     def after_batch(self):
         if not self.training: return
@@ -320,10 +339,12 @@ def fit_iters(self: Learner, # a Learner from the factories below (or any with a
               ckpt_dir=None, # checkpoint folder (default learn.path/'checkpoints')
               resume=None, # checkpoint file, or 'last' for the newest in ckpt_dir, to continue from
               keep: int | None = 2, # checkpoints kept
-              show_progress: bool = True, # fastprogress bar with loss, T and Dice
+              progress: bool = True, # fastprogress bar with loss, T and Dice
               validate: bool = False, # run validation at the end of each DataLoader pass
               weights_only: bool = True, # safe checkpoint loading (see `read_checkpoint`)
               cbs: list | None = None, # extra callbacks for this fit (e.g. `fsmis.train.ValCheckpoint`)
+              schedule=None, # a function iteration -> lr (e.g. DenseCL's cosine); None: the learner's step decay (`step_lr`)
+              log: Callback | None = None, # the per-step log and progress bar (None: `EpisodeLog`, the few-shot models' log)
              ) -> Learner:
     "Train up to iteration `n_steps` with the paper's SGD schedule, checkpoints and exact resume (`learn.fit_iters(n)`)."
     learn = self
@@ -333,10 +354,10 @@ def fit_iters(self: Learner, # a Learner from the factories below (or any with a
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
     resume = resolve_resume(resume, ckpt_dir)
     if resume is not None: load_checkpoint(learn, resume, weights_only=weights_only)
-    sched = learn.fsmis_schedule if hasattr(learn, 'fsmis_schedule') else {'lr': learn.lr, 'decay': 0.98, 'decay_every': 1000}
+    sched = learn.fsmis_schedule if hasattr(learn, 'fsmis_schedule') else {'lr': learn.lr, 'decay': DECAY, 'decay_every': DECAY_EVERY}
     extra = cbs or []
-    cbs = [IterTrainer(validate=validate, **sched), FiniteGuard(), StopAfter(n_steps, minutes),
-           EpisodeLog(n_steps if n_steps is not None else 0, show=show_progress and n_steps is not None)]
+    log = log if log is not None else EpisodeLog(n_steps if n_steps is not None else 0, progress=progress and n_steps is not None)
+    cbs = [IterTrainer(validate=validate, schedule=schedule, **sched), FiniteGuard(), StopAfter(n_steps, minutes), log]
     if ckpt_every: cbs.append(Checkpointer(ckpt_dir, ckpt_every, keep))
     cbs += list(extra)
     start = getattr(learn, 'iteration', 0)
@@ -411,8 +432,8 @@ def fewshot_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                     lr: float = 1e-3, # SGD learning rate
                     momentum: float = 0.9, # SGD momentum
                     wd: float = 5e-4, # weight decay
-                    decay: float = 0.98, # lr factor every `decay_every` iterations (paper 0.98; released code 0.95)
-                    decay_every: int = 1000, # iterations between decays
+                    decay: float = DECAY, # lr factor every `decay_every` iterations (paper 0.98; released code 0.95)
+                    decay_every: int = DECAY_EVERY, # iterations between decays
                     amp: bool | None = None, # mixed precision (None: on for CUDA)
                     channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
                     path=None, # Learner path (checkpoints go to path/'checkpoints')

@@ -61,7 +61,7 @@ def initial_model(cfg: ExperimentConfig, # the experiment
                  ) -> nn.Module:
     "The few-shot model of `cfg` with the initial weights that `train_fold` starts from (or the intensity baseline)."
     if cfg.method == 'intensity':
-        from fsmis.eval.protocols import IntensityPrototype
+        from fsmis.models.intensity import IntensityPrototype
         return IntensityPrototype()
     set_seed(cfg.seed if seed is None else seed)
     m = L.build_model(cfg.method, encoder=cfg.encoder, **cfg_encoder_kw(cfg))
@@ -101,7 +101,7 @@ def val_classes(cfg: ExperimentConfig, # the experiment (its setting)
     "Classes scored on the validation cases: the evaluated ones (Setting 1) or, under Setting 2, only the others."
     test = set(test_classes or classes)
     keep = {k: v for k, v in classes.items() if (k in test) == (cfg.setting == 1)}
-    if not keep: raise ValueError(f"checkpoint='val' with setting={cfg.setting}: no class left to validate on "
+    if not keep: raise ValueError(f"select='val' with setting={cfg.setting}: no class left to validate on "
                                   f"(Setting 2 never looks at the test classes {sorted(test)}, not even on validation cases)")
     return keep
 
@@ -116,7 +116,7 @@ class ValCheckpoint(Callback):
                  size: int | None = None, # slice size the model sees
                  batch_size: int = 16, # slices per forward pass
                 ):
-        if len(val_ids) < 2: raise ValueError(f"checkpoint='val' needs n_val >= 2 training cases (support + query), got {val_ids}")
+        if len(val_ids) < 2: raise ValueError(f"select='val' needs n_val >= 2 training cases (support + query), got {val_ids}")
         if int(every) < 1: raise ValueError(f"val_every must be >= 1, got {every}")
         self.store, self.val_ids, self.classes, self.every, self.size, self.bs = store, list(val_ids), classes, int(every), size, batch_size
         self.best, self.best_state, self.best_step = -1., None, -1
@@ -158,9 +158,9 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     train_ids = [str(c) for c in train_ids]
     if not train_ids: raise ValueError("train_ids is empty: no case to train on")
     if test_classes is None: test_classes = list(eval_classes(cfg, ds))
-    fit_ids, val_ids = validation_split(train_ids, cfg.n_val if cfg.checkpoint == 'val' else 0, seed)
+    fit_ids, val_ids = validation_split(train_ids, cfg.n_val if cfg.select == 'val' else 0, seed)
     cbs = []
-    if cfg.checkpoint == 'val':
+    if cfg.select == 'val':
         cbs.append(ValCheckpoint(store or CaseStore(ds), val_ids, val_classes(cfg, dict(ds.classes), test_classes),
                                  cfg.val_every, cfg.size, cfg.eval_batch_size))
     mode, sampler = pseudo_label_mode(cfg)
@@ -182,10 +182,10 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     learn.model.fsmis_meta.update(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
                                   norm=ds.norm_params(), **(meta or {}))
     t1 = time.perf_counter()
-    L.fit_iters(learn, cfg.n_steps, minutes=cfg.time_budget_min, ckpt_every=ckpt_every if ckpt_dir else None, ckpt_dir=ckpt_dir,
-                resume=resume, show_progress=progress, cbs=cbs)
+    L.fit_iters(learn, cfg.n_steps, minutes=cfg.minutes, ckpt_every=ckpt_every if ckpt_dir else None, ckpt_dir=ckpt_dir,
+                resume=resume, progress=progress, cbs=cbs)
     learn.train_info = dict(pseudo_s=t_pl, train_s=time.perf_counter() - t1, steps=int(getattr(learn, 'iteration', 0)),
-                            n_train=len(fit_ids), val_ids=' '.join(val_ids), checkpoint=cfg.checkpoint)
+                            n_train=len(fit_ids), val_ids=' '.join(val_ids), select=cfg.select)
     if cbs:
         cbs[0].restore(learn.model); learn.train_info.update(val_dice=cbs[0].best, val_step=cbs[0].best_step)
     learn.model.eval()
@@ -235,7 +235,7 @@ def finetune_config(cfg: ExperimentConfig, # the experiment (its `finetune_steps
     "The configuration of DenseMP's stage 3: from the stage-2 model, `finetune_steps` at `finetune_lr` on mixed episodes."
     if cfg.finetune_steps < 1: raise ValueError(f"finetune_steps={cfg.finetune_steps}: stage 3 needs at least one step")
     return dataclasses.replace(cfg, init_weights=str(init), encoder_weights=None, pretrain_steps=None, pretrain_minutes=None,
-                               n_steps=cfg.finetune_steps, time_budget_min=None, lr=cfg.finetune_lr,
+                               n_steps=cfg.finetune_steps, minutes=None, lr=cfg.finetune_lr,
                                pseudo_labels='superpixels+labels', finetune_steps=0)
 
 # %% ../nbs/41_train.ipynb #385db234
@@ -249,6 +249,8 @@ def stage_fingerprint(cfg: ExperimentConfig, # the stage's configuration
                      ) -> str:
     "A short hash of everything that decides a stage's weights."
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
+    from fsmis.config import RENAMED_FIELDS
+    for old, new in RENAMED_FIELDS.items(): d[old] = d.pop(new)  # renamed fields hash under their old names: finished stages stay valid
     if cfg.pseudo_labels == 'superpixels+labels': d.update(p_supervised=cfg.p_supervised)
     d.update(train_ids=sorted(str(c) for c in train_ids), seed=int(seed), test_classes=sorted(int(c) for c in test_classes))
     for k in ('init_weights', 'encoder_weights'):  # a file by its name (stage files are named by what made them), not its folder
@@ -297,7 +299,7 @@ def train_stages(cfg: ExperimentConfig, # the experiment (stage 1 already done: 
     "(model, info) of one run: stage 2 (`cfg` itself), then stage 3 when `cfg.finetune_steps > 0`; each cached in `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     test = '-'.join(str(c) for c in sorted(int(c) for c in test_classes))
-    shared = cfg.setting == 1 and cfg.checkpoint == 'final'  # stage 2 then ignores the test classes
+    shared = cfg.setting == 1 and cfg.select == 'final'  # stage 2 then ignores the test classes
     s2 = folder/f"stage2_{tag}{'' if shared else '_test' + test}.pth"
     model, info = train_stage(cfg, ds, train_ids, s2, seed, () if shared else test_classes, store, progress)
     info = {f'stage2_{k}': v for k, v in info.items()}

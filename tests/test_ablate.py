@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from fsmis.ablate import ABLATIONS, ablation_cells, run_ablation, ablation_tables, finished_cells
 
-TOY = dict(n_steps=6, time_budget_min=None, size=32, device='cpu', n_val=0)
+TOY = dict(n_steps=6, minutes=None, size=32, device='cpu', n_val=0)
 CLI_TOY = ['--steps', '6', '--size', '32', '--folds', '0', '1', '--device', 'cpu']
 
 

@@ -33,7 +33,7 @@ def files(tmp_path_factory):
     PhantomDataset(n_cases=6, seed=2, shape=(8, 48, 48)).to_folder(d/'data')
     torch.manual_seed(0)
     learn = adnet_learner(toy_dls(4, size=32), 'small', path=d)
-    fit_iters(learn, 1, show_progress=False)
+    fit_iters(learn, 1, progress=False)
     save_checkpoint(learn, d/'model.pth')
     raw = (d/'model.pth').read_bytes()
     (d/'truncated.pth').write_bytes(raw[:len(raw) // 3])
@@ -158,7 +158,7 @@ def test_other_commands_bad_input(case, files, capsys):
 # ---------------------------------------------------------------- Python API
 def test_api_segment_files_refuses_nan_and_keeps_inputs(files):
     from fsmis.eval.inference import segment_files
-    from fsmis.eval.protocols import IntensityPrototype
+    from fsmis.models.intensity import IntensityPrototype
     with pytest.raises(ValueError, match='nan.nii.gz'):
         segment_files(IntensityPrototype(), files/'nan.nii.gz', files/'data'/'image_2.nii.gz', files/'data'/'label_2.nii.gz', files/'x.nii.gz')
     assert not (files/'x.nii.gz').exists()
@@ -185,9 +185,9 @@ def test_api_nonfinite_loss_stops_with_the_step(tmp_path):
     from fsmis.learner import adnet_learner, fit_iters, NonFiniteLoss, list_checkpoints, read_checkpoint
     torch.manual_seed(0)
     learn = adnet_learner(toy_dls(20, size=32), 'small', lr=1e-3, path=tmp_path)
-    fit_iters(learn, 3, ckpt_every=3, ckpt_dir=tmp_path/'ck', show_progress=False)
+    fit_iters(learn, 3, ckpt_every=3, ckpt_dir=tmp_path/'ck', progress=False)
     learn.fsmis_schedule = {**learn.fsmis_schedule, 'lr': float('nan')}
-    with pytest.raises(NonFiniteLoss, match=r'(?s)step 4: .*lr nan'): fit_iters(learn, 6, ckpt_every=1, ckpt_dir=tmp_path/'ck', show_progress=False)
+    with pytest.raises(NonFiniteLoss, match=r'(?s)step 4: .*lr nan'): fit_iters(learn, 6, ckpt_every=1, ckpt_dir=tmp_path/'ck', progress=False)
     last = list_checkpoints(tmp_path/'ck')[-1]
     assert all(torch.isfinite(v).all() for v in read_checkpoint(last)['model'].values() if v.is_floating_point())
 
@@ -215,7 +215,7 @@ def test_api_nonfinite_message_is_ours_not_fastais(tmp_path):
     from fsmis.data.phantom import toy_dls
     from fsmis.learner import adnet_learner, fit_iters, NonFiniteLoss
     learn = adnet_learner(toy_dls(8, size=32), 'small', lr=float('nan'), path=tmp_path)
-    with pytest.raises(NonFiniteLoss) as e: fit_iters(learn, 3, show_progress=False)
+    with pytest.raises(NonFiniteLoss) as e: fit_iters(learn, 3, progress=False)
     assert str(e.value).startswith('training diverged at step 1') and 'Exception occured' not in str(e.value)
 
 

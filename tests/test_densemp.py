@@ -83,7 +83,7 @@ def test_honest_protocol_setting2(tmp_path, monkeypatch):
     evals, real_eval = [], T.evaluate
     monkeypatch.setattr(T, 'evaluate', lambda m, store, sup, qry, *a, **k: evals.append((sup, list(qry))) or real_eval(m, store, sup, qry, *a, **k))
     seen = _record(monkeypatch)
-    cfg = _cfg(checkpoint='val', n_val=2, val_every=4, finetune_steps=12, p_supervised=0.5)
+    cfg = _cfg(select='val', n_val=2, val_every=4, finetune_steps=12, p_supervised=0.5)
     run_experiment(cfg, tmp_path/'x', dataset=ds, progress=False)
     train = set(split.train_ids); test = {2, 3}  # the 'lower' group: right and left kidney
     assert evals and all({s, *q} <= train for s, q in evals)  # validation checkpoints: training cases only
@@ -115,7 +115,7 @@ def test_reproduce_densemp_commands():
     r = subprocess.run([sys.executable, '-m', 'fsmis.cli', 'reproduce', 'densemp-chaos-setting2', '--print-config', '--minutes', '7'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ('method: panet', 'setting: 2', 'pretrain_minutes: 7.0', 'time_budget_min: 7.0', 'finetune_steps: 1000', 'fold_variant: ouyang'):
+    for line in ('method: panet', 'setting: 2', 'pretrain_minutes: 7.0', 'minutes: 7.0', 'finetune_steps: 1000', 'fold_variant: ouyang'):
         assert line in r.stdout, line
 
 

@@ -6,7 +6,8 @@ import torch
 
 from fsmis.core import Case
 from fsmis.eval.metrics import dice, dice_counts, dice_from_counts, summarize, paired_wilcoxon, to_markdown
-from fsmis.eval.protocols import ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks, labelled_slices, IntensityPrototype, evaluate, evaluate_case
+from fsmis.eval.protocols import ep1_tasks, ep2_tasks, protocol_tasks, support_slice_indices, query_chunks, labelled_slices, evaluate, evaluate_case
+from fsmis.models.intensity import IntensityPrototype
 from fsmis.eval.inference import segment_volume, threshold_override, learned_threshold
 from fsmis.data.folds import setting2_keep, setting_keep
 
@@ -213,9 +214,9 @@ def test_config_roundtrip_and_validation(tmp_path):
     cfg = Cfg.cpu_budget_config('ms_cmrseg_bssfp', minutes=5)
     assert Cfg.ExperimentConfig.load(cfg.save(tmp_path / 'c.yaml')) == cfg
     assert Cfg.ExperimentConfig.load(cfg.save(tmp_path / 'c.json')) == cfg
-    assert cfg.time_budget_min == 5 and cfg.checkpoint == 'final'
+    assert cfg.minutes == 5 and cfg.select == 'final'
     with pytest.raises(ValueError, match='setting'): Cfg.ExperimentConfig(setting=3)
-    with pytest.raises(ValueError, match='checkpoint'): Cfg.ExperimentConfig(checkpoint='best_test')
+    with pytest.raises(ValueError, match='select'): Cfg.ExperimentConfig(select='best_test')
     (tmp_path / 'bad.json').write_text('{"nope": 1}')
     with pytest.raises(ValueError, match='unknown config keys'): Cfg.ExperimentConfig.load(tmp_path / 'bad.json')
 
@@ -237,7 +238,7 @@ def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
     seen = []
     def fake_train(cfg, ds, train_ids, seed=None, test_classes=None, store=None):
         seen.append((list(train_ids), seed))
-        return SimpleNamespace(model=IntensityPrototype(), train_info=dict(train_s=0., steps=0, checkpoint=cfg.checkpoint))
+        return SimpleNamespace(model=IntensityPrototype(), train_info=dict(train_s=0., steps=0, select=cfg.select))
     monkeypatch.setattr(X, 'train_fold', fake_train)
     cfg = Cfg.ExperimentConfig(name='t', dataset='toy', method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=['intensity'])
     res = X.run_experiment(cfg, None, dataset=_ToyDS(), progress=False)
@@ -246,12 +247,12 @@ def test_runner_never_trains_or_selects_on_the_test_fold(monkeypatch):
         sp = fold_split(_ToyDS.case_ids, fold, 2)
         assert not set(train_ids) & {sp.support_id, *sp.query_ids}
         assert set(res.results[res.results.fold == fold].case) == set(sp.query_ids)
-    assert Cfg.ExperimentConfig().checkpoint == 'final'  # the default evaluates the final weights (the 'val' path: next test)
-    assert (res.runs.checkpoint == 'final').all() and (res.runs.steps == 0).all()
+    assert Cfg.ExperimentConfig().select == 'final'  # the default evaluates the final weights (the 'val' path: next test)
+    assert (res.runs['select'] == 'final').all() and (res.runs.steps == 0).all()
 
 
 def test_val_checkpoint_scores_training_cases_only(monkeypatch):
-    """checkpoint='val': the weights are chosen on validation cases drawn from the training cases, never the test fold;
+    """select='val': the weights are chosen on validation cases drawn from the training cases, never the test fold;
     under Setting 2 the test classes are not scored even there."""
     pytest.importorskip('fsmis.learner')
     from fsmis.data.datasets import open_dataset
@@ -263,14 +264,14 @@ def test_val_checkpoint_scores_training_cases_only(monkeypatch):
         return real(model, store, support_id, query_ids, protocol, classes, **kw)
     monkeypatch.setattr(T, 'evaluate', spy)
     train = ['1', '2', '3', '4']
-    cfg = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=6, rho=100, checkpoint='val', n_val=2, val_every=2)
+    cfg = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=6, rho=100, select='val', n_val=2, val_every=2)
     model, info = _train(cfg, ds, train, 0, [1, 2, 3, 4])
-    assert len(calls) == 3 and info['checkpoint'] == 'val' and info['val_step'] in (2, 4, 6)
+    assert len(calls) == 3 and info['select'] == 'val' and info['val_step'] in (2, 4, 6)
     val = info['val_ids'].split()
     assert len(val) == 2 and set(val) <= set(train) and info['n_train'] == 2
     for sup, qs, cl in calls: assert {sup, *qs} == set(val) and set(cl) == {1, 2, 3, 4}
     calls.clear()
-    cfg2 = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=2, rho=100, checkpoint='val', n_val=2, val_every=2,
+    cfg2 = Cfg.ExperimentConfig(dataset='phantom', encoder='small', n_steps=2, rho=100, select='val', n_val=2, val_every=2,
                               setting=2)
     _train(cfg2, ds, train, 0, [1])  # only test class 1 excluded: validate on the others
     assert calls and all(1 not in cl and cl for _, _, cl in calls)

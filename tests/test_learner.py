@@ -16,7 +16,7 @@ def make(fac=adnet_learner, size=64, seed=0, path=None, **kw):
 
 def test_loss_falls_over_100_iterations(tmp_path):
     learn = make(path=tmp_path)
-    fit_iters(learn, 100, show_progress=False)
+    fit_iters(learn, 100, progress=False)
     log = pd.DataFrame(learn.iter_log)
     assert learn.iteration == 100 and len(log) == 100 and list(log.iter) == list(range(1, 101))
     first, last = log.loss[:20].mean(), log.loss[-20:].mean()
@@ -29,18 +29,18 @@ def test_loss_falls_over_100_iterations(tmp_path):
 @pytest.mark.parametrize('fac', [alpnet_learner, panet_learner])
 def test_baselines_train(fac, tmp_path):
     learn = make(fac, size=48, path=tmp_path)
-    fit_iters(learn, 60, show_progress=False)
+    fit_iters(learn, 60, progress=False)
     log = pd.DataFrame(learn.iter_log)
     assert log.loss[-15:].mean() < log.loss[:15].mean()
 
 
 def test_resume_is_exact(tmp_path):
     "Interrupted at 50 and resumed == uninterrupted at 100 (weights and optimizer state, CPU, fixed seed)."
-    a = make(size=32, path=tmp_path/'a'); fit_iters(a, 50, ckpt_every=25, keep=None, show_progress=False)
+    a = make(size=32, path=tmp_path/'a'); fit_iters(a, 50, ckpt_every=25, keep=None, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path/'a'/'checkpoints')] == ['iter_0000025.pth', 'iter_0000050.pth']
     b = make(size=32, seed=123, path=tmp_path/'a')  # a fresh process would build everything anew
-    fit_iters(b, 100, resume='last', show_progress=False)
-    c = make(size=32, path=tmp_path/'c'); fit_iters(c, 100, show_progress=False)
+    fit_iters(b, 100, resume='last', progress=False)
+    c = make(size=32, path=tmp_path/'c'); fit_iters(c, 100, progress=False)
     assert b.iteration == c.iteration == 100
     for (k, p), q in zip(b.model.state_dict().items(), c.model.state_dict().values()): assert torch.equal(p, q), k
     sb, sc = b.opt.state_dict()['state'], c.opt.state_dict()['state']
@@ -50,20 +50,20 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_final_checkpoint(tmp_path):
-    learn = make(size=32, path=tmp_path); fit_iters(learn, 7, ckpt_every=5, keep=None, show_progress=False)
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 7, ckpt_every=5, keep=None, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path/'checkpoints')] == ['iter_0000005.pth', 'iter_0000007.pth']
 
 
 def test_fit_iters_continues(tmp_path):
-    a = make(size=32, path=tmp_path); fit_iters(a, 10, show_progress=False); fit_iters(a, 15, show_progress=False)
+    a = make(size=32, path=tmp_path); fit_iters(a, 10, progress=False); fit_iters(a, 15, progress=False)
     assert a.iteration == 15 and len(a.iter_log) == 15
-    fit_iters(a, 15, show_progress=False); assert a.iteration == 15
+    fit_iters(a, 15, progress=False); assert a.iteration == 15
 
 
 def test_step_decay_schedule(tmp_path):
     for decay in (0.98, 0.95):
         learn = make(size=32, path=tmp_path, decay=decay, decay_every=4)
-        fit_iters(learn, 9, show_progress=False)
+        fit_iters(learn, 9, progress=False)
         assert learn.opt.hypers[0]['lr'] == pytest.approx(1e-3 * decay ** 2)  # lr of iteration 9 (index 8)
     cb = IterTrainer(lr=1e-3, decay=0.98, decay_every=1000)
     assert cb.lr_at(999) == 1e-3 and cb.lr_at(49999) == pytest.approx(1e-3 * 0.98 ** 49)
@@ -78,7 +78,7 @@ def test_optimizer_is_papers_sgd():
 
 
 def test_checkpoint_contents_weights_only(tmp_path):
-    learn = make(size=32, path=tmp_path); fit_iters(learn, 3, show_progress=False)
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 3, progress=False)
     p = save_checkpoint(learn, tmp_path/'ck.pth')
     ck = torch.load(p, weights_only=True)
     assert ck['iteration'] == 3 and ck['model_kind'] == 'adnet' and set(ck['rng']) >= {'python', 'numpy', 'torch'}
@@ -90,7 +90,7 @@ def test_checkpoint_contents_weights_only(tmp_path):
 def test_resume_restores_the_schedule(tmp_path):
     "A resumed run continues with the schedule it was trained with, whatever the new learner's defaults."
     learn = make(size=32, path=tmp_path); learn.fsmis_schedule = {'lr': 5e-3, 'decay': 0.5, 'decay_every': 2}
-    fit_iters(learn, 3, ckpt_every=3, show_progress=False)
+    fit_iters(learn, 3, ckpt_every=3, progress=False)
     ck = torch.load(list_checkpoints(tmp_path/'checkpoints')[-1], weights_only=True)
     assert ck['schedule'] == {'lr': 5e-3, 'decay': 0.5, 'decay_every': 2}
     fresh = make(size=32, path=tmp_path)
@@ -121,7 +121,7 @@ def test_pickled_objects_refused(tmp_path):
 def test_ablation_learner_switches():
     learn = make(size=32, par=False, thresh=False)
     assert learn.model.par is False and learn.loss_func.par is False and learn.loss_func.thresh is False
-    fit_iters(learn, 3, show_progress=False)
+    fit_iters(learn, 3, progress=False)
     assert set(learn.iter_log[-1]) >= {'seg'} and 'par' not in learn.iter_log[-1]
 
 
@@ -132,7 +132,7 @@ def test_amp_needs_cuda():
 
 
 def test_progress_bar_runs(tmp_path, capsys):
-    learn = make(size=32, path=tmp_path); fit_iters(learn, 5, show_progress=True)
+    learn = make(size=32, path=tmp_path); fit_iters(learn, 5, progress=True)
     assert learn.iteration == 5
 
 
@@ -144,11 +144,11 @@ def test_resume_exact_with_episode_dls(tmp_path):
         dls = episodes.episode_dls(ds, sampler='supervised', classes=[1, 4], size=48, n_episodes=7, seed=0, device='cpu')
         torch.manual_seed(0)
         return adnet_learner(dls, 'small', path=path)
-    a = mk(tmp_path/'a'); fit_iters(a, 10, ckpt_every=10, show_progress=False)  # pass 2, 3 batches in
+    a = mk(tmp_path/'a'); fit_iters(a, 10, ckpt_every=10, progress=False)  # pass 2, 3 batches in
     ck = torch.load(list_checkpoints(tmp_path/'a'/'checkpoints')[-1], weights_only=True)
     assert ck['data']['pos'] == 3 and ck['data']['n_passes'] == 1
-    b = mk(tmp_path/'a'); fit_iters(b, 20, resume='last', show_progress=False)
-    c = mk(tmp_path/'c'); fit_iters(c, 20, show_progress=False)
+    b = mk(tmp_path/'a'); fit_iters(b, 20, resume='last', progress=False)
+    c = mk(tmp_path/'c'); fit_iters(c, 20, progress=False)
     for (k, p), q in zip(b.model.state_dict().items(), c.model.state_dict().values()): assert torch.equal(p, q), k
     assert [r['loss'] for r in b.iter_log] == [r['loss'] for r in c.iter_log[10:]]
 

@@ -8,7 +8,8 @@ from scipy.spatial.distance import cdist
 from fsmis.core import Case
 from fsmis.eval.metrics import (surface_voxels, surface_distances, summarize, summary_tables, results_tables,
                                 available_metrics, infinite_counts, METRICS)
-from fsmis.eval.protocols import evaluate_case, evaluate, IntensityPrototype
+from fsmis.eval.protocols import evaluate_case, evaluate
+from fsmis.models.intensity import IntensityPrototype
 
 CHAOS = (3.0, 1.25, 1.25)  # (z, h, w) mm
 

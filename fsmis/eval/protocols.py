@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from ..core import Case, labelled_slices, support_slice
 from .metrics import dice_counts, dice_from_counts
 from .inference import Task, encode_volume, eval_mode, learned_threshold, predict_tasks
+from ..models.intensity import IntensityPrototype  # noqa: F401 (its home before fsmis 0.3; code that imports it from here keeps working)
 
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks', 'protocol_tasks', 'IntensityPrototype',
-           'evaluate_case', 'evaluate']
+__all__ = ['PROTOCOLS', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks', 'protocol_tasks', 'evaluate_case',
+           'evaluate']
 
 # %% ../../nbs/21_eval.protocols.ipynb #241f75d3
 def support_slice_indices(sup_label, # support label volume (z, h, w)
@@ -70,32 +71,6 @@ def protocol_tasks(protocol:str, # 'EP1', 'EP2' or 'ouyang'
     "The task list of a named protocol."
     if protocol not in PROTOCOLS: raise ValueError(f"protocol={protocol!r}: choose one of {list(PROTOCOLS)}")
     return PROTOCOLS[protocol](sup_label, qry_label, cls, n_chunks)
-
-# %% ../../nbs/21_eval.protocols.ipynb #2fab97de
-class IntensityPrototype(nn.Module):
-    "Baseline few-shot 'model' whose feature is the intensity: nearest of the class / background mean intensities."
-    def __init__(self, temperature:float=0.1, # softness of the assignment (squared-distance scale)
-                ):
-        super().__init__(); self.temperature = temperature
-    def encode(self, imgs): return imgs.float()
-    def prototypes(self, sup_feats, sup_masks):
-        "Mean intensity inside each class mask (averaged over shots) and outside all of them."
-        m = sup_masks.float()
-        if m.shape[-2:] != sup_feats.shape[-2:]: m = F.interpolate(m, size=sup_feats.shape[-2:], mode='nearest')
-        x = sup_feats[:, :1]
-        fg = (x * m).sum((0, 2, 3)) / m.sum((0, 2, 3)).clamp_min(1)
-        bgm = 1 - m.amax(1, keepdim=True)
-        bg = (x * bgm).sum() / bgm.sum().clamp_min(1)
-        return torch.cat([bg[None], fg])
-    def segment(self, qry_feats, protos, size):
-        "Probabilities [N, 1+n_cls, H, W] from squared distances to the prototypes."
-        x = qry_feats[:, :1]
-        p = torch.softmax(-(x - protos.view(1, -1, 1, 1))**2 / self.temperature, 1)
-        return p if tuple(p.shape[-2:]) == tuple(size) else F.interpolate(p, size=tuple(size), mode='bilinear', align_corners=False)
-    def forward(self, sup_imgs, sup_masks, qry_imgs):
-        "Training-style call on an episode batch (B=1 per item): probabilities for the query images."
-        return torch.stack([self.segment(self.encode(q), self.prototypes(self.encode(s), m[:, None]), q.shape[-2:])
-                            for s, m, q in zip(sup_imgs, sup_masks, qry_imgs)])
 
 # %% ../../nbs/21_eval.protocols.ipynb #3534abc6
 def evaluate_case(model:nn.Module, # few-shot model with the inference API
