@@ -1,8 +1,8 @@
-"Tests of fsmis.pretrain.densecl: no label read, exact resume, two-process training, weights file, validation (CPU)."
-import math, os, socket
+"Tests of fsmis.pretrain.densecl: no label read, exact resume, accumulation, queue rule, shuffle-BN, two-process training, weights file, validation (CPU)."
+import math, os, socket, warnings
 from pathlib import Path
 import numpy as np
-import pytest, torch, torch.nn.functional as F
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import nibabel
 from fastai.callback.core import Callback
 from fsmis.data.datasets import open_dataset
@@ -12,10 +12,11 @@ from fsmis.models.encoders import make_encoder
 from fsmis.models.adnet import ADNet
 from fsmis.models.alpnet import ALPNet, PANet
 from fsmis.pretrain.densecl import (pretrain_densecl, unlabeled_slices, body_fractions, dense_positives, info_nce, DenseCL,
-                                    DenseCLLoss, densecl_dls, densecl_learner, fit_densecl, read_encoder_meta, SliceDL, ViewPairs)
+                                    DenseCLLoss, densecl_dls, densecl_learner, fit_densecl, read_encoder_meta, SliceDL, ViewPairs,
+                                    shuffle_groups, queue_length, densecl_lr, has_batchnorm, in_subbatches)
 
 torch.set_num_threads(1)
-KW = dict(size=32, bs=4, queue=64, grid=4, progress=False, device='cpu')
+KW = dict(size=32, bs=4, queue=16, grid=4, progress=False, device='cpu')  # queue = the 16 slices of PH() (the queue rule)
 
 
 def PH(): return PhantomDataset(2, shape=(8, 48, 48))  # 16 small slices, made in memory in ~0.1 s
@@ -116,7 +117,9 @@ def test_weights_file_loads_into_every_few_shot_model(tmp_path):
 
 def test_resnet18_weights_file(tmp_path):
     "A ResNet encoder (batch norm, stride 8) pretrains and loads too."
-    out = pretrain_densecl(PH(), 'resnet18', steps=1, out=tmp_path/'r18.pth', **{**KW, 'grid': 4})
+    out = pretrain_densecl(PH(), 'resnet18', steps=1, out=tmp_path/'r18.pth', accum=2, **{**KW, 'grid': 4})
+    st = read_encoder_meta(out)['settings']
+    assert (st['shuffle_bn'], st['accum'], st['bs'], st['total_bs']) == (2, 2, 4, 8)  # batch norm in one process: shuffle-BN on
     enc = make_encoder('resnet18', weights=out)
     assert torch.equal(enc.proj.weight, torch.load(out, weights_only=True)['state_dict']['proj.weight'])
 
@@ -129,6 +132,8 @@ def test_resnet18_weights_file(tmp_path):
     (dict(steps=2, resume='last'), FileNotFoundError, 'resume='), (dict(steps=2, weights='/nonexistent/w.pth'), FileNotFoundError, 'w.pth'),
     (dict(steps=2, data='/nonexistent/scans'), FileNotFoundError, '/nonexistent/scans'),
     (dict(steps=2, bs=10_000), ValueError, 'bs='),
+    (dict(steps=2, accum=0), ValueError, 'accum='), (dict(steps=2, accum=5), ValueError, r'bs=4 x accum=5'),
+    (dict(steps=2, shuffle_bn=3), ValueError, 'shuffle_bn='),
 ])
 def test_arguments_are_validated(tmp_path, kw, err, msg):
     kw = {'data': PH(), 'out': tmp_path/'x.pth', **{k: v for k, v in KW.items() if k not in kw}, **kw}
@@ -145,13 +150,13 @@ def test_loss_terms_lambda_and_warmup(tmp_path):
     torch.testing.assert_close(info_nce(p, n), F.cross_entropy(torch.cat([p[:, None], n], 1), torch.zeros(6, dtype=torch.long)))
     torch.manual_seed(0)
     sl = unlabeled_slices(PhantomDataset(1, shape=(8, 48, 48)))
-    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=32, grid=4, warmup=3, path=tmp_path)
-    fit_densecl(learn, 5, show_progress=False)
+    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=8, grid=4, warmup=3, path=tmp_path)
+    fit_densecl(learn, 5, progress=False)
     lams = [r['lam'] for r in learn.iter_log]
     assert lams == [0., 0., 0., 0.5, 0.5]
     for r in learn.iter_log: assert math.isclose(r['loss'], (1 - r['lam']) * r['global'] + r['lam'] * r['dense'], rel_tol=1e-5)
-    lrs = [r['lr'] for r in learn.iter_log]  # cosine from the default lr = 0.03 x 4 / 256
-    assert lrs == pytest.approx([0.03 * 4 / 256 * 0.5 * (1 + math.cos(math.pi * t / 5)) for t in range(5)])
+    lrs = [r['lr'] for r in learn.iter_log]  # cosine from the default lr = 0.0375 x 4 / 256 (DenseMP's rule)
+    assert lrs == pytest.approx([0.0375 * 4 / 256 * 0.5 * (1 + math.cos(math.pi * t / 5)) for t in range(5)])
     assert learn.opt.hypers[0]['wd'] == 1e-4 and learn.opt.hypers[0]['mom'] == 0.9
 
 
@@ -159,12 +164,12 @@ def test_lambda_zero_trains_global_only(tmp_path):
     "lam = 0: the dense head receives no gradient (the MoCo v2 baseline)."
     torch.manual_seed(0)
     sl = unlabeled_slices(PhantomDataset(1, shape=(8, 48, 48)))
-    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', lam=0., queue=32, grid=4, path=tmp_path)
+    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', lam=0., queue=8, grid=4, path=tmp_path)
     w0 = learn.model.head_d[2].weight.clone(); g0 = learn.model.head_g[4].weight.clone()
-    fit_densecl(learn, 2, show_progress=False)
+    fit_densecl(learn, 2, progress=False)
     m = learn.model
     assert not torch.equal(m.head_g[4].weight, g0)
-    torch.testing.assert_close(m.head_d[2].weight, w0 * (1 - 0.03 * 4 / 256 * 1e-4) ** 2, rtol=0, atol=1e-7)  # weight decay only
+    torch.testing.assert_close(m.head_d[2].weight, w0 * (1 - 0.0375 * 4 / 256 * 1e-4) ** 2, rtol=0, atol=1e-7)  # weight decay only
 
 
 def test_dense_positive_is_most_similar_backbone_cell():
@@ -234,15 +239,172 @@ def test_two_processes_gloo(tmp_path):
     diff = [k for k in r0['state'] if not torch.equal(r0['state'][k], r1['state'][k])]
     assert not diff, diff
     s = r0['state']
-    assert int(s['queue_ptr']) == 3 * 4 * 2  # keys of both ranks enqueued, every step
+    assert int(s['queue_ptr']) == 3 * 4 * 2 % 16  # keys of both ranks enqueued, every step (a ring of 16, the slices)
     assert len(r0['seen']) == 12 and not set(r0['seen'][:8]) & set(r1['seen'][:8])  # one pass (2 steps): each rank its own slices
-    # queue columns are the gathered keys in rank order: the newest 8 differ (two ranks' keys), none are still random
-    assert torch.linalg.matrix_rank(s['queue_g'][:, 16:24]) > 1
+    # queue columns are the gathered keys in rank order: the newest 8 differ (two ranks' keys)
+    assert torch.linalg.matrix_rank(s['queue_g'][:, 0:8]) > 1
     files = sorted(str(p.relative_to(tmp_path/'run')) for p in (tmp_path/'run').rglob('*'))
     assert files == ['enc.pth', 'enc_checkpoints', 'enc_checkpoints/iter_0000002.pth', 'enc_checkpoints/iter_0000003.pth']
     ck = read_checkpoint(tmp_path/'run'/'enc_checkpoints'/'iter_0000003.pth')
     assert all(torch.equal(ck['model'][k], s[k]) for k in s)
     assert read_encoder_meta(tmp_path/'run'/'enc.pth')['settings']['world'] == 2
+
+
+# ---------------------------------------------------------------- gradient accumulation, queue rule, shuffle-BN
+def _learner(bs, accum=1, queue=16, encoder='small', path=None, **kw):
+    torch.manual_seed(0)
+    sl = unlabeled_slices(PH())
+    return densecl_learner(densecl_dls(sl, 32, bs=bs * accum, device='cpu'), encoder, queue=queue, grid=4, accum=accum, path=path, **kw)
+
+
+def test_accumulation_is_the_big_batch(tmp_path):
+    "accum 2 x 2 pairs == 4 pairs per step (a GroupNorm encoder: no batch statistics): same weights, key encoder, queues, lr, losses."
+    a, b = (fit_densecl(_learner(bs, acc, path=tmp_path/str(acc), lr=lr), 3, progress=False) for bs, acc, lr in [(4, 1, 0.3), (2, 2, 0.3)])
+    c = fit_densecl(_learner(2, 1, path=tmp_path/'c', lr=0.3), 3, progress=False)  # 2 pairs per step: another run
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        if k != 'n_steps': torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    assert (sa['encoder.proj.weight'] - sc['encoder.proj.weight']).abs().max() > 1e-3  # the check can fail
+    assert (a.iteration, b.iteration, len(b.iter_log)) == (3, 3, 3)  # optimiser steps, not micro-batches
+    assert int(a.model.queue_ptr) == int(b.model.queue_ptr) == 3 * 4 % 16  # every key of the step enqueued once
+    assert (int(a.model.n_steps), int(b.model.n_steps)) == (3, 6)  # forward passes (the shuffle seed) do count micro-batches
+    assert [r['lr'] for r in a.iter_log] == [r['lr'] for r in b.iter_log]
+    assert [r['loss'] for r in a.iter_log] == pytest.approx([r['loss'] for r in b.iter_log], rel=1e-5)  # the step's mean loss
+    assert densecl_lr(4) == 0.0375 * 4 / 256 and b.model_config['total_bs'] == 4 and b.model_config['bs'] == 2
+    assert _learner(2, 2, path=tmp_path).lr == densecl_lr(4)  # the default lr counts the accumulated batch
+    # the momentum update runs once per step: after 3 steps the key encoder is 3 updates away, as with the big batch
+    assert not torch.equal(sb['encoder_k.proj.weight'], sb['encoder.proj.weight'])
+
+
+class CountSteps(Callback):
+    "Counts the optimiser steps and the momentum updates of a fit."
+    order = 31
+    def __init__(self): self.steps = self.updates = 0
+    def before_batch(self):
+        if self.training: self.updates += 1
+    def after_step(self): self.steps += 1
+
+
+def test_accumulation_counts_steps(tmp_path):
+    l = _learner(2, 4, path=tmp_path)
+    cb = CountSteps(); fit_densecl(l, 3, progress=False, cbs=[cb])
+    assert (cb.steps, cb.updates, l.iteration, int(l.model.n_steps)) == (3, 3, 3, 12)
+
+
+def test_resume_is_exact_with_accumulation(tmp_path):
+    "accum = 2: killed after step 3 (mid-pass: 4 steps per pass of 16 slices) and resumed == uninterrupted, bit for bit."
+    kw = dict(KW, bs=2, accum=2, steps=6, ckpt_every=3)
+    a = tmp_path/'a'/'enc.pth'
+    with pytest.raises(KeyboardInterrupt): pretrain_densecl(PH(), out=a, cbs=[Interrupt(3)], **kw)
+    assert [p.name for p in list_checkpoints(tmp_path/'a'/'enc_checkpoints')] == ['iter_0000003.pth']  # named by optimiser steps
+    assert read_checkpoint(tmp_path/'a'/'enc_checkpoints'/'iter_0000003.pth')['data']['pos'] == 3
+    pretrain_densecl(PH(), out=a, resume='last', **kw)
+    b = pretrain_densecl(PH(), out=tmp_path/'b'/'enc.pth', **kw)
+    ca, cb = (read_checkpoint(list_checkpoints(p.parent/'enc_checkpoints')[-1]) for p in (a, b))
+    assert ca['iteration'] == cb['iteration'] == 6 and int(cb['model']['n_steps']) == 12
+    diff = [k for k in cb['model'] if not torch.equal(ca['model'][k], cb['model'][k])]
+    assert not diff, diff
+    assert all(torch.equal(x, y) for x, y in zip(_tensors(ca['opt']), _tensors(cb['opt'])))
+    st = read_encoder_meta(b)['settings']
+    assert (st['accum'], st['bs'], st['total_bs'], st['lr']) == (2, 2, 4, densecl_lr(4))
+
+
+def test_queue_rule(tmp_path):
+    assert queue_length(16, 16) == 16 and queue_length(8, 16) == 8
+    with pytest.warns(UserWarning, match=r'queue=65536 is longer than the 600 training images: capped at 600'): assert queue_length(65536, 600) == 600
+    with pytest.warns(UserWarning, match='capped at 16'): l = _learner(4, queue=64, path=tmp_path)
+    assert l.model.queue_g.shape == l.model.queue_d.shape == (128, 16) and (l.model_config['queue'], l.model_config['queue_asked']) == (16, 64)
+    with warnings.catch_warnings(): warnings.simplefilter('error'); _learner(4, queue=16, path=tmp_path)  # at the rule: no warning
+    with pytest.warns(UserWarning, match='capped at 16'): out = pretrain_densecl(PH(), steps=1, out=tmp_path/'q.pth', **{**KW, 'queue': 65536})
+    assert read_encoder_meta(out)['settings']['queue'] == read_encoder_meta(out)['n_slices'] == 16
+
+
+def test_shuffle_groups():
+    for n, v in [(8, 2), (64, 2), (64, 8), (256, 8), (12, 3), (6, 2), (8, 8), (5, 1)]:
+        for seed in range(3):
+            p = shuffle_groups(n, v, torch.Generator().manual_seed(seed))
+            assert sorted(p.tolist()) == list(range(n))
+            g = n // v
+            x = torch.randn(n); assert torch.equal(x[p][torch.argsort(p)], x)  # the unshuffle restores the order
+            share = torch.stack([torch.bincount(kg // g, minlength=v) for kg in p.view(v, g)])  # [key group, query group]
+            assert share.sum(1).tolist() == [g] * v
+            if g % v == 0: assert (share == g // v).all(), (n, v, share)
+            else: assert share.max() <= -(-g // v) + 1, (n, v, share)
+    a, b = (shuffle_groups(64, 4, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, shuffle_groups(64, 4, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match='groups=3'): shuffle_groups(8, 3)
+
+
+class TinyBN(nn.Sequential):
+    "conv, batch norm, ReLU: the smallest encoder whose training output depends on its batch."
+    out_channels, stride = 8, 1
+    def __init__(self): super().__init__(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_shuffle_bn_in_one_process():
+    "k = 2 sub-batches: a key is its key sub-batch's alone (and only that sub-batch matters), unshuffled to the input order; queries per contiguous sub-batch."
+    torch.manual_seed(0)
+    m = DenseCL(TinyBN(), queue=16, grid=4, shuffle_bn=2).train()
+    assert has_batchnorm(m.encoder) and not has_batchnorm(make_encoder('small'))
+    x = torch.randn(8, 1, 8, 8)
+    perm = m.key_perm(8, 2); groups = perm.view(2, 4)
+    fk = m._keys(x)[0]
+    for kg in groups: torch.testing.assert_close(fk[kg], m.pool(m.encoder_k(x[kg])), rtol=0, atol=1e-6)  # (a) the sub-batch alone
+    assert not torch.allclose(fk, m.pool(m.encoder_k(x)), atol=1e-3)  # the whole batch would give other keys: BN matters here
+    i = int(groups[0, 0]); other = int(groups[1, 0]); mate = int(groups[0, 1])
+    y = x.clone(); y[other] += 5.  # an image of the other key sub-batch: key i unchanged
+    torch.testing.assert_close(m._keys(y)[0][i], fk[i], rtol=0, atol=1e-6)
+    y = x.clone(); y[mate] += 5.  # an image of its own key sub-batch: key i changes
+    assert not torch.allclose(m._keys(y)[0][i], fk[i], atol=1e-3)
+    # the query of image i and its key share statistics with only half of each other's sub-batch (balanced shuffle, g = 4, V = 2)
+    for kg in groups: assert sorted(torch.bincount(kg // 4, minlength=2).tolist()) == [2, 2]
+    out = m(x, x)
+    fq = m.pool(torch.cat([m.encoder(x[:4]), m.encoder(x[4:])]))  # queries: two contiguous sub-batches, as two devices
+    torch.testing.assert_close(out['pos_idx'], dense_positives(fq, fk))
+    # (b) order: in eval mode (running statistics, no batch dependence) the shuffled path gives exactly the plain keys, in order
+    m.eval(); torch.testing.assert_close(m._keys(x)[0], m.pool(m.encoder_k(x)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(in_subbatches(lambda t: t * 2, x, 4), x * 2)
+    with pytest.raises(ValueError, match='shuffle_bn=2'): m(x[:3], x[:3])
+
+
+def test_shuffle_bn_default(tmp_path):
+    assert _learner(4, path=tmp_path).model.shuffle_bn == 1  # GroupNorm: nothing to shuffle
+    assert _learner(4, encoder='resnet18', path=tmp_path).model.shuffle_bn == 2  # batch norm, one process
+    assert _learner(4, encoder='resnet18', path=tmp_path, shuffle_bn=4).model.shuffle_bn == 4
+    with pytest.raises(ValueError, match='shuffle_bn=3'): _learner(4, encoder='resnet18', path=tmp_path, shuffle_bn=3)
+    dls = densecl_dls(unlabeled_slices(PH()), 32, bs=4, device='cpu')
+    with pytest.raises(ValueError, match='accum=3'): densecl_learner(dls, 'small', queue=16, grid=4, accum=3)
+
+
+def _bn_worker(rank, world, port, probe):
+    "Rank r of 2: the query path under DDP, 4 images, shuffle_bn=1 per process (the keys shuffled across both)."
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    dist.init_process_group('gloo')
+    try:
+        torch.manual_seed(0); x1, x2 = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+        m = DenseCL(TinyBN(), queue=16, grid=4, shuffle_bn=1).train().distribute()
+        out = m(x1[4 * rank:4 * rank + 4], x2[4 * rank:4 * rank + 4])
+        DenseCLLoss(0.5)(out).backward()
+        torch.save({'out': {k: v.detach() for k, v in out.items()}, 'grad': [p.grad.clone() for p in m.query_params()]}, f"{probe}/rank{rank}.pt")
+    finally: dist.destroy_process_group()
+
+
+def test_shuffle_bn_one_process_equals_two():
+    "One process with 2 BN sub-batches == 2 processes of one: the same keys, logits and (DDP-averaged) gradients."
+    import torch.multiprocessing as mp, tempfile
+    probe = tempfile.mkdtemp()
+    mp.spawn(_bn_worker, args=(2, _free_port(), probe), nprocs=2, join=True)
+    r = [torch.load(f"{probe}/rank{i}.pt", weights_only=True) for i in (0, 1)]
+    torch.manual_seed(0); x1, x2 = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    m = DenseCL(TinyBN(), queue=16, grid=4, shuffle_bn=2).train()
+    out = m(x1, x2); DenseCLLoss(0.5)(out).backward()
+    for k in ('pos_g', 'neg_g', 'k_g', 'k_d', 'pos_idx'):
+        torch.testing.assert_close(out[k], torch.cat([r[0]['out'][k], r[1]['out'][k]]), rtol=0, atol=1e-5, msg=k)
+    torch.testing.assert_close(out['pos_d'], torch.cat([r[0]['out']['pos_d'], r[1]['out']['pos_d']]), rtol=0, atol=1e-5)
+    for g, g0, g1 in zip([p.grad for p in m.query_params()], r[0]['grad'], r[1]['grad']): torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(r[0]['grad'], r[1]['grad']))  # DDP averaged
 
 
 # ---------------------------------------------------------------- stage 1 -> stage 2 wiring (config, train_fold, run_experiment)
@@ -315,7 +477,8 @@ def test_stage1_per_fold_reads_only_the_fold_training_scans(tmp_path, monkeypatc
     started = []
     def fake_train(cfg, ds, train_ids, seed=None, test_classes=None, store=None):
         started.append((sorted(train_ids), cfg.encoder_weights))
-        return SimpleNamespace(model=IntensityPrototype(), train_info=dict(train_s=0., steps=0, checkpoint=cfg.checkpoint))
+        m = IntensityPrototype(); m.model_kind, m.model_config = 'intensity', {}  # `run_experiment` writes each run's model file
+        return SimpleNamespace(model=m, train_info=dict(train_s=0., steps=0, select=cfg.select))
     monkeypatch.setattr(X, 'train_fold', fake_train)
     cfg = ExperimentConfig(name='s1', dataset=str(d), method='adnet', folds=[0, 1], n_folds=2, runs=1, baselines=[], protocols=['EP2'], classes=['liver'],
                            device='cpu', pretrain_steps=2, pretrain_kw=dict(size=32, bs=2, queue=16, grid=4))

@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/pretrain.densecl.html.md"""
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #8c1f7af4
 from __future__ import annotations
-import copy, math, os, random, time, warnings
+import contextlib, copy, math, os, random, time, warnings
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -29,13 +29,14 @@ from ..data.datasets import DATASETS, Dataset, open_dataset, check_image, zscore
 from ..data.io import read_nifti
 from ..data.augment import RandomGamma
 from ..models.encoders import ENCODERS, make_encoder
-from ..learner import IterTrainer, StopAfter, Checkpointer, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume
+from ..learner import cosine_lr, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume, NonFiniteLoss
 
 # %% auto #0
-__all__ = ['WEIGHTS_FORMAT', 'body_fractions', 'SliceSet', 'unlabeled_slices', 'BrightnessContrast', 'densecl_views', 'ViewPairs',
-           'SliceDL', 'densecl_dls', 'GlobalHead', 'DenseHead', 'dense_positives', 'gather_all', 'DenseCL', 'info_nce',
-           'DenseCLLoss', 'MomentumUpdate', 'EnqueueKeys', 'LambdaWarmup', 'CosineIterTrainer', 'DenseCLLog',
-           'TimeBudget', 'densecl_learner', 'fit_densecl', 'save_encoder_weights', 'read_encoder_meta',
+__all__ = ['DENSEMP_LR', 'WEIGHTS_FORMAT', 'body_fractions', 'SliceSet', 'unlabeled_slices', 'BrightnessContrast',
+           'densecl_views', 'ViewPairs', 'SliceDL', 'densecl_dls', 'GlobalHead', 'DenseHead', 'dense_positives',
+           'gather_all', 'shuffle_groups', 'has_batchnorm', 'in_subbatches', 'DenseCL', 'info_nce', 'DenseCLLoss',
+           'MomentumUpdate', 'EnqueueKeys', 'MicroBatches', 'LambdaWarmup', 'DenseCLLog', 'TimeBudget', 'densecl_lr',
+           'queue_length', 'densecl_learner', 'fit_densecl', 'save_encoder_weights', 'read_encoder_meta',
            'init_distributed', 'pretrain_densecl', 'offset_recovery']
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #bed9cee1
@@ -242,11 +243,35 @@ def gather_all(t: torch.Tensor # a tensor of the same shape on every rank
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #c0de5b02
+def shuffle_groups(n: int, # images in the (global) batch, in query order: sub-batch d holds images d*g .. (d+1)*g - 1
+                   groups: int, # V sub-batches (devices, or processes x `shuffle_bn`); must divide n
+                   generator: torch.Generator | None = None, # source of randomness (the same seed on every rank gives the same result)
+                  ) -> torch.Tensor:
+    "A shuffle of range(n) whose V consecutive chunks (the key sub-batches) each take an equal share of every query sub-batch."
+    if groups < 1 or n % groups: raise ValueError(f"groups={groups}: must be >= 1 and divide the batch of {n}")
+    g = n // groups
+    rows = torch.stack([d * g + torch.randperm(g, generator=generator) for d in range(groups)])  # [V,g] each query sub-batch shuffled
+    order = torch.rand(g, groups, generator=generator).argsort(1)  # round t deals one image of every query sub-batch, in a random order
+    return rows[order, torch.arange(g)[:, None]].flatten()
+
 # %% ../../nbs/30_pretrain.densecl.ipynb #d36c9485
+def has_batchnorm(m: nn.Module # any module
+                 ) -> bool:
+    "Whether `m` holds a batch-norm layer (whose training output depends on the other images of its batch)."
+    return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+def in_subbatches(f, # a module or function of a batch
+                  x: torch.Tensor, # the batch [N,...]
+                  k: int = 1, # sub-batches (N must be a multiple of k)
+                 ) -> torch.Tensor:
+    "`f` applied to each of `k` contiguous sub-batches of `x` separately (each its own batch-norm statistics), concatenated."
+    return f(x) if k == 1 else torch.cat([f(c) for c in x.chunk(k)])
+
 class _Query(nn.Module):
-    "The trainable path (encoder, pool, heads) as one module, for DistributedDataParallel."
-    def __init__(self, enc, pool, hg, hd): super().__init__(); self.enc, self.pool, self.hg, self.hd = enc, pool, hg, hd
-    def forward(self, x): f = self.pool(self.enc(x)); return f, self.hg(f), self.hd(f)
+    "The trainable path (encoder in `k` sub-batches, pool, heads) as one module, for DistributedDataParallel."
+    def __init__(self, enc, pool, hg, hd, k=1): super().__init__(); self.enc, self.pool, self.hg, self.hd, self.k = enc, pool, hg, hd, k
+    def forward(self, x): f = self.pool(in_subbatches(self.enc, x, self.k)); return f, self.hg(f), self.hd(f)
 
 class DenseCL(nn.Module):
     "DenseCL: query encoder + heads, momentum key copies, global and dense queues; forward gives the InfoNCE logits."
@@ -258,10 +283,12 @@ class DenseCL(nn.Module):
                  tau: float = 0.2, # InfoNCE temperature (both terms)
                  grid: int | None = 8, # pool the feature grid to grid x grid before the dense head (None: native)
                  seed: int = 0, # seed of the shuffle-BN permutations
+                 shuffle_bn: int = 1, # sub-batches per process for batch-norm statistics (see `shuffle_groups`; 1: the whole batch)
                  **enc_kw # passed to `make_encoder` (out_channels, tv_weights)
                 ):
         super().__init__()
         if queue < 1 or not 0 <= m < 1 or not tau > 0: raise ValueError(f"queue={queue}, m={m}, tau={tau}: need queue >= 1, 0 <= m < 1, tau > 0")
+        if isinstance(shuffle_bn, bool) or not isinstance(shuffle_bn, int) or shuffle_bn < 1: raise ValueError(f"shuffle_bn={shuffle_bn!r}: must be an integer >= 1")
         self.encoder = make_encoder(encoder, weights=weights, **enc_kw) if isinstance(encoder, str) else encoder
         c = self.encoder.out_channels
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
@@ -272,7 +299,7 @@ class DenseCL(nn.Module):
         self.register_buffer('queue_d', F.normalize(torch.randn(dim, queue), dim=0))
         self.register_buffer('queue_ptr', torch.zeros((), dtype=torch.long))
         self.register_buffer('n_steps', torch.zeros((), dtype=torch.long))  # forwards in training (shuffle-BN seed)
-        self.m, self.tau, self.grid, self.seed = float(m), float(tau), grid, int(seed)
+        self.m, self.tau, self.grid, self.seed, self.shuffle_bn = float(m), float(tau), grid, int(seed), int(shuffle_bn)
         self.__dict__['_ddp'] = None  # DistributedDataParallel of the query path (not a registered submodule)
 
     def query_params(self): return [p for x in (self.encoder, self.head_g, self.head_d) for p in x.parameters()]
@@ -282,7 +309,8 @@ class DenseCL(nn.Module):
                   ):
         "Wrap the query path in DistributedDataParallel (call once the process group is up and the model is on its device)."
         from torch.nn.parallel import DistributedDataParallel
-        self.__dict__['_ddp'] = DistributedDataParallel(_Query(self.encoder, self.pool, self.head_g, self.head_d), broadcast_buffers=False, **ddp_kw)
+        self.__dict__['_ddp'] = DistributedDataParallel(_Query(self.encoder, self.pool, self.head_g, self.head_d, self.shuffle_bn),
+                                                         broadcast_buffers=False, **ddp_kw)
         return self
 
     @torch.no_grad()
@@ -290,19 +318,28 @@ class DenseCL(nn.Module):
         "Key parameters <- m x key + (1 - m) x query."
         torch._foreach_lerp_(self.key_params(), self.query_params(), 1 - self.m)
 
+    def key_perm(self, n: int, # images of the global batch (all processes)
+                 groups: int, # key sub-batches of the global batch (processes x `shuffle_bn`)
+                ) -> torch.Tensor:
+        "This step's shuffle of the key batch: the same on every rank, drawn from (seed, forward count) without communication."
+        return shuffle_groups(n, groups, torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.n_steps)))
+
     @torch.no_grad()
     def _keys(self, x):
-        emb = lambda x: (lambda f: (f, self.head_g_k(f), self.head_d_k(f)))(self.pool(self.encoder_k(x)))
-        if not _ddp_on(): return emb(x)
-        n, r = x.shape[0], dist.get_rank()  # shuffle-BN: the same permutation of the global batch on every rank
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.n_steps))
-        xs = gather_all(x); perm = torch.randperm(len(xs), generator=g).to(x.device); inv = torch.argsort(perm)
+        k = self.shuffle_bn
+        emb = lambda x: (lambda f: (f, self.head_g_k(f), self.head_d_k(f)))(self.pool(in_subbatches(self.encoder_k, x, k)))
+        world = dist.get_world_size() if _ddp_on() else 1
+        if world == 1 and k == 1: return emb(x)  # one batch, nothing to shuffle against
+        n, r = x.shape[0], dist.get_rank() if world > 1 else 0  # shuffle-BN: the same permutation of the global batch on every rank
+        xs = gather_all(x); perm = self.key_perm(len(xs), world * k).to(x.device); inv = torch.argsort(perm)
         return tuple(gather_all(t)[inv][r * n:(r + 1) * n] for t in emb(xs[perm[r * n:(r + 1) * n]]))
 
     def forward(self, x1, # view 1 [N,1,H,W] (query)
                 x2, # view 2 [N,1,H,W] (key)
                ) -> dict:
-        fq, q, qd = self._ddp(x1) if self._ddp is not None else (lambda f: (f, self.head_g(f), self.head_d(f)))(self.pool(self.encoder(x1)))
+        if x1.shape[0] % self.shuffle_bn: raise ValueError(f"batch of {x1.shape[0]}: not a multiple of shuffle_bn={self.shuffle_bn}")
+        fq, q, qd = (self._ddp(x1) if self._ddp is not None else
+                     (lambda f: (f, self.head_g(f), self.head_d(f)))(self.pool(in_subbatches(self.encoder, x1, self.shuffle_bn))))
         fk, k, kd = self._keys(x2)
         if self.training: self.n_steps += 1
         n, dim = q.shape
@@ -366,6 +403,40 @@ class EnqueueKeys(Callback):
     def after_batch(self):
         if self.training: _core(self.learn.model).enqueue(self.pred['k_g'], self.pred['k_d'])
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #c0de5b07
+class MicroBatches(Callback):
+    "Gradient accumulation: each batch (one optimiser step) runs as `accum` forward/backward passes; its keys and mean loss stay one step's."
+    order = 35  # after MomentumUpdate (30) and LambdaWarmup (25): every micro-batch sees the same key encoder and λ
+    def __init__(self, accum: int = 1, # micro-batches per step (the batch must be a multiple)
+                ): self.accum = int(accum)
+    def before_batch(self):
+        if not self.training or self.accum == 1: return
+        learn, a = self.learn, self.accum
+        if len(self.xb[0]) % a: raise ValueError(f"batch of {len(self.xb[0])}: not a multiple of accum={a}")
+        self.full, xs, ys = (learn.xb, learn.yb), [t.chunk(a) for t in learn.xb], [t.chunk(a) for t in learn.yb]
+        ddp, sc = _core(learn.model)._ddp, getattr(learn, 'scaler', None)
+        self.keys, self.losses, self.terms = [], [], []
+        for j in range(a - 1):
+            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+                pred = learn.model(*[x[j] for x in xs])
+                loss = learn.loss_func(pred, *[y[j] for y in ys])
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(f"training diverged at step {getattr(learn, 'iteration', 0) + 1}, micro-batch {j + 1} of {a}: the loss is {float(loss):g}")
+                self.keys.append((pred['k_g'], pred['k_d'])); self.losses.append(loss.detach()); self.terms.append(dict(learn.loss_func.last))
+                with torch.autocast(xs[0][j].device.type, enabled=False): (sc.scale(loss / a) if sc is not None else loss / a).backward()
+        learn.xb, learn.yb = tuple(x[-1] for x in xs), tuple(y[-1] for y in ys)  # the loop runs the last micro-batch and the step
+    def after_pred(self):
+        if not self.training or self.accum == 1: return
+        for i, name in enumerate(('k_g', 'k_d')): self.learn.pred[name] = torch.cat([k[i] for k in self.keys] + [self.pred[name]])
+    def after_loss(self):
+        if not self.training or self.accum == 1: return
+        learn = self.learn
+        learn.loss_grad = learn.loss_grad / self.accum
+        learn.loss = torch.stack(self.losses + [learn.loss.detach()]).mean()
+        terms = self.terms + [learn.loss_func.last]
+        learn.loss_func.last = {k: sum(t[k] for t in terms) / len(terms) for k in terms[-1]}
+        learn.xb, learn.yb = self.full  # callbacks after the loss see the whole step's batch
+
 # %% ../../nbs/30_pretrain.densecl.ipynb #d0c76a16
 class LambdaWarmup(Callback):
     "Hold the dense weight λ at 0 for the first `warmup` iterations (official DenseCLHook), then use the loss's λ."
@@ -381,13 +452,6 @@ def _set_total(learn, total):
     learn.total_steps = None if total is None else int(total)
     learn.model_config = {**getattr(learn, 'model_config', {}), 'total_steps': learn.total_steps}
 
-class CosineIterTrainer(IterTrainer):
-    "`IterTrainer` (iteration count, exact resume) with a cosine lr over `learn.total_steps` (constant while unknown)."
-    def __init__(self, lr: float, # peak learning rate
-                ): super().__init__(lr=lr, decay=1., decay_every=1)
-    def lr_at(self, it):
-        t = getattr(self.learn, 'total_steps', None)
-        return self.base_lr if not t else self.base_lr * 0.5 * (1 + math.cos(math.pi * min(it, t) / t))
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #faa9756d
 def _rank0() -> bool: return not _ddp_on() or dist.get_rank() == 0
@@ -400,17 +464,17 @@ def _bcast(v: float) -> float:
     dist.broadcast(t, 0); return float(t.item())
 
 class DenseCLLog(Callback):
-    "Per-iteration log (loss, global, dense, λ, lr) in `learn.iter_log`, a progress bar with both terms, the stop at n_steps."
+    "Per-iteration log (loss, global, dense, λ, lr) in `learn.iter_log` and a progress bar with both terms (`fit_iters` stops at n_steps)."
     order = 90
     def __init__(self, n_steps: int, # target iteration
-                 show: bool = True, # show the progress bar (rank 0 only)
+                 progress: bool = True, # show the progress bar (rank 0 only)
                  avg: int = 20, # running-mean window of the bar comment
-                ): self.n_steps, self.show, self.avg, self.pb = n_steps, show, avg, None
+                ): self.n_steps, self.progress, self.avg, self.pb = n_steps, progress, avg, None
     def before_fit(self):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
         self.start = getattr(self.learn, 'iteration', 0)
         total = min(self.n_steps, getattr(self.learn, 'total_steps', None) or self.n_steps)
-        if self.show and _rank0() and total > self.start: self.pb = progress_bar(range(self.start, total), leave=True); self.pb.update(0)
+        if self.progress and _rank0() and total > self.start: self.pb = progress_bar(range(self.start, total), leave=True); self.pb.update(0)
     def after_batch(self):
         if not self.training: return
         rec = {'iter': self.learn.iteration, 'loss': float(self.loss.detach()), **self.loss_func.last, 'lr': self.opt.hypers[0]['lr']}
@@ -420,7 +484,6 @@ class DenseCLLog(Callback):
             mean = lambda k: sum(r[k] for r in last) / len(last)
             self.pb.comment = f"loss {mean('loss'):.3f} global {mean('global'):.3f} dense {mean('dense'):.3f} lr {rec['lr']:.2g}"
             self.pb.update(min(self.learn.iteration - self.start, self.pb.total))
-        if self.learn.iteration >= self.n_steps: raise CancelFitException()
     def after_fit(self):
         if self.pb is not None: self.pb.on_iter_end()
 
@@ -440,6 +503,24 @@ class TimeBudget(Callback):
         stop = el >= self.budget or (getattr(self.learn, 'total_steps', None) or math.inf) <= self.learn.iteration
         if _bcast(float(stop)): raise CancelFitException()
 
+# %% ../../nbs/30_pretrain.densecl.ipynb #c0de5b08
+DENSEMP_LR = 0.0375  # DenseMP's stage 1 (zhaoxinf/DenseMP_release, Stage1/configs/selfsup/densecl/densecl_roco_50ep.py: SGD lr 0.0375, 32 x 8 = 256 images per step)
+
+def densecl_lr(total_bs: int, # images per optimiser step: micro-batch x accum x processes
+               base: float = DENSEMP_LR, # lr at 256 images per step (DenseMP 0.0375; official DenseCL 0.03)
+              ) -> float:
+    "The linear scaling rule: base x total_bs / 256."
+    return base * total_bs / 256
+
+def queue_length(queue: int, # keys per queue asked for
+                 n_images: int, # training images (slices) the run draws from, all processes together
+                ) -> int:
+    "The queue rule: at most one key per training image; a longer queue is capped at `n_images`, with a warning."
+    if queue <= n_images: return queue
+    warnings.warn(f"queue={queue} is longer than the {n_images} training images: capped at {n_images} keys (a longer queue brings "
+                  f"each image's own older keys back as its negatives, about {queue // n_images} of them per image)", stacklevel=2)
+    return n_images
+
 # %% ../../nbs/30_pretrain.densecl.ipynb #5babcc02
 def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
                     encoder: str = 'small', # encoder name (see `make_encoder`)
@@ -451,27 +532,38 @@ def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
                     queue: int = 65536, # keys per queue
                     dim: int = 128, # key dimension
                     grid: int | None = 8, # dense grid (see `DenseCL`)
-                    lr: float | None = None, # peak lr (default 0.03 x total batch / 256)
+                    lr: float | None = None, # peak lr (default `densecl_lr`: 0.0375 x images per step / 256, DenseMP's)
                     momentum: float = 0.9, # SGD momentum
                     wd: float = 1e-4, # weight decay
                     amp: bool | None = None, # mixed precision (None: on for CUDA)
                     channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
                     path=None, # Learner path (checkpoints default to path/'checkpoints')
                     seed: int = 0, # shuffle-BN seed
+                    accum: int = 1, # micro-batches per optimiser step (gradient accumulation; the loader's batch is one step)
+                    shuffle_bn: int | None = None, # BN sub-batches per process (None: 2 for a batch-norm encoder in one process, else 1)
                     **enc_kw # passed to `make_encoder` (out_channels, tv_weights)
                    ) -> Learner:
     "fastai Learner for DenseCL pretraining with the official optimisation (train with `fit_densecl`)."
     if encoder not in ENCODERS: raise ValueError(f"encoder={encoder!r}: expected one of {ENCODERS}")
     if warmup < 0: raise ValueError(f"warmup={warmup}: must be >= 0")
-    world = getattr(dls.train, 'world', 1); total_bs = dls.train.bs * world
-    lr = 0.03 * total_bs / 256 if lr is None else float(lr)
+    world, step_bs = getattr(dls.train, 'world', 1), dls.train.bs
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1 or step_bs % accum:
+        raise ValueError(f"accum={accum!r}: must be an integer >= 1 that divides the loader's batch of {step_bs} pairs per step")
+    total_bs = step_bs * world  # images per optimiser step: micro-batch x accum x processes
+    lr = densecl_lr(total_bs) if lr is None else float(lr)
+    asked, queue = queue, queue_length(queue, getattr(dls.train, 'n_all', None) or len(dls.train.dataset))
     model = DenseCL(encoder, weights, dim, queue, m, tau, grid, seed, **enc_kw)
+    if shuffle_bn is None: shuffle_bn = 2 if has_batchnorm(model.encoder) and world == 1 else 1
+    if isinstance(shuffle_bn, bool) or not isinstance(shuffle_bn, int) or shuffle_bn < 1 or (step_bs // accum) % shuffle_bn:
+        raise ValueError(f"shuffle_bn={shuffle_bn!r}: must be an integer >= 1 that divides the micro-batch of {step_bs // accum} pairs")
+    model.shuffle_bn = shuffle_bn
     opt = partial(OptimWrapper, opt=torch.optim.SGD, momentum=momentum, weight_decay=wd)
     learn = Learner(dls, model, loss_func=DenseCLLoss(lam), opt_func=opt, lr=lr, path=path or '.', train_bn=True,
-                    cbs=[MomentumUpdate(), EnqueueKeys(), LambdaWarmup(warmup)])
+                    cbs=[MomentumUpdate(), EnqueueKeys(), LambdaWarmup(warmup)] + ([MicroBatches(accum)] if accum > 1 else []))
     learn.model_kind = 'densecl'
-    learn.model_config = dict(encoder=encoder, lam=lam, warmup=warmup, tau=tau, m=m, queue=queue, dim=dim, grid=grid, lr=lr,
-                              momentum=momentum, wd=wd, bs=dls.train.bs, world=world, seed=seed, total_steps=None)
+    learn.model_config = dict(encoder=encoder, lam=lam, warmup=warmup, tau=tau, m=m, queue=queue, queue_asked=asked, dim=dim, grid=grid, lr=lr,
+                              momentum=momentum, wd=wd, bs=step_bs // accum, accum=accum, world=world, total_bs=total_bs,
+                              shuffle_bn=shuffle_bn, seed=seed, total_steps=None)
     learn.fsmis_schedule = {'lr': lr, 'decay': 1., 'decay_every': 1}  # what `save_checkpoint` stores; the cosine T is in model_config
     learn.total_steps = None
     dev = torch.device(getattr(dls, 'device', None) or 'cpu'); cuda = dev.type == 'cuda'
@@ -490,10 +582,10 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
                 ckpt_dir=None, # checkpoint folder (default learn.path/'checkpoints')
                 resume=None, # checkpoint file, or 'last' (newest in ckpt_dir), to continue from
                 keep: int | None = 2, # checkpoints kept
-                show_progress: bool = True, # progress bar with both loss terms
+                progress: bool = True, # progress bar with both loss terms
                 cbs=None, # extra fastai callbacks for this fit
                ) -> Learner:
-    "Train `learn` with the cosine schedule to `n_steps` (or for `minutes`), with checkpoints and exact resume."
+    "`fit_iters` with the cosine schedule to `n_steps` (or for `minutes`), DenseCL's log, checkpoints and exact resume."
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else Path(learn.path)/'checkpoints'
     resume = resolve_resume(resume, ckpt_dir)
     if resume is not None:
@@ -506,13 +598,11 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
     if total_steps is None and minutes is None: raise ValueError("fit_densecl: give n_steps, total_steps or minutes")
     if n_steps < 0 or (minutes is not None and not minutes > 0): raise ValueError(f"n_steps={n_steps}, minutes={minutes}: must be >= 0 and > 0")
     _set_total(learn, total_steps)
-    cb = [CosineIterTrainer(learn.fsmis_schedule['lr']), StopAfter(n_steps), DenseCLLog(n_steps, show_progress)] + list(cbs or [])
-    if minutes is not None: cb.append(TimeBudget(minutes))
-    if ckpt_every and _rank0(): cb.append(Checkpointer(ckpt_dir, ckpt_every, keep))
-    start = getattr(learn, 'iteration', 0)
-    n_ep = max(1, math.ceil((min(n_steps, total_steps or n_steps) - start) / max(1, len(learn.dls.train))) + 1) if minutes is None else 10**9
-    with learn.no_bar(), learn.no_logging(): learn.fit(n_ep, cbs=cb)
-    return learn
+    extra = list(cbs or []) + ([TimeBudget(minutes)] if minutes is not None else [])  # fixes T from the first steps; stops on every rank at once
+    return learn.fit_iters(min(n_steps, total_steps or n_steps), ckpt_every=ckpt_every if _rank0() else None, ckpt_dir=ckpt_dir, keep=keep,
+                           progress=progress, cbs=extra, log=DenseCLLog(n_steps, progress),
+                           schedule=lambda it: cosine_lr(it, learn.fsmis_schedule['lr'], getattr(learn, 'total_steps', None)))
+
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #3335398b
 WEIGHTS_FORMAT = 'fsmis-encoder-weights/1'
@@ -566,16 +656,18 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      out=None, # weights file (default ./densecl_<encoder>.pth)
                      resume=None, # checkpoint file or 'last' (newest in ckpt_dir) to continue from
                      size: int = 128, # view size (the model input)
-                     bs: int = 32, # view pairs per step and process
+                     bs: int = 32, # view pairs per forward pass and process (a step sees bs x accum x processes)
+                     accum: int = 1, # micro-batches per optimiser step (gradient accumulation, see `MicroBatches`)
+                     shuffle_bn: int | None = None, # BN sub-batches per process (see `shuffle_groups`; None: 2 for batch-norm encoders in one process)
                      seed: int = 0, # seed of initialisation, shuffles and views
                      device=None, # 'cpu', 'cuda', ... (default: best available)
                      progress: bool = True, # progress bar with both loss terms
                      lam: float = 0.5, # dense weight (0: global-only baseline)
                      warmup: int = 0, # iterations with lam = 0
-                     queue: int = 65536, # keys per queue
+                     queue: int = 65536, # keys per queue (capped at the number of training slices, see `queue_length`)
                      tau: float = 0.2, # temperature
                      m: float = 0.999, # key encoder momentum
-                     lr: float | None = None, # peak lr (default 0.03 x total batch / 256)
+                     lr: float | None = None, # peak lr (default `densecl_lr`: 0.0375 x images per step / 256)
                      grid: int | None = 8, # dense grid (see `DenseCL`)
                      flip: bool = False, # random horizontal flip in the views
                      min_body: float = 0.05, # slice-skipping rule (see `body_fractions`)
@@ -596,6 +688,8 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
         raise ValueError(f"minutes={minutes!r}: must be a number > 0")
     size, bs, queue, ckpt_every = _check_int('size', size, 16), _check_int('bs', bs), _check_int('queue', queue), _check_int('ckpt_every', ckpt_every)
+    accum = _check_int('accum', accum)
+    if shuffle_bn is not None and bs % _check_int('shuffle_bn', shuffle_bn): raise ValueError(f"shuffle_bn={shuffle_bn}: must divide bs={bs}")
     warmup = _check_int('warmup', warmup, 0)
     stride = 4 if encoder == 'small' else 8
     if grid is not None and _check_int('grid', grid) > size // stride:
@@ -612,15 +706,16 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     rank, world, dev = init_distributed(device)
     set_seed(seed)
     slices = unlabeled_slices(data, min_body, case_ids=case_ids, exclude=exclude)
-    if queue > len(slices): warnings.warn(f"queue={queue} holds more keys than the {len(slices)} slices: older keys of each slice come back as its negatives")
-    dls = densecl_dls(slices, size, bs, rank, world, seed, device=dev, flip=flip)
+    if len(slices) // world < bs * accum:
+        raise ValueError(f"bs={bs} x accum={accum}: a step needs {bs * accum} slices per process, {len(slices)} slices for {world} process(es)")
+    dls = densecl_dls(slices, size, bs * accum, rank, world, seed, device=dev, flip=flip)  # one loader batch = one optimiser step
     learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
-                            path=out.parent, seed=seed)
+                            path=out.parent, seed=seed, accum=accum, shuffle_bn=shuffle_bn)
     learn.model.to(dev)
     if world > 1:
         learn.model.distribute(**({'device_ids': [dev.index]} if dev.type == 'cuda' else {}))
         torch.manual_seed(seed + 7919 * rank)  # each rank draws its own views
-    fit_densecl(learn, steps, minutes=minutes, ckpt_every=ckpt_every, ckpt_dir=ckpt_dir, resume=resume, show_progress=progress, cbs=cbs)
+    fit_densecl(learn, steps, minutes=minutes, ckpt_every=ckpt_every, ckpt_dir=ckpt_dir, resume=resume, progress=progress, cbs=cbs)
     if rank == 0:
         save_encoder_weights(learn, out, meta={'data': slices.names, 'n_slices': len(slices), 'n_skipped': slices.n_skipped, 'n_excluded': slices.n_excluded,
                                                'case_ids': None if case_ids is None else [str(i) for i in case_ids],
