@@ -8,7 +8,7 @@ Docs: https://fsmis.github.io/fsmis/data.supervoxels.html.md"""
 from __future__ import annotations
 import contextlib, hashlib, os, json, sys, time
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import multiprocessing as mp
 import numpy as np
 import pandas as pd
@@ -16,7 +16,6 @@ from scipy import ndimage as ndi
 from ..core import Case, cache_dir as _cache_dir, atomic_write, check_volume
 from numba import set_num_threads, get_num_threads
 from .sv_kernels import _felzenszwalb_3d, _relabel
-
 
 # %% auto #0
 __all__ = ['EDGE_DIRS', 'ALGO_VERSION', 'rescale_255', 'edge_weights', 'felzenszwalb_3d', 'body_mask', 'compile_notice',
@@ -32,13 +31,20 @@ def _check_spacing(spacing) -> tuple:
         raise ValueError(f"spacing must be 3 positive finite numbers (z, h, w) in mm, got {spacing!r}")
     return sp
 
+def _check_scale(scale, n_voxels) -> float:
+    "A positive finite Felzenszwalb scale whose per-voxel threshold scale / 255 / n_voxels stays positive in float32, or a ValueError."
+    if not (np.isscalar(scale) and np.isfinite(scale) and scale > 0 and np.float32(scale / 255. / max(int(n_voxels), 1)) > 0):
+        raise ValueError(f"scale must be a positive number (at least about 1e-30 per voxel of the volume), got {scale!r}")
+    return float(scale)
+
 def rescale_255(volume # any numeric array
                ) -> np.ndarray:
     "Min-max rescale to [0, 255] in float64 (cast first: int16 arithmetic overflows); a constant volume gives 0."
     x = np.asarray(volume).astype(np.float64)
     lo, ptp = x.min(), np.ptp(x)
     if ptp == 0: return np.zeros_like(x)
-    return 255 * (x - lo) / ptp
+    x -= lo; x *= 255; x /= ptp  # 255 * (x - lo) / ptp, bit for bit, in place (x is our own copy)
+    return x
 
 # %% ../../nbs/06_data.supervoxels.ipynb #fe8618b1
 def edge_weights(spacing # (z, h, w) voxel size in mm
@@ -66,7 +72,7 @@ def felzenszwalb_3d(volume, # 3D (z, h, w) array, already on the intensity scale
     "ADNet's 3D Felzenszwalb (26-neighbourhood, no smoothing) without masking: int32 labels 1..n in C order of appearance."
     v = check_volume(volume)
     sp = _check_spacing(spacing)
-    if not (np.isfinite(scale) and scale > 0): raise ValueError(f"scale must be a positive number, got {scale!r}")
+    _check_scale(scale, v.size)
     if int(min_size) < 1: raise ValueError(f"min_size must be >= 1, got {min_size!r}")
     if tie_order not in ('stable', 'numpy1'): raise ValueError(f"tie_order must be 'stable' or 'numpy1', got {tie_order!r}")
     roots = _roots(v, sp, scale, min_size, n_buckets, tie_order)
@@ -126,12 +132,12 @@ def supervoxels(volume, # 3D (z, h, w) image, raw or normalized intensities (it 
     if not np.isscalar(rho) or not rho > 0: raise ValueError(f"rho must be a positive number of voxels, got {rho!r}")
     v255 = rescale_255(v)
     sp = _check_spacing(spacing)
-    if not (np.isfinite(scale) and scale > 0): raise ValueError(f"scale must be a positive number, got {scale!r}")
+    _check_scale(scale, v.size)
     if tie_order not in ('stable', 'numpy1'): raise ValueError(f"tie_order must be 'stable' or 'numpy1', got {tie_order!r}")
-    with compile_notice():
+    with compile_notice(), ThreadPoolExecutor(1) as ex:
+        mask = ex.submit(body_mask, v255, fg_thresh, False)  # scipy, per slice, beside the kernel (which releases the GIL)
         roots = _roots(v255, sp, scale, int(np.ceil(rho)), tie_order=tie_order)
-        mask = body_mask(v255, thresh=fg_thresh, rescale=False)
-        return _relabel(roots, mask.ravel()).reshape(v.shape)
+        return _relabel(roots, mask.result().ravel()).reshape(v.shape)
 
 # %% ../../nbs/06_data.supervoxels.ipynb #f8a2fa29
 def superpixels(volume, # 3D (z, h, w) image with raw intensities (as SSL-ALPNet: not z-scored)

@@ -32,28 +32,30 @@ def _edge_cost(v, q, k, offs, dirs, wts):
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #aadd1978
 @njit(cache=True, parallel=True)
-def _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, scatter, counts, mn, mx, pos2, lob, multi, codes, lo16):
-    "Walk every edge (directions in parallel, each in C order) and count it per cost bucket (`scatter=False`: fills counts, mn, mx) or scatter its code and cost bits into the slots `pos2` (`scatter=True`: fills codes, lo16)."
+def _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, scatter, counts, mn, mx, zbits, pos2, codes):
+    "Walk every edge (directions in parallel, each in C order, a row at a time) and count it per cost bucket (`scatter=False`: fills counts, mn, mx and the zero-cost bits zbits) or scatter its code into the slots `pos2` (`scatter=True`: fills codes)."
     for k in prange(13):
         w = wts[dirs[k, 3]]
         z0, z1 = _rng(dirs[k, 0], Z); y0, y1 = _rng(dirs[k, 1], H); x0, x1 = _rng(dirs[k, 2], W)
-        off = offs[k]
-        ck = counts[k]; mk = mn[k]; xk = mx[k]; pos = pos2[k]
-        cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
+        off = offs[k]; n = x1 - x0
+        ck = counts[k]; mk = mn[k]; xk = mx[k]; zk = zbits[k]; pos = pos2[k]
+        cs = np.empty(W, np.float64); bs = np.empty(W, np.int64)  # one row's costs and buckets
         for z in range(z0, z1):
             for y in range(y0, y1):
-                base = z * H * W + y * W
-                for x in range(x0, x1):
-                    q = base + x
-                    d = v[q + off] - v[q]
+                q0 = z * H * W + y * W + x0
+                for t in range(n):  # vectorized
+                    d = v[q0 + t + off] - v[q0 + t]
                     c = np.sqrt(w * (d * d))
-                    b = min(int(c * inv_width) + (c > 0), nb - 1)  # bucket 0: exact zeros only
+                    cs[t] = c; bs[t] = min(np.int64(c * inv_width) + 1, nb - 1)
+                for t in range(n):
+                    c = cs[t]; q = q0 + t
+                    if c == 0:  # joined apart (`_join_zero_edges`), never sorted
+                        if not scatter: zk[q >> 6] |= np.uint64(1) << np.uint64(q & 63)
+                        continue
+                    b = bs[t]
                     if scatter:
                         i = pos[b]; pos[b] = i + 1
                         codes[i] = q * 16 + k
-                        if multi[b]:
-                            cb[0] = c
-                            lo16[i] = min(cbits[0] - lob[b], 65535)  # non-negative floats: bits order like values
                     else:
                         ck[b + 1] += 1
                         if c < mk[b]: mk[b] = c
@@ -62,12 +64,13 @@ def _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, scatter, counts, mn, 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #2c71e0df
 @njit(cache=True)
 def _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width):
-    "Pass 1: per direction (row k), the number of edges and the smallest and largest cost in each cost bucket."
+    "Pass 1: per direction (row k), the number of edges and the smallest and largest cost in each cost bucket, and the bit set of its zero-cost edges."
     counts = np.zeros((13, nb + 1), np.int64)
     mn = np.full((13, nb), np.inf); mx = np.full((13, nb), -np.inf)
-    _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, False, counts, mn, mx, np.empty((13, 0), np.int64),
-               np.empty(0, np.int64), np.empty(0, np.bool_), np.empty(0, np.int32), np.empty(0, np.uint16))
-    return counts, mn, mx
+    zbits = np.zeros((13, (Z * H * W >> 6) + 1), np.uint64)
+    _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, False, counts, mn, mx, zbits, np.empty((13, 0), np.int64),
+               np.empty(0, np.int32))
+    return counts, mn, mx, zbits
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #636a2114
 @njit(cache=True)
@@ -89,35 +92,50 @@ def _bucket_layout(counts, mn, mx):
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #1f8e37e6
 @njit(cache=True)
-def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, lob, multi, codes, lo16):
-    "Pass 2: the stable counting-sort scatter of edge codes (voxel * 16 + direction) and of their cost bits above the bucket's minimum `lob`."
+def _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, codes):
+    "Pass 2: the stable counting-sort scatter of edge codes (voxel * 16 + direction) into the slots `pos2`."
     _edge_pass(v, Z, H, W, dirs, offs, wts, nb, inv_width, True, np.empty((13, 0), np.int64), np.empty((13, 0)),
-               np.empty((13, 0)), pos2, lob, multi, codes, lo16)
+               np.empty((13, 0)), np.empty((13, 0), np.uint64), pos2, codes)
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #eb4f3e0a
 @njit(cache=True)
-def _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist, multi):
-    "Stable-sort codes[s:e] by exact cost, in place: nothing if one value or already sorted, counting sort on lo16, else merge sort."
+def _sort_bucket(v, codes, s, e, offs, dirs, wts, buf, lo, hist, lob):
+    "Stable-sort codes[s:e] by exact cost (recomputed), in place: nothing if already sorted, a counting sort on the 16 cost bits above the bucket's minimum `lob`, else a merge sort."
     n = e - s
-    if n < 2 or not multi: return
+    if n < 2: return
+    cb = np.zeros(1, np.float64); cbits = cb.view(np.int64)
     ok = True; R = 0
-    for i in range(s, e):
-        R = max(R, np.int64(lo16[i]))
-        if i > s and lo16[i] < lo16[i - 1]: ok = False
+    for i in range(n):
+        cb[0] = _edge_cost(v, codes[s + i] >> 4, codes[s + i] & 15, offs, dirs, wts)
+        x = min(cbits[0] - lob, 65535)  # non-negative floats: bits order like values
+        lo[i] = x
+        if x > R: R = x
+        if i > 0 and x < lo[i - 1]: ok = False
     if ok and R < 65535: return
     if R < 65535:
         hist[:R + 2] = 0
-        for i in range(s, e): hist[lo16[i] + 1] += 1
+        for i in range(n): hist[lo[i] + 1] += 1
         for j in range(R + 1): hist[j + 1] += hist[j]
-        for i in range(s, e):
-            j = lo16[i]
-            buf[hist[j]] = codes[i]; hist[j] += 1
+        for i in range(n):
+            j = lo[i]
+            buf[hist[j]] = codes[s + i]; hist[j] += 1
     else:  # values spread too widely for 16 bits: sort the exact costs
         cs = np.empty(n, np.float64)
         for i in range(n): cs[i] = _edge_cost(v, codes[s + i] >> 4, codes[s + i] & 15, offs, dirs, wts)
         order = np.argsort(cs, kind='mergesort')
         for i in range(n): buf[i] = codes[s + order[i]]
     for i in range(n): codes[s + i] = buf[i]
+
+@njit(cache=True)
+def _drop_settled(codes, s, e, offs, big):
+    "Stable compaction of codes[s:e] to the edges not known to join two voxels of components >= min_size (bit set `big`); returns the new end."
+    one = np.uint64(1)
+    j = s
+    for i in range(s, e):
+        q = codes[i] >> 4; p = q + offs[codes[i] & 15]
+        if (big[p >> 6] >> np.uint64(p & 63)) & (big[q >> 6] >> np.uint64(q & 63)) & one: continue
+        codes[j] = codes[i]; j += 1
+    return j
 
 # %% ../../nbs/06a_data.sv_kernels.ipynb #caca37ae
 @njit(cache=True)
@@ -222,11 +240,31 @@ def _np1_sort_pairs(key, val):
 # %% ../../nbs/06a_data.sv_kernels.ipynb #087f8f68
 @njit(cache=True, inline='always')
 def _find(parent, i):
-    "Root of i, with path halving."
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
+    "Root of i (a root holds minus its size), with path halving."
+    while parent[i] >= 0:
+        p = parent[i]; g = parent[p]
+        if g < 0: return p
+        parent[i] = g; i = g
     return i
+
+_DEBRUIJN = np.zeros(64, np.int64)  # position of the single set bit of x from (x * 0x03F79D71B4CB0A89) >> 58
+for _t in range(64): _DEBRUIJN[((1 << _t) * 0x03F79D71B4CB0A89 & ((1 << 64) - 1)) >> 58] = _t
+
+@njit(cache=True)
+def _join_zero_edges(zbits, offs, parent):
+    "Join the two voxels of every zero-cost edge (bit sets per direction from `_count_edges`), union by size."
+    for k in range(13):
+        zk = zbits[k]; off = offs[k]
+        for j in range(zk.size):
+            word = zk[j]
+            while word:
+                low = word & (~word + np.uint64(1))  # lowest set bit
+                word ^= low
+                q = j * 64 + _DEBRUIJN[(low * np.uint64(0x03F79D71B4CB0A89)) >> np.uint64(58)]
+                a = _find(parent, q + off); r = _find(parent, q)
+                if a != r:
+                    if parent[a] > parent[r]: a, r = r, a
+                    parent[a] += parent[r]; parent[r] = a
 
 @njit(cache=True, parallel=True)
 def _all_roots(parent):
@@ -234,7 +272,7 @@ def _all_roots(parent):
     out = np.empty_like(parent)
     for i in prange(parent.size):
         r = np.int64(i)
-        while parent[r] != r: r = np.int64(parent[r])
+        while parent[r] >= 0: r = np.int64(parent[r])
         out[i] = r
     return out
 
@@ -245,24 +283,25 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
     Z, H, W = shape[0], shape[1], shape[2]
     N = Z * H * W
     offs = dirs[:, 0] * H * W + dirs[:, 1] * W + dirs[:, 2]
+    parent = np.full(N, -1, np.int32)  # union-find forest: a root holds minus its component's size
     if numpy1:  # the original's order: numpy 1's introsort of all costs in enumeration order (exact, slower)
         codes, keys = _enumerate_edges(v, Z, H, W, dirs, offs, wts)
         _np1_sort_pairs(keys, codes)
         keys = np.empty(0, np.float64)
         nb = 1; starts = np.array([0, codes.size], np.int64)
-        lo16 = np.empty(0, np.uint16); buf = np.empty(0, np.int32); multi = np.zeros(1, np.bool_)
-    else:  # stable counting sort
+        lo = np.empty(0, np.uint16); buf = np.empty(0, np.int32); multi = np.zeros(1, np.bool_); mn = np.zeros(1)
+    else:  # zero-cost edges joined at once (pass 1 joins them all, in any order), the others in a stable counting sort
         cmax = np.sqrt(wts.max()) * (v.max() - v.min()) * 1.0000001 + 1e-12
         inv_width = nb / cmax
-        counts2, mn2, mx2 = _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width)
+        counts2, mn2, mx2, zbits = _count_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width)
+        _join_zero_edges(zbits, offs, parent)
+        zbits = np.empty((0, 0), np.uint64)
         starts, mn, pos2, counts, multi = _bucket_layout(counts2, mn2, mx2)
-        lob = mn.view(np.int64)
-        codes = np.empty(starts[nb], np.int32); lo16 = np.empty(starts[nb], np.uint16)
-        _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, lob, multi, codes, lo16)
-        buf = np.empty(np.int64(np.max(counts)), np.int32)
+        codes = np.empty(starts[nb], np.int32)
+        _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, codes)
+        m = np.int64(np.max(counts)); buf = np.empty(m, np.int32); lo = np.empty(m, np.uint16)
+    lob = mn.view(np.int64)
     hist = np.empty((1 << 16) + 1, np.int64)
-    parent = np.arange(N).astype(np.int32)
-    size = np.ones(N, np.int32)
     cint = np.zeros(N, np.float64)
     # pass 1: Felzenszwalb criterion (float32 comparison, as the original)
     last = 0.0
@@ -272,7 +311,7 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
     b0, i0 = nb, starts[nb]  # first edge of non-zero cost: every zero-cost edge is joined by pass 1
     while b < nb and not done:
         s, e = starts[b], starts[b + 1]
-        if not numpy1: _sort_bucket(v, codes, lo16, s, e, offs, dirs, wts, buf, hist, multi[b])
+        if not numpy1 and multi[b]: _sort_bucket(v, codes, s, e, offs, dirs, wts, buf, lo, hist, lob[b])
         sorted_upto = b + 1
         for i in range(s, e):
             q = codes[i] >> 4; k = codes[i] & 15
@@ -282,31 +321,34 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
                 done = True; break
             a = _find(parent, q + offs[k]); r = _find(parent, q)
             if a == r: continue
-            ic0 = np.float32(cint[a] + scale / size[a])
-            ic1 = np.float32(cint[r] + scale / size[r])
+            ic0 = np.float32(cint[a] + scale / -parent[a])
+            ic1 = np.float32(cint[r] + scale / -parent[r])
             if c < min(ic0, ic1):
-                if size[a] < size[r]: a, r = r, a
-                parent[r] = a; size[a] += size[r]; cint[a] = c; last = c
+                if parent[a] > parent[r]: a, r = r, a
+                parent[a] += parent[r]; parent[r] = a; cint[a] = c; last = c
         b += 1
+    cint = np.empty(0, np.float64)
     # pass 2: join every edge that touches a component smaller than min_size, until none is left
     n_small = 0
     for i in range(N):
-        if parent[i] == i and size[i] < min_size: n_small += 1
+        if parent[i] < 0 and -parent[i] < min_size: n_small += 1
     big = np.zeros((N >> 6) + 1, np.uint64)  # bit set: voxel known to be in a component >= min_size (they only grow)
     one = np.uint64(1)
     b = b0
     while b < nb and n_small > 0:
         s, e = max(starts[b], i0), starts[b + 1]
-        if b >= sorted_upto and not numpy1: _sort_bucket(v, codes, lo16, starts[b], e, offs, dirs, wts, buf, hist, multi[b])
+        if b >= sorted_upto and not numpy1:  # drop the settled edges, then sort what is left
+            e = _drop_settled(codes, s, e, offs, big)
+            if multi[b]: _sort_bucket(v, codes, s, e, offs, dirs, wts, buf, lo, hist, lob[b])
         for i in range(s, e):
             q = codes[i] >> 4; p = q + offs[codes[i] & 15]
             if (big[p >> 6] >> np.uint64(p & 63)) & (big[q >> 6] >> np.uint64(q & 63)) & one:
                 continue  # both already known to be in components >= min_size: nothing can change
             a = _find(parent, p); r = _find(parent, q)
-            sa, sr = size[a], size[r]
+            sa, sr = -parent[a], -parent[r]
             if a != r and (sa < min_size or sr < min_size):
                 if sa < sr: a, r = r, a
-                parent[r] = a; size[a] = sa + sr
+                parent[a] = -(sa + sr); parent[r] = a
                 n_small -= (sa < min_size) + (sr < min_size) - (sa + sr < min_size)
                 if n_small == 0: break
                 sa = sr = sa + sr
