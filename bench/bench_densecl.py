@@ -8,8 +8,12 @@
   fit    = one iteration of `fit_densecl` (the fastai loop with our callbacks) on a DataLoader repeating one batch
 Prints step/enc and fit/enc (min over interleaved repetitions; target <= 1.15), the queue memory and the peak RSS
 of a fresh process per configuration.
+  --accum  instead: the cost of the paper-batch machinery, one `fit_densecl` step of the same images per step (--bs)
+           with gradient accumulation (accum 2: two passes of bs / 2) and shuffle-BN (2 sub-batches) against neither,
+           interleaved, min over --reps; prints ms per step and the ratio to the plain step
 Usage: python bench/bench_densecl.py [--threads 1] [--reps 5] [--bs 32] [--size 128]
                                      [--configs small:65536:8,resnet18:65536:8,small:4096:8,resnet18:4096:8]
+       python bench/bench_densecl.py --accum [--encoders small] [--queue 256] [--threads 1] [--reps 5] [--bs 32] [--size 128]
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 import torch
@@ -66,17 +70,38 @@ def one(encoder, queue, grid, bs, size, reps):
         for f, ts in ((enc_step, te), (full_step, tf)):
             t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
     item = (x1[0], x2[0], torch.tensor(0))
-    dl = SliceDL(Repeat(item, bs * (2 * reps + 4)), bs, device='cpu')
+    dl = SliceDL(Repeat(item, max(queue, bs * (2 * reps + 4))), bs, device='cpu')  # as many images as keys: the queue rule keeps `queue`
     dls = DataLoaders(dl, dl, device='cpu'); dls.n_inp = 2
     learn = densecl_learner(dls, encoder, queue=queue, grid=grid, path=tempfile.mkdtemp())
-    fit_densecl(learn, 2, total_steps=10**6, show_progress=False)
+    fit_densecl(learn, 2, total_steps=10**6, progress=False)
     tl = []
     for i in range(reps):
-        t0 = time.perf_counter(); fit_densecl(learn, 3 + i, total_steps=10**6, show_progress=False); tl.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); fit_densecl(learn, 3 + i, total_steps=10**6, progress=False); tl.append(time.perf_counter() - t0)
     qmem = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.startswith('queue_'))
     return dict(encoder=encoder, queue=queue, grid=grid, bs=bs, size=size, enc_ms=min(te) * 1e3, step_ms=min(tf) * 1e3,
                 ratio=min(tf) / min(te), fit_ms=min(tl) * 1e3, fit_ratio=min(tl) / min(te), queue_MiB=qmem / 2**20,
                 peak_rss_MiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def accum_table(encoder, queue, grid, bs, size, reps, steps=2):
+    "ms per optimiser step of bs images: plain, accum 2, shuffle-BN 2, both (one learner each, interleaved repetitions)."
+    from fastai.data.core import DataLoaders
+    from fsmis.pretrain.densecl import densecl_learner, fit_densecl, SliceDL
+    torch.manual_seed(0)
+    item = (torch.randn(1, size, size), torch.randn(1, size, size), torch.tensor(0))
+    cfgs = {'plain': (1, 1), 'accum 2': (2, 1), 'shuffle-BN 2': (1, 2), 'accum 2 + shuffle-BN 2': (2, 2)}
+    learners, times = {}, {k: [] for k in cfgs}
+    for name, (accum, k) in cfgs.items():
+        dl = SliceDL(Repeat(item, max(queue, bs * 4)), bs, device='cpu'); dls = DataLoaders(dl, dl, device='cpu'); dls.n_inp = 2
+        learners[name] = l = densecl_learner(dls, encoder, queue=queue, grid=grid, accum=accum, shuffle_bn=k, path=tempfile.mkdtemp())
+        fit_densecl(l, 2, total_steps=10**6, progress=False)  # warm-up
+    for _ in range(reps):
+        for name, l in learners.items():
+            t0 = time.perf_counter(); fit_densecl(l, l.iteration + steps, total_steps=10**6, progress=False)
+            times[name].append((time.perf_counter() - t0) / steps)
+    base = min(times['plain'])
+    return [dict(encoder=encoder, config=n, accum=cfgs[n][0], shuffle_bn=cfgs[n][1], bs=bs, size=size, queue=queue,
+                 step_ms=min(t) * 1e3, ratio=min(t) / base) for n, t in times.items()]
 
 
 def main():
@@ -84,9 +109,18 @@ def main():
     ap.add_argument('--threads', type=int, default=1); ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--bs', type=int, default=32); ap.add_argument('--size', type=int, default=128)
     ap.add_argument('--configs', default='small:65536:8,resnet18:65536:8,small:4096:8,resnet18:4096:8')
+    ap.add_argument('--accum', action='store_true', help='time accumulation and shuffle-BN against a plain step')
+    ap.add_argument('--encoders', default='small'); ap.add_argument('--queue', type=int, default=256)
     ap.add_argument('--one', help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.accum:
+        print(f"one fit_densecl step of {a.bs} view pairs at {a.size} x {a.size}, queue {a.queue}, grid 8, {a.threads} thread(s), min of {a.reps} interleaved repetitions\n")
+        print("| encoder | step | micro-batch x accum | BN sub-batches | ms per step | / plain |"); print("|---|---|---:|---:|---:|---:|")
+        for e in a.encoders.split(','):
+            for d in accum_table(e, a.queue, 8, a.bs, a.size, a.reps):
+                print(f"| {e} | {d['config']} | {a.bs // d['accum']} x {d['accum']} | {d['shuffle_bn']} | {d['step_ms']:.0f} | {d['ratio']:.2f} |", flush=True)
+        print(f"\nload average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}"); return
     if a.one:
         e, q, g = a.one.split(':')
         print(json.dumps(one(e, int(q), None if g == 'none' else int(g), a.bs, a.size, a.reps))); return

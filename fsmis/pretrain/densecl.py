@@ -657,7 +657,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      resume=None, # checkpoint file or 'last' (newest in ckpt_dir) to continue from
                      size: int = 128, # view size (the model input)
                      bs: int = 32, # view pairs per forward pass and process (a step sees bs x accum x processes)
-                     accum: int = 1, # micro-batches per optimiser step (gradient accumulation, see `MicroBatches`)
+                     accum: int = 1, # micro-batches per optimiser step (gradient accumulation, see `MicroBatches`; reduced if a step would exceed the slices)
                      shuffle_bn: int | None = None, # BN sub-batches per process (see `shuffle_groups`; None: 2 for batch-norm encoders in one process)
                      seed: int = 0, # seed of initialisation, shuffles and views
                      device=None, # 'cpu', 'cuda', ... (default: best available)
@@ -706,8 +706,12 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     rank, world, dev = init_distributed(device)
     set_seed(seed)
     slices = unlabeled_slices(data, min_body, case_ids=case_ids, exclude=exclude)
-    if len(slices) // world < bs * accum:
-        raise ValueError(f"bs={bs} x accum={accum}: a step needs {bs * accum} slices per process, {len(slices)} slices for {world} process(es)")
+    per_rank = len(slices) // world
+    if per_rank < bs: raise ValueError(f"bs={bs}: only {len(slices)} slices for {world} process(es); a forward pass needs bs x processes")
+    if per_rank < bs * accum:  # a step larger than the data would hold every image twice (and refill the whole queue each step)
+        warnings.warn(f"bs={bs} x accum={accum} x {world} process(es): a step needs more images than the {len(slices)} slices; accum reduced "
+                      f"to {per_rank // bs} ({per_rank // bs * bs * world} images per step, the default lr follows them)", stacklevel=2)
+        accum = per_rank // bs
     dls = densecl_dls(slices, size, bs * accum, rank, world, seed, device=dev, flip=flip)  # one loader batch = one optimiser step
     learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
                             path=out.parent, seed=seed, accum=accum, shuffle_bn=shuffle_bn)
