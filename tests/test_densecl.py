@@ -220,12 +220,12 @@ class Dump(Callback):
         torch.save({'state': {k: v.clone() for k, v in m.state_dict().items()}, 'seen': self.seen}, self.path)
 
 
-def _worker(rank, world, port, out, probe):
+def _worker(rank, world, port, out, probe, kw=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
     try:
-        pretrain_densecl(PH(), 'small', steps=3, out=out, ckpt_every=2, cbs=[Dump(f"{probe}/rank{rank}.pt")], **KW)
+        pretrain_densecl(PH(), 'small', steps=3, out=out, ckpt_every=2, cbs=[Dump(f"{probe}/rank{rank}.pt")], **{**KW, **(kw or {})})
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
 
@@ -413,6 +413,20 @@ def test_shuffle_bn_one_process_equals_two():
     torch.testing.assert_close(out['pos_d'], torch.cat([r[0]['out']['pos_d'], r[1]['out']['pos_d']]), rtol=0, atol=1e-5)
     for g, g0, g1 in zip([p.grad for p in m.query_params()], r[0]['grad'], r[1]['grad']): torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
     assert all(torch.equal(g0, g1) for g0, g1 in zip(r[0]['grad'], r[1]['grad']))  # DDP averaged
+
+
+def test_two_processes_with_accumulation(tmp_path):
+    "2 ranks x 2 pairs x accum 2 (8 images per step; the first micro-batch without gradient sync): ranks stay identical, steps count once."
+    import torch.multiprocessing as mp
+    (tmp_path/'run').mkdir(); (tmp_path/'probe').mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path/'run'/'enc.pth'), str(tmp_path/'probe'), dict(bs=2, accum=2)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path/'probe'/f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    diff = [k for k in r0['state'] if not torch.equal(r0['state'][k], r1['state'][k])]
+    assert not diff, diff
+    assert int(r0['state']['queue_ptr']) == 3 * 2 * 2 * 2 % 16 and int(r0['state']['n_steps']) == 6
+    st = read_encoder_meta(tmp_path/'run'/'enc.pth')['settings']
+    assert (st['world'], st['accum'], st['bs'], st['total_bs'], st['lr']) == (2, 2, 2, 8, densecl_lr(8))
+    assert read_checkpoint(tmp_path/'run'/'enc_checkpoints'/'iter_0000003.pth')['iteration'] == 3
 
 
 # ---------------------------------------------------------------- stage 1 -> stage 2 wiring (config, train_fold, run_experiment)
