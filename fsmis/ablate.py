@@ -74,11 +74,11 @@ _KID = ('right kidney', 'left kidney', 'Mean')  # DenseMP's ablation columns (RK
 _DM_ABD = ('right kidney', 'left kidney', 'liver', 'spleen', 'Mean')  # DenseMP's Tables 1-2 columns (RK, LK, liver, spleen)
 _NO_STAGE1 = {'pretrain_minutes': None, 'pretrain_steps': None}
 _DM_OVER = {'baselines': [], 'thresholds': []}  # DenseMP grids: the rows are the baselines
-_STAGE1_ONLY = {'n_steps': 0, 'minutes': None, 'finetune_steps': 0}  # the stage-1 encoder, no few-shot training
-_DENSEMP_ROWS = {'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0},
-                 'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'alpnet'},
-                 'PANet, stage 1 only': _STAGE1_ONLY, 'DenseMP (stages 1-3)': {},
-                 'DenseMP, ALPNet (stages 1-3; the release code)': {'method': 'alpnet'}}
+_NO_STAGE2 = {'n_steps': 0, 'minutes': None}  # stage 2 trains no step: stage 3 starts from stage 1's encoder (or random weights)
+_DENSEMP_ROWS = {'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0},  # stage 2 alone from random weights: Ouyang's method
+                 'DenseMP (stages 1-3)': {},  # the paper's model: PANet's framework with ALPNet's head (w_bg 0.05)
+                 'DenseMP, PANet head (stages 1-3)': {'method': 'panet'},  # for comparison: vanilla PANet's head, w_bg 1
+                 'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'panet'}}
 
 ABLATIONS = {a.name: a for a in [
     Ablation('adnet-table4', 'ADNet Table 4: loss terms, cardiac MRI, EP1', 'adnet-cmr-ep1',
@@ -129,16 +129,20 @@ ABLATIONS = {a.name: a for a in [
                note="The paper's DenseMP starts stage 1 from ImageNet-pretrained ResNet-101 on ~81 000 ROCO images; here every "
                     "encoder starts from random weights and stage 1 sees only the fold's training scans. DenseMP's final model "
                     "has seen manual labels of the other label group (stage 3); the other rows have seen none. "
-                    "'PANet, stage 1 only' is the stage-1 encoder with no few-shot training.")
+                    "'DenseMP, PANet head' keeps vanilla PANet's head (unweighted background) for comparison.")
       for s, dm, alp in [(1, ('86.28 ± 2.77', '82.62 ± 4.43', '76.04 ± 3.29', '74.37 ± 8.38', '79.83 ± 4.72'), ('85.18', '81.92', '76.10', '72.18', '78.84')),
                          (2, ('82.78 ± 2.50', '79.61 ± 4.29', '72.71 ± 2.99', '72.33 ± 8.68', '76.86 ± 4.62'), ('78.39', '73.63', '73.05', '67.02', '73.02'))]],
     Ablation('densemp-table5', 'DenseMP Table 5: the stages, kidneys, Setting 2 (the paper: Abd-CT fold 1; here CHAOS MRI)',
-             'densemp-chaos-setting2', {'stage 1 only': _STAGE1_ONLY, 'stage 2 only': {**_NO_STAGE1, 'finetune_steps': 0},
-                                        'stages 1 + 2': {'finetune_steps': 0}, 'stages 1-3 (DenseMP)': {}},
+             'densemp-chaos-setting2', {'baseline (fine-tuning only)': {**_NO_STAGE1, **_NO_STAGE2},
+                                        'stage 1 only (stage 1, then fine-tuning)': _NO_STAGE2, 'stages 1-3 (DenseMP)': {}},
              'stages 1-3 (DenseMP)', protocol='ouyang', base_over={**_DM_OVER, 'label_groups': ['lower']},
-             paper={'stage 1 only': _p('51.79', '54.53', '53.16', classes=_KID), 'stages 1-3 (DenseMP)': _p('56.91', '57.48', '57.20', classes=_KID)},
-             note="The paper's rows 'Stage 1 (natural)' pretrain on ImageNet, which cannot be had offline: left out. The text of the "
-                  "paper available here lost Table 5's layout; the two rows compared are the ones its text quotes (rows 4 and 6)."),
+             paper={'baseline (fine-tuning only)': _p('40.34', '47.13', '43.73', classes=_KID),
+                    'stage 1 only (stage 1, then fine-tuning)': _p('51.79', '54.53', '53.16', classes=_KID),
+                    'stages 1-3 (DenseMP)': _p('56.91', '57.48', '57.20', classes=_KID)},
+             note="Every row of the paper's Table 5 is a few-shot model after the few-shot training on the other label group's "
+                  "labels (stage 3): the rows differ in the pretraining before it. 'baseline' has neither stage 1 nor stage 2, "
+                  "'stage 1 only' has stage 1 and no stage 2. The paper's 'Stage 1 (natural)' row pretrains on ImageNet, which "
+                  "cannot be had offline: left out."),
     Ablation('densemp-table6', 'DenseMP Table 6: dense against global stage 1, kidneys, Setting 2 (the paper: Abd-CT; here CHAOS MRI)',
              'densemp-chaos-setting2', {'dense (lambda 0.5)': {}, 'global only (lambda 0)': {'pretrain_kw.lam': 0.0}, 'no stage 1': _NO_STAGE1},
              'dense (lambda 0.5)', protocol='ouyang', base_over={**_DM_OVER, 'label_groups': ['lower']},
@@ -153,8 +157,8 @@ ABLATIONS = {a.name: a for a in [
                     'min size 1600': _p('53.12', '51.26', '52.19', classes=_KID)},
              note="The paper's row for 100 px prints a mean (53.97) below both kidneys: copied as printed."),
     Ablation('densemp-stage1-length', 'DenseMP: how long stage 1 runs, CHAOS MRI, Setting 1, label groups one at a time (not in the paper)',
-             'densemp-chaos-setting1', {'DenseMP, stage 1 125 steps': {'pretrain_minutes': None, 'pretrain_steps': 125},
-                                        'DenseMP, stage 1 750 steps': {'pretrain_minutes': None, 'pretrain_steps': 750},
+             'densemp-chaos-setting1', {'DenseMP, stage 1 125 steps': {'pretrain_minutes': None, 'pretrain_steps': 125, 'method': 'panet'},
+                                        'DenseMP, stage 1 750 steps': {'pretrain_minutes': None, 'pretrain_steps': 750, 'method': 'panet'},
                                         'DenseMP, ALPNet, stage 1 750 steps': {'pretrain_minutes': None, 'pretrain_steps': 750, 'method': 'alpnet'}},
              'DenseMP, stage 1 125 steps', protocol='ouyang', base_over=_DM_OVER,
              note="Stage 1 by steps, so that load on the machine cannot shorten it: 125 DenseCL steps (batch 32, queue 256) are what "

@@ -253,6 +253,7 @@ def _cmd_train(a):
     if a.resume and a.resume != 'last': _existing(a.resume, 'checkpoint')
     ds = _open_any(cfg.dataset)
     split = fold_split(ds.case_ids, a.fold, cfg.n_folds, cfg.fold_variant)
+    if ds.spec.norm == 'global': ds.fit_norm(split.train_ids)  # CT statistics of the training cases only (recorded in the checkpoint)
     ck = Path(a.checkpoints or f"checkpoints_{cfg.method}_{ds.name}_fold{a.fold}")
     _writable_dir(ck, '--checkpoints')
     print(f"fold {a.fold}: training on {len(split.train_ids)} cases ({' '.join(split.train_ids)}); "
@@ -311,6 +312,9 @@ def _cmd_evaluate(a):
     name = a.dataset or ck.get('dataset')
     if name is None: raise UserError("--dataset is required (the checkpoint does not name its dataset)")
     ds = _open_any(name)
+    if ds.spec.norm == 'global':  # CT: the statistics of the model's training cases, never of the test cases
+        if isinstance(ck.get('norm'), dict) and ck['norm'].get('kind') == 'global': ds.set_norm(ck['norm'])
+        else: ds.fit_norm(fold_split(ds.case_ids, ck.get('fold', 0), ck.get('n_folds', 5), ck.get('fold_variant', 'adnet')).train_ids)
     store = CaseStore(ds)
     protocol, variant = _PROTOCOLS[a.protocol]
     classes = eval_classes(ExperimentConfig(dataset=ds.name, classes=a.classes), ds)

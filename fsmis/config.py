@@ -201,20 +201,22 @@ PAPER_CONFIGS = {
     'adnet-chaos-ep1': dict(dataset='chaos_t2', method='adnet', protocols=['EP1'], note='ADNet Table 1, CHAOS MRI, EP1'),
     'adnet-cmr-ep2': dict(dataset='ms_cmrseg_bssfp', method='adnet', protocols=['EP2'], note='ADNet Table 2, cardiac MRI, EP2'),
     'adnet-cmr-ep1': dict(dataset='ms_cmrseg_bssfp', method='adnet', protocols=['EP1'], note='ADNet Table 1, cardiac MRI, EP1'),
-    'alpnet-chaos-setting1': dict(dataset='chaos_t2', method='alpnet', protocols=['ouyang'], setting=1, pseudo_labels='superpixels',
-                                  fold_variant='ouyang', note='SSL-ALPNet / DenseMP baseline, CHAOS MRI, Setting 1'),
-    'alpnet-chaos-setting2': dict(dataset='chaos_t2', method='alpnet', protocols=['ouyang'], setting=2, pseudo_labels='superpixels',
-                                  fold_variant='ouyang', note='SSL-ALPNet / DenseMP baseline, CHAOS MRI, Setting 2'),
+    **{f'alpnet-{ds}-setting{s}': dict(dataset=dsname, method='alpnet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
+                                       fold_variant='ouyang', label_groups=['lower', 'upper'],
+                                       note=f'SSL-ALPNet (DenseMP Table {s} baseline), {title}, Setting {s} (label groups one at a time)')
+       for ds, dsname, title in [('chaos', 'chaos_t2', 'CHAOS MRI'), ('synapse', 'synapse_ct', 'Synapse CT')] for s in (1, 2)},
     'adnet-phantom-ep2': dict(dataset='phantom', method='adnet', protocols=['EP2'], dataset_kw={'n_cases': 10},
                               note='built-in phantoms, EP2 (no data needed)'),
-    **{f'densemp-{ds}-setting{s}': dict(dataset=dsname, method='panet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
+    **{f'densemp-{ds}-setting{s}': dict(dataset=dsname, method='alpnet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
                                         fold_variant='ouyang', label_groups=['lower', 'upper'], densemp=True,
-                                        note=f'DenseMP Table {s} ({cols} columns), {title}, Setting {s} (stages 1-3, label groups one at a time)')
+                                        note=f'DenseMP Table {s} ({cols} columns), {title}, Setting {s} (stages 1-3, ALPNet head, label groups one at a time)')
        for ds, dsname, title, cols in [('chaos', 'chaos_t2', 'CHAOS MRI', 'Abd-MRI'), ('synapse', 'synapse_ct', 'Synapse CT', 'Abd-CT')] for s in (1, 2)},
 }
 DENSEMP_BUDGETS = {  # the three stages of a `densemp=True` configuration under each budget
     'cpu': dict(finetune_steps=1000),  # stage 1 and stage 2 get `minutes` each
-    'paper': dict(pretrain_steps=15_800, n_steps=100_000, finetune_steps=5000),  # DenseCL: 50 epochs of ~81 000 images at 256 per step
+    'paper': dict(pretrain_steps=15_800, n_steps=100_000, finetune_steps=5000,  # DenseCL: 50 epochs of ~81 000 images at 256 per step
+                  pretrain_kw=dict(size=224, bs=64, accum=4, grid=7)),  # 256 images per step at 224 px on one device (DenseMP: 8 x 32);
+                  # lr 0.0375 x 256 / 256, the queue capped at the fold's slices, shuffle-BN on 2 sub-batches (`fsmis.pretrain.densecl`)
 }
 
 def reproduce_config(name: str, # a key of PAPER_CONFIGS

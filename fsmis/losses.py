@@ -46,8 +46,10 @@ class ADNetLoss(_ProtoLoss):
         if self.thresh: terms['thresh'] = (out['T'] / out['alpha']).mean()  # [B] copies of T / alpha
         if self.par:
             if out.get('sup') is None: raise ValueError("ADNetLoss(par=True) needs the model's PAR prediction: build the model with par=True")
-            s = out['sup']
-            terms['par'] = F.nll_loss(s.clamp(_EPS, 1 - _EPS).log().flatten(0, 1), out['sup_masks'].flatten(0, 1).long())
+            s, sm, v = out['sup'], out['sup_masks'], out.get('par_valid')
+            if v is not None and not bool(v.all()): s, sm = s[v], sm[v]  # the release skips L_PAR when the predicted query mask is empty
+            terms['par'] = (F.nll_loss(s.clamp(_EPS, 1 - _EPS).log().flatten(0, 1), sm.flatten(0, 1).long()) if len(s)
+                            else q.sum() * 0)
         if not terms: raise ValueError("ADNetLoss: all terms are switched off (seg, thresh, par)")
         self.last = {k: float(v.detach()) for k, v in terms.items()}
         return sum(terms.values())

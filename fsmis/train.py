@@ -36,11 +36,19 @@ def pseudo_label_mode(cfg: ExperimentConfig # the experiment
     return PSEUDO_LABELS[cfg.pseudo_labels]
 
 # %% ../nbs/41_train.ipynb #7142cd1f
-def train_classes(ds, # the dataset (its `classes`)
+def train_classes(ds, # the dataset (its `classes` and `spec.label_groups`)
                   test_classes, # the evaluated class indices
                  ) -> list:
-    "The training label group: the dataset's classes that are not evaluated (DenseMP's fine-tuning labels)."
+    "DenseMP's fine-tuning labels: the classes of the other label groups (Ouyang's protocol), else every class not evaluated."
     test = {int(c) for c in test_classes}
+    groups = getattr(getattr(ds, 'spec', None), 'label_groups', None) or {}
+    by_name = {v: int(k) for k, v in ds.classes.items()}
+    if groups:  # the release fine-tunes on the other group only (kidneys <-> liver + spleen), not on every other organ
+        idx = [{by_name[n] for n in g if n in by_name} for g in groups.values()]
+        keep = sorted(set().union(*[g for g in idx if not g & test]))  # the groups that hold no evaluated class
+        if not keep: raise ValueError(f"no training label group: every label group of {dict(groups)} holds an evaluated class "
+                                      f"{sorted(test)}; nothing is left for fine-tuning")
+        return keep
     keep = [int(k) for k in ds.classes if int(k) not in test]
     if not keep: raise ValueError(f"no training label group: every class of the dataset ({sorted(int(k) for k in ds.classes)}) is "
                                   f"evaluated; fine-tuning on labels needs a label group (cfg.label_groups) or cfg.classes")

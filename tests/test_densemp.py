@@ -115,7 +115,7 @@ def test_reproduce_densemp_commands():
     r = subprocess.run([sys.executable, '-m', 'fsmis.cli', 'reproduce', 'densemp-chaos-setting2', '--print-config', '--minutes', '7'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ('method: panet', 'setting: 2', 'pretrain_minutes: 7.0', 'minutes: 7.0', 'finetune_steps: 1000', 'fold_variant: ouyang'):
+    for line in ('method: alpnet', 'setting: 2', 'pretrain_minutes: 7.0', 'minutes: 7.0', 'finetune_steps: 1000', 'fold_variant: ouyang'):
         assert line in r.stdout, line
 
 
@@ -135,3 +135,38 @@ def test_stage1_setting2_leaves_test_organ_slices_out(tmp_path, monkeypatch):
     assert D.read_encoder_meta(w2)['n_excluded'] == s2.n_excluded
     with pytest.raises(ValueError, match='needs test_classes'):
         stage1_weights(_cfg(setting=2), ds, split.train_ids, 0, tmp_path/'b')
+
+
+@pytest.mark.data
+@pytest.mark.parametrize('setting,expected', [(1, {'lower': 544, 'upper': 544}), (2, {'lower': 303, 'upper': 202})])
+def test_ouyang_configs_run_label_groups_one_at_a_time(setting, expected, data_root):
+    "SSL-ALPNet and DenseMP on CHAOS: each label group is evaluated in turn and trains without its own classes' slices (Setting 2)."
+    from fsmis.config import reproduce_config
+    from fsmis.data.datasets import open_dataset, CaseStore
+    from fsmis.data.folds import fold_split, setting_keep
+    from fsmis.experiments import label_group_classes
+    for name in (f'alpnet-chaos-setting{setting}', f'densemp-chaos-setting{setting}'):
+        cfg = reproduce_config(name)
+        assert cfg.method == 'alpnet' and cfg.label_groups == ['lower', 'upper']  # DenseMP: ALPNet's head
+        ds = open_dataset(cfg.dataset)
+        store = CaseStore(ds)
+        train = fold_split(ds.case_ids, 0, cfg.n_folds, cfg.fold_variant).train_ids
+        groups = label_group_classes(cfg, ds)
+        kept = {g: int(sum(setting_keep(store[c].label, list(cl), cfg.setting).sum() for c in train)) for g, cl in groups.items()}
+        assert kept == expected, (name, kept)
+
+
+def test_every_ouyang_run_trains_per_group(monkeypatch):
+    "run_experiment with label groups: one stage-2 training per group under Setting 2, each without its own classes."
+    from fsmis.train import train_classes
+    calls = []
+    real = DM.train_fold
+    def spy(cfg, ds, train_ids, seed=None, test_classes=None, **k):
+        calls.append((cfg.pseudo_labels, sorted(test_classes)))
+        return real(cfg, ds, train_ids, seed=seed, test_classes=test_classes, **k)
+    monkeypatch.setattr(DM, 'train_fold', spy)
+    cfg = dataclasses.replace(_cfg(setting=2), finetune_steps=2, n_steps=2, pretrain_steps=None, label_groups=['lower', 'upper'])
+    run_experiment(cfg, None, dataset=_ds(), progress=False)
+    assert sorted(calls) == [('superpixels', [1, 4]), ('superpixels', [2, 3]), ('superpixels+labels', [1, 4]), ('superpixels+labels', [2, 3])]
+    ds = _ds()
+    assert train_classes(ds, [2, 3]) == [1, 4] and train_classes(ds, [1, 4]) == [2, 3]  # stage 3: the other group's labels

@@ -275,3 +275,27 @@ def test_training_reaches_factories_through_the_registry(monkeypatch):
     learn = train_fold(ExperimentConfig(dataset='phantom', n_steps=1, size=32, rho=200), ds, ['1', '2'], seed=0)
     assert len(seen) == 1 and seen[0]['encoder'] == 'small' and learn.iteration == 1
     assert learn.model.fsmis_meta['norm'] == {'kind': 'volume'} and learn.model.fsmis_meta['size'] == 32
+
+
+def test_ct_statistics_come_from_the_training_cases_only(tmp_path, monkeypatch):
+    "`fsmis train` on a CT dataset records the statistics of the fold's training cases; `fsmis evaluate` normalizes with them."
+    from fsmis.cli import main
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data.folds import fold_split
+    d = _registered_folder(tmp_path, 'synapse_ct', {0: 0, 1: 6, 2: 2, 3: 3, 4: 1})
+    monkeypatch.setenv('FSMIS_CACHE', str(tmp_path/'cache'))
+    torch.set_num_threads(1)
+    assert main(['train', '--dataset', str(d), '--iters', '1', '--size', '32', '--rho', '300', '--workers', '1', '--device', 'cpu',
+                 '--checkpoints', str(tmp_path/'ck'), '--quiet']) == 0
+    ck = torch.load(tmp_path/'ck'/'final.pth', weights_only=True)
+    ds = open_dataset(d)
+    train = fold_split(ds.case_ids, 0).train_ids
+    mean, std = ds.fit_norm(train)
+    assert ck['norm'] == {'kind': 'global', 'mean': mean, 'std': std}
+    assert ds.fit_norm() != (mean, std)  # all cases (test cases included) would give other statistics: the check can fail
+    seen = []
+    import fsmis.data.datasets as D
+    real = D.Dataset.set_norm
+    monkeypatch.setattr(D.Dataset, 'set_norm', lambda self, norm: seen.append(norm) or real(self, norm))
+    assert main(['evaluate', str(tmp_path/'ck'/'final.pth'), '--dataset', str(d), '--classes', 'liver', '--quiet', '--device', 'cpu']) == 0
+    assert seen == [ck['norm']]

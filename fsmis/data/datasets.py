@@ -212,6 +212,12 @@ class Dataset:
         self._norm_stats = (float(mean), std)
         return self._norm_stats
 
+    def set_norm(self, norm: dict # a recorded normalization (`norm_params` of the training data, e.g. from a checkpoint)
+                ):
+        "Normalize this dataset as recorded (global statistics of the training cases; 'volume' needs none)."
+        if not isinstance(norm, dict) or norm.get('kind') not in ('volume', 'global'): raise ValueError(f"norm={norm!r}: not a recorded normalization")
+        if norm['kind'] == 'global': self._norm_stats = (float(norm['mean']), float(norm['std']))
+
     def norm_params(self) -> dict:
         "This dataset's normalization as data (`normalize_volume`'s `norm`): what a checkpoint records and inference applies."
         if self.spec.norm == 'global':

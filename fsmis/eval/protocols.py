@@ -37,8 +37,11 @@ def query_chunks(qry_label, # query label volume (z, h, w)
                  cls:int, # class index
                  n_chunks:int=3, # number of chunks
                 ) -> list:
-    "The query's labelled slices split in order into `n_chunks` contiguous, nearly equal chunks."
-    return np.array_split(labelled_slices(qry_label, cls), n_chunks)
+    "The query's labelled slices split in order into `n_chunks` contiguous, nearly equal chunks; the last chunks take the remainder (as both releases)."
+    lab = labelled_slices(qry_label, cls)
+    base, extra = divmod(len(lab), n_chunks)
+    sizes = [base + (i >= n_chunks - extra) for i in range(n_chunks)]
+    return np.split(lab, np.cumsum(sizes)[:-1])
 
 # %% ../../nbs/21_eval.protocols.ipynb #0555646d
 def ep1_tasks(sup_label, # support label volume

@@ -115,6 +115,7 @@ class FewShotModel(nn.Module):
             outs = [self._forward_episode(sf[b], sup_masks[b].float(), qf[b], sup_imgs.shape[-2:]) for b in range(B)]
         res = {'qry': torch.stack([o[0] for o in outs]), 'sup_masks': sup_masks}
         if self.par: res['sup'] = torch.stack([o[1] for o in outs])
+        if self.par and len(outs[0]) > 2: res['par_valid'] = torch.stack([o[2] for o in outs])  # [B] episodes whose L_PAR counts
         return res
 
     def segment(self, qry_feats, # [N,C,h,w]
@@ -200,10 +201,10 @@ class ADNet(FewShotModel):
         if not self.par: return qp, None
         qmask = (qp[:, 1:] > qp[:, :1]).to(qf.dtype)  # argmax over (bg, fg) = predicted query masks [Q,1,H,W]
         qproto = self.prototypes(qf, qmask)
-        return qp, self.segment(sf, qproto, size)
+        return qp, self.segment(sf, qproto, size), qmask.any()  # an empty predicted mask gives no prototype: the release skips L_PAR
 
     def forward(self, sup_imgs, sup_masks, qry_imgs):
-        "Training prediction dict: 'qry' probs [B,Q,2,H,W], 'sup' PAR probs [B,K,2,H,W] (if par), 'sup_masks', 'T', 'alpha'."
+        "Training prediction dict: 'qry' probs [B,Q,2,H,W], 'sup' PAR probs [B,K,2,H,W] and 'par_valid' [B] (if par), 'sup_masks', 'T', 'alpha'."
         res = super().forward(sup_imgs, sup_masks, qry_imgs)
         B = sup_imgs.shape[0]  # one copy per episode, so fastai's get_preds can concatenate batches
         res.update(T=self.T.expand(B), alpha=torch.full((B,), float(self.alpha), device=self.T.device))

@@ -41,9 +41,11 @@ class ALPNet(FewShotModel):
                  thresh: float = 0.95, # coverage rule
                  scale: float = 20., # cosine scale
                  par: bool = True, # compute the PAR prediction in forward (the released SSL-ALPNet trains with it)
+                 gate_window: int | None = None, # the release's rule (4): a class uses local prototypes only if a window this size qualifies; None: the pooling window's own
                  **enc_kw):
         super().__init__(encoder, par=par, **enc_kw)
         self.window_train, self.window_test, self.thresh, self.scale = window_train, window_test, thresh, scale
+        self.gate_window = gate_window
 
     @property
     def window(self): return self.window_train if self.training else self.window_test
@@ -59,6 +61,8 @@ class ALPNet(FewShotModel):
         res = []
         for c in range(ms.shape[1]):
             loc = local_prototypes(sup_feats, ms[:, c], self.window, self.thresh)
+            if c and len(loc) and self.gate_window and self.gate_window != self.window and \
+               not len(local_prototypes(sup_feats, ms[:, c], self.gate_window, self.thresh)): loc = loc[:0]  # the release: global only
             if c == 0: res.append(loc if len(loc) else glb[:1])
             else: res.append(torch.cat([loc, glb[c:c+1]]))
         return {'bg': res[0], 'fg': res[1:]}
