@@ -14,7 +14,7 @@ from .core import quiet_imports
 with quiet_imports(): from fastai.callback.core import Callback
 from .core import set_seed, default_device
 from .data.datasets import CaseStore
-from .data.folds import setting2_keep
+from .data.folds import setting2_keep, excluded_classes
 from .eval.protocols import evaluate
 from .config import ExperimentConfig, eval_classes
 import fsmis.learner as L
@@ -179,7 +179,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     kw = dict(cfg.dls_kw)
     if sampler == 'densemp': kw.update(classes=train_classes(ds, test_classes), test_classes=list(test_classes), setting=cfg.setting,
                                        p_supervised=cfg.p_supervised)
-    elif cfg.setting == 2: kw['exclude_classes'] = list(test_classes)
+    elif excluded_classes(cfg.setting, test_classes): kw['exclude_classes'] = excluded_classes(cfg.setting, test_classes)
     dev = default_device(cfg.device)
     set_seed(seed)
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler=sampler, n_episodes=EPISODES_PER_PASS,
@@ -218,10 +218,11 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
     from fsmis.pretrain import densecl as D
     train_ids = sorted(str(c) for c in train_ids)
     exclude = None
-    if cfg.setting == 2:  # Ouyang's Setting 2 holds for every training stage: no slice with a test organ, labelled or not
-        if not test_classes: raise ValueError("stage 1 under Setting 2 needs test_classes (the slices to leave out)")
+    if cfg.setting == 2 and not test_classes: raise ValueError("stage 1 under Setting 2 needs test_classes (the slices to leave out)")
+    excl = excluded_classes(cfg.setting, test_classes or [])
+    if excl:  # Ouyang's Setting 2 holds for every training stage: no slice with a test organ, labelled or not
         store = store if store is not None else CaseStore(ds)
-        exclude = {c: np.flatnonzero(~setting2_keep(store[c].label, test_classes)) for c in train_ids}
+        exclude = {c: np.flatnonzero(~setting2_keep(store[c].label, excl)) for c in train_ids}
     tag = '' if exclude is None else '_no' + '-'.join(str(int(k)) for k in sorted(test_classes))
     out = Path(folder)/f'densecl_fold{fold}{tag}.pth'
     if out.is_file():

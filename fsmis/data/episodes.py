@@ -16,7 +16,7 @@ with quiet_imports():
     from fastai.data.core import DataLoaders
 from ..core import Case, default_device, resize_slices
 from .augment import adnet_augment, alpnet_augment
-from .folds import setting_keep
+from .folds import setting_keep, excluded_classes
 
 # %% auto #0
 __all__ = ['Episode', 'slice_counts', 'EpisodeSampler', 'VSSLSampler', 'PSSLSampler', 'SupervisedSampler', 'MixtureSampler',
@@ -268,12 +268,11 @@ class SupervisedSampler(EpisodeSampler):
         if not classes: raise ValueError("SupervisedSampler: classes (the training label group) is empty")
         if 0 in classes: raise ValueError("SupervisedSampler: classes must not contain 0 (background)")
         if set(classes) & set(test_classes): raise ValueError(f"SupervisedSampler: classes {sorted(set(classes) & set(test_classes))} are also test_classes")
-        if setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {setting!r}")
-        if setting == 2 and not test_classes: raise ValueError("Setting 2 needs test_classes (the classes whose slices are excluded)")
+        excl = excluded_classes(setting, test_classes)  # the one Setting 1/2 decision (fsmis.data.folds)
         if pairing not in ('other_case', 'same_case', 'any'): raise ValueError(f"pairing must be 'other_case', 'same_case' or 'any', got {pairing!r}")
         self.cases, self.classes, self.test_classes, self.setting, self.pairing = cases, classes, test_classes, setting, pairing
         self.min_pixels = max(1, int(min_pixels))
-        allowed = [_allowed(c, test_classes if setting == 2 else ()) for c in cases]
+        allowed = [_allowed(c, excl) for c in cases]
         self.n_allowed = int(sum(a.sum() for a in allowed))
         if self.n_allowed == 0: raise ValueError(f"Setting 2 excludes every slice of the {len(cases)} cases: each contains a test class {test_classes}")
         self.slices = {}  # class -> {case index: allowed slices containing it}
@@ -360,7 +359,7 @@ def densemp_finetune_sampler(cases: list, # labelled training cases
                             ) -> MixtureSampler:
     "DenseMP's fine-tuning mix: `p_supervised` ground-truth episodes, the rest superpixel episodes."
     sup = SupervisedSampler(cases, classes, test_classes, setting, **kwargs)
-    pss = PSSLSampler(cases, superpixels, exclude_classes=test_classes if setting == 2 else (), **kwargs)
+    pss = PSSLSampler(cases, superpixels, exclude_classes=excluded_classes(setting, test_classes), **kwargs)
     return MixtureSampler([sup, pss], [p_supervised, 1 - p_supervised])
 
 # %% ../../nbs/08_data.episodes.ipynb #dc1adea0

@@ -11,7 +11,7 @@ import numpy as np
 from .datasets import sort_ids
 
 # %% auto #0
-__all__ = ['FOLD_VARIANTS', 'FoldSplit', 'fold_split', 'fold_table', 'setting2_keep', 'setting_keep']
+__all__ = ['FOLD_VARIANTS', 'FoldSplit', 'fold_split', 'fold_table', 'setting2_keep', 'excluded_classes', 'setting_keep']
 
 # %% ../../nbs/03_data.folds.ipynb #b5b1e435
 class FoldSplit(NamedTuple):
@@ -65,12 +65,21 @@ def setting2_keep(label, # training label volume (z, h, w)
     if not test_classes: raise ValueError("test_classes is empty: Setting 2 needs the classes to exclude")
     return ~np.isin(label, test_classes).reshape(label.shape[0], -1).any(1)
 
+# %% ../../nbs/03_data.folds.ipynb #e1c0001a
+def excluded_classes(setting: int, # Ouyang's setting: 1 or 2
+                     test_classes, # the evaluated class indices
+                    ) -> list:
+    "The one Setting 1/2 decision: the classes whose slices no training stage may see (none in Setting 1, the test classes in Setting 2)."
+    if setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {setting!r}")
+    test_classes = [int(c) for c in test_classes]
+    if setting == 2 and not test_classes: raise ValueError("Setting 2 needs test_classes (the classes whose slices are excluded)")
+    return test_classes if setting == 2 else []
+
 # %% ../../nbs/03_data.folds.ipynb #251086cd
 def setting_keep(label, # training label volume
                  test_classes, # evaluated class indices
                  setting:int=1, # 1: keep every slice; 2: drop slices containing any test class
                 ) -> np.ndarray:
     "Slices a training sampler may use under Ouyang's Setting 1 or 2."
-    if setting == 1: return np.ones(np.asarray(label).shape[0], bool)
-    if setting == 2: return setting2_keep(label, test_classes)
-    raise ValueError(f"setting must be 1 or 2, got {setting!r}")
+    excl = excluded_classes(setting, test_classes)
+    return setting2_keep(label, excl) if excl else np.ones(np.asarray(label).shape[0], bool)
