@@ -143,6 +143,13 @@ ABLATIONS = {a.name: a for a in [
                   "labels (stage 3): the rows differ in the pretraining before it. 'baseline' has neither stage 1 nor stage 2, "
                   "'stage 1 only' has stage 1 and no stage 2. The paper's 'Stage 1 (natural)' row pretrains on ImageNet, which "
                   "cannot be had offline: left out."),
+    Ablation('alpnet-test-rule', "SSL-ALPNet's test-time prototype rule: fsmis's against the release's, CHAOS MRI, Setting 1 (not in the papers)",
+             'alpnet-chaos-setting1', {'fsmis rule (2 x 2 local prototypes when any qualify)': {},
+                                       'release rule (local only if a 4 x 4 window qualifies)': {'learner_kw.gate_window': 4}},
+             'release rule (local only if a 4 x 4 window qualifies)', protocol='ouyang', base_over=_DM_OVER,
+             note="Both rows train the same model (same seed; the rule only acts at test time, where the pooling window is 2 x 2): "
+                  "the difference is the test-time rule alone. The release checks a 4 x 4 window of >= 95 % coverage before it "
+                  "pools 2 x 2 local prototypes; without one the class keeps its global prototype only."),
     Ablation('densemp-table6', 'DenseMP Table 6: dense against global stage 1, kidneys, Setting 2 (the paper: Abd-CT; here CHAOS MRI)',
              'densemp-chaos-setting2', {'dense (lambda 0.5)': {}, 'global only (lambda 0)': {'pretrain_kw.lam': 0.0}, 'no stage 1': _NO_STAGE1},
              'dense (lambda 0.5)', protocol='ouyang', base_over={**_DM_OVER, 'label_groups': ['lower']},
