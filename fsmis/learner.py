@@ -18,7 +18,6 @@ with quiet_imports():
     from fastai.callback.core import Callback, CancelFitException, CancelValidException
     from fastai.optimizer import OptimWrapper
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
 from fastcore.meta import delegates
 from fastcore.basics import patch
 from .core import atomic_write, default_device

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io, base64
 import numpy as np
 import matplotlib.pyplot as plt
-from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.patches import Patch
 from skimage.segmentation import mark_boundaries
 from .core import Case, atomic_write, support_slice

@@ -8,9 +8,7 @@ Docs: https://fsmis.github.io/fsmis/eval.protocols.html.md"""
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from ..core import Case, labelled_slices, support_slice
 from .metrics import dice_counts, dice_from_counts
 from .inference import Task, encode_volume, eval_mode, learned_threshold, predict_tasks

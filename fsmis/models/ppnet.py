@@ -6,7 +6,7 @@ Docs: https://fsmis.github.io/fsmis/models.ppnet.html.md"""
 
 # %% ../../nbs/15_models.ppnet.ipynb #b76d188f
 from __future__ import annotations
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
 from .adnet import FewShotModel, masked_average_pool, cosine_map, _avg_shots
 
 # %% auto #0
