@@ -237,7 +237,7 @@ def _train_config(a):
     from fsmis.config import ExperimentConfig
     cfg = ExperimentConfig.load(_existing(a.config, 'config file')) if a.config else ExperimentConfig()
     over = dict(method=a.method, dataset=a.dataset, encoder=a.encoder, lr=a.lr, size=a.size, seed=a.seed,
-                n_steps=a.n_steps, device=a.device, rho=a.rho, encoder_weights=a.encoder_weights)
+                n_steps=a.n_steps, device=a.device, rho=a.rho, encoder_weights=a.encoder_weights, precision=a.precision)
     for k, v in over.items():
         if v is not None: setattr(cfg, k, v)
     if a.method in ('alpnet', 'panet') and not a.config: cfg.pseudo_labels = 'superpixels'
@@ -286,6 +286,7 @@ def _args_train(p):
     p.add_argument('--rho', type=positive_int, default=None, help="supervoxel minimum size in voxels (default: the dataset's, 5000 abdominal, 1000 cardiac)")
     p.add_argument('--seed', type=int, default=None, help='seed')
     p.add_argument('--workers', type=positive_int, default=None, help='processes for the supervoxels (default: the free cores)')
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default=None, help="training precision: bf16 = bfloat16 autocast on a CPU with AMX/AVX-512 BF16, fp16 = CUDA mixed precision, auto = the fastest this machine has (default: fp16 on CUDA, fp32 on the CPU)")
 
 # %% ../nbs/51_cli.ipynb #6e4d536d
 def _load_model(path, device=None, method=None, encoder=None):

@@ -64,6 +64,7 @@ class ExperimentConfig:
     thresholds: list | None = None  # line search thresholds (e.g. -20..-15), EP of the first protocol
     eval_batch_size: int = 16  # slices per forward pass at evaluation
     device: str | None = None  # 'cpu', 'cuda' or None (best available)
+    precision: str | None = None  # training precision: 'auto', 'fp32', 'bf16' (CPU), 'fp16' (CUDA); None: fp16 on CUDA, fp32 on the CPU
     num_threads: int | None = None  # torch CPU threads (None: leave)
     dls_kw: dict = field(default_factory=dict)  # extra arguments of `episode_dls`
     learner_kw: dict = field(default_factory=dict)  # extra arguments of the learner factory
@@ -106,6 +107,7 @@ class ExperimentConfig:
             raise ValueError(f"folds must be a list of fold indices, got {self.folds!r}")
         for p in self.protocols:
             if p not in ('EP1', 'EP2', 'ouyang'): raise ValueError(f"protocols: unknown protocol {p!r}")
+        if self.precision not in (None, 'auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be 'auto', 'fp32', 'bf16', 'fp16' or None, got {self.precision!r}")
         if self.setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {self.setting!r}")
         if self.select not in ('final', 'val'): raise ValueError(f"select must be 'final' or 'val', got {self.select!r}")
         if self.runs < 1: raise ValueError(f"runs must be >= 1, got {self.runs}")

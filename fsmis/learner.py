@@ -28,11 +28,12 @@ from .models.canet import CANet
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
-__all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'LEARNERS', 'step_lr', 'cosine_lr', 'IterTrainer', 'StopAfter',
-           'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'read_checkpoint', 'model_checkpoint',
-           'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints', 'resolve_resume',
-           'FewShotLearner', 'build_model', 'load_model', 'register_learner', 'fewshot_learner', 'adnet_learner',
-           'alpnet_learner', 'panet_learner', 'ppnet_learner', 'canet_learner']
+__all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'PRECISIONS', 'LEARNERS', 'step_lr', 'cosine_lr', 'IterTrainer',
+           'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'read_checkpoint',
+           'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
+           'resolve_resume', 'FewShotLearner', 'build_model', 'load_model', 'cpu_has_bf16', 'resolve_precision',
+           'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner',
+           'ppnet_learner', 'canet_learner']
 
 # %% ../nbs/14_learner.ipynb #d0e5c0a1
 DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
@@ -413,6 +414,36 @@ def load_model(path, # a model file: `save_model`, `save_checkpoint`, or an old 
     return m.to(default_device(device)).eval()
 
 
+# %% ../nbs/14_learner.ipynb #b16b0002
+def cpu_has_bf16() -> bool:
+    "True when this CPU reports native bfloat16 matrix math (AMX or AVX-512 BF16 flags in /proc/cpuinfo)."
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+PRECISIONS = (None, 'auto', 'fp32', 'bf16', 'fp16')
+
+def resolve_precision(precision: str | None, # one of `PRECISIONS`
+                      device, # the training device
+                     ) -> str:
+    "The precision a run uses on `device`: 'fp32', 'bf16' (CPU autocast) or 'fp16' (CUDA mixed precision)."
+    if precision not in PRECISIONS: raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS[1:]} or None")
+    cuda = torch.device(device).type == 'cuda'
+    if precision is None: return 'fp16' if cuda else 'fp32'
+    if precision == 'auto': return 'fp16' if cuda else 'bf16' if cpu_has_bf16() else 'fp32'
+    if precision == 'fp16' and not cuda: raise ValueError("precision='fp16': float16 mixed precision needs a CUDA device (use 'bf16' on a CPU)")
+    if precision == 'bf16' and cuda: raise ValueError("precision='bf16' is the CPU path here; on CUDA use 'fp16' or 'auto'")
+    return precision
+
+class CPUAutocast(Callback):
+    "Run the forward pass and the loss under `torch.autocast('cpu', bfloat16)` (no gradient scaler: bf16 has float32's range)."
+    order = 10  # where fastai's MixedPrecision runs
+    def before_batch(self): self.ctx = torch.autocast('cpu', dtype=torch.bfloat16); self.ctx.__enter__()
+    def after_loss(self): self._exit()
+    def after_cancel_batch(self): self._exit()
+    def _exit(self):
+        if getattr(self, 'ctx', None) is not None: self.ctx.__exit__(None, None, None); self.ctx = None
+
 # %% ../nbs/14_learner.ipynb #00765800
 LEARNERS = {}  # model kind -> learner factory: `fsmis.train` and the command line reach every model through this table
 
@@ -433,8 +464,8 @@ def fewshot_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
                     wd: float = 5e-4, # weight decay
                     decay: float = DECAY, # lr factor every `decay_every` iterations (paper 0.98; released code 0.95)
                     decay_every: int = DECAY_EVERY, # iterations between decays
-                    amp: bool | None = None, # mixed precision (None: on for CUDA)
-                    channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
+                    precision: str | None = None, # 'auto', 'fp32', 'bf16' (CPU), 'fp16' (CUDA); None: fp16 on CUDA, fp32 on the CPU
+                    channels_last: bool | None = None, # channels-last memory (None: with bf16 or fp16)
                     path=None, # Learner path (checkpoints go to path/'checkpoints')
                     **model_kw, # arguments of the model (encoder, weights, ...)
                    ) -> FewShotLearner:
@@ -447,11 +478,11 @@ def fewshot_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
     learn = FewShotLearner(dls, model, loss_func=loss_func, opt_func=opt, lr=lr, path=path or '.', train_bn=True)
     learn.model_kind, learn.model_config, learn.checkpoint_meta = kind, model.model_config, model.fsmis_meta  # the model's own dicts
     learn.fsmis_schedule = {'lr': lr, 'decay': decay, 'decay_every': decay_every}
-    cuda = dev.type == 'cuda'
-    if channels_last if channels_last is not None else cuda: learn.model.to(memory_format=torch.channels_last)
-    if amp if amp is not None else cuda:
-        if not cuda: raise ValueError("amp=True: mixed precision needs a CUDA device (dls.device)")
-        learn.to_fp16()
+    prec = resolve_precision(precision, dev)
+    learn.precision = model.fsmis_meta['precision'] = prec  # recorded in every checkpoint of the model
+    if channels_last if channels_last is not None else prec != 'fp32': learn.model.to(memory_format=torch.channels_last)
+    if prec == 'fp16': learn.to_fp16()
+    if prec == 'bf16': learn.add_cb(CPUAutocast())
     return learn
 
 @register_learner('adnet', ADNet)

@@ -185,7 +185,7 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     dls = episode_dls(ds, case_ids=fit_ids, pseudo_labels=pl, sampler=sampler, n_episodes=EPISODES_PER_PASS,
                       bs=cfg.batch_size, size=cfg.size, seed=seed, device=dev, **kw)
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
-    learn = L.LEARNERS[cfg.method](dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', **enc_kw, **cfg.learner_kw)
+    learn = L.LEARNERS[cfg.method](dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', precision=cfg.precision, **enc_kw, **cfg.learner_kw)
     if init is not None: learn.model.load_state_dict(init)
     learn.model.fsmis_meta.update(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
                                   norm=ds.norm_params(), **(meta or {}))

@@ -125,10 +125,28 @@ def test_ablation_learner_switches():
     assert set(learn.iter_log[-1]) >= {'seg'} and 'par' not in learn.iter_log[-1]
 
 
-def test_amp_needs_cuda():
-    with pytest.raises(ValueError, match='CUDA'): make(size=32, amp=True)
+def test_fp16_needs_cuda():
+    with pytest.raises(ValueError, match='CUDA'): make(size=32, precision='fp16')
     learn = make(size=32)
-    assert not any(type(c).__name__ == 'MixedPrecision' for c in learn.cbs)
+    assert not any(type(c).__name__ in ('MixedPrecision', 'CPUAutocast') for c in learn.cbs) and learn.precision == 'fp32'
+
+
+def test_bf16_precision_runs_the_encoder_in_bf16_and_is_recorded(tmp_path):
+    from fsmis.learner import CPUAutocast, read_checkpoint
+    learn = make(size=32, path=tmp_path, precision='bf16')
+    assert learn.precision == 'bf16' and any(isinstance(c, CPUAutocast) for c in learn.cbs)
+    seen = []
+    conv = next(m for m in learn.model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    h = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    fit_iters(learn, 3, progress=False); h.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the encoder's convolutions ran in bfloat16
+    assert all(torch.isfinite(torch.tensor(r['loss'])) for r in learn.iter_log)
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())  # weights and optimiser stay float32
+    assert read_checkpoint(save_checkpoint(learn, tmp_path/'a.pth'))['precision'] == 'bf16'
+    fp = make(size=32, path=tmp_path/'b', precision='fp32'); seen.clear()
+    h = next(m for m in fp.model.encoder.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    fit_iters(fp, 1, progress=False); h.remove()
+    assert seen and all(d == torch.float32 for d in seen)  # the check can fail
 
 
 def test_progress_bar_runs(tmp_path, capsys):
