@@ -68,6 +68,17 @@ def test_kernel_float_intensities_and_scale():
                                    _reference_felz(v, (2., 1., 1.), min_size, scale)) == pytest.approx(1.0)
 
 
+def test_flat_regions_and_zero_costs():
+    "Large flat regions (most edges of cost 0, joined from bit sets before the sort) with noise: same partition as the transcription."
+    rng = np.random.default_rng(11)
+    v = np.zeros((5, 12, 11)); v[:, 3:9, 2:8] = 100; v[2:, 5:, :4] = 40
+    noise = rng.random(v.shape) < 0.1; v[noise] = rng.integers(0, 200, noise.sum())
+    v = rescale_255(v)
+    for min_size in (1, 10, 60):
+        ours, ref = felzenszwalb_3d(v, (3., 1., 1.), min_size=min_size), _reference_felz(v, (3., 1., 1.), min_size)
+        assert adjusted_rand_index(ours, ref) == pytest.approx(1.0) and ours.max() == len(np.unique(ref))
+
+
 def test_two_blocks_two_supervoxels():
     blocks = np.zeros((8, 30, 30), np.int16); blocks[4:] = 700
     for rho in (10, 1000, 3600):
@@ -100,6 +111,9 @@ def test_bad_inputs():
     for sp in ((0, 1, 1), (1, -1, 1), (1, 1), (np.nan, 1, 1)):
         with pytest.raises(ValueError, match='spacing'): supervoxels(v, sp)
     with pytest.raises(ValueError, match='mode'): cached_supervoxels(v, (1, 1, 1), mode='4d')
+    for scale in (0, -1., np.nan, 1e-300):  # 1e-300: the per-voxel threshold would underflow to 0 in float32
+        with pytest.raises(ValueError, match='scale'): supervoxels(v, (1, 1, 1), scale=scale)
+        with pytest.raises(ValueError, match='scale'): felzenszwalb_3d(v, scale=scale)
 
 
 def test_body_mask():

@@ -297,12 +297,14 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
         _join_zero_edges(zbits, offs, parent)
         zbits = np.empty((0, 0), np.uint64)
         starts, mn, pos2, counts, multi = _bucket_layout(counts2, mn2, mx2)
+        counts2 = np.empty((0, 0), np.int64); mn2 = np.empty((0, 0)); mx2 = np.empty((0, 0))  # freed before the edge array
         codes = np.empty(starts[nb], np.int32)
         _scatter_edges(v, Z, H, W, dirs, offs, wts, nb, inv_width, pos2, codes)
+        pos2 = np.empty((0, 0), np.int64)
         m = np.int64(np.max(counts)); buf = np.empty(m, np.int32); lo = np.empty(m, np.uint16)
     lob = mn.view(np.int64)
     hist = np.empty((1 << 16) + 1, np.int64)
-    cint = np.zeros(N, np.float64)
+    cint = np.full(N, -1, np.int32)  # internal cost of each component: the code of its last joined edge (-1: cost 0)
     # pass 1: Felzenszwalb criterion (float32 comparison, as the original)
     last = 0.0
     sorted_upto = 0
@@ -321,13 +323,15 @@ def _felzenszwalb_3d(v, shape, dirs, wts, scale, min_size, nb, numpy1):
                 done = True; break
             a = _find(parent, q + offs[k]); r = _find(parent, q)
             if a == r: continue
-            ic0 = np.float32(cint[a] + scale / -parent[a])
-            ic1 = np.float32(cint[r] + scale / -parent[r])
+            ca = 0.0 if cint[a] < 0 else _edge_cost(v, cint[a] >> 4, cint[a] & 15, offs, dirs, wts)
+            cr = 0.0 if cint[r] < 0 else _edge_cost(v, cint[r] >> 4, cint[r] & 15, offs, dirs, wts)
+            ic0 = np.float32(ca + scale / -parent[a])
+            ic1 = np.float32(cr + scale / -parent[r])
             if c < min(ic0, ic1):
                 if parent[a] > parent[r]: a, r = r, a
-                parent[a] += parent[r]; parent[r] = a; cint[a] = c; last = c
+                parent[a] += parent[r]; parent[r] = a; cint[a] = codes[i]; last = c
         b += 1
-    cint = np.empty(0, np.float64)
+    cint = np.empty(0, np.int32)
     # pass 2: join every edge that touches a component smaller than min_size, until none is left
     n_small = 0
     for i in range(N):
