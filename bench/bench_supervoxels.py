@@ -30,7 +30,15 @@ fsmis's (its argsort and gathers are memory-bound), so quote figures measured on
 
 Measured 2026-12-04 on the 2-core development machine (other sessions' tests running beside it: load average
 given per run), first 5 volumes of each set, `--limit 5`:
-  RUN3
+  load 2.95 before, 4.15 after (`--adnet` a build with Cython 0.29 semantics, as above):
+  chaos_t2: fsmis median 0.73 s/volume (0.65-0.76), +125 MiB median (+127 max); original median 15.66 s (14.41-22.42),
+    +2109 MiB median (+2169 max); speed-up 21.6x (ratio of medians; per volume 20.6-30.7x, median 22.5x);
+    memory 16.9x less (per volume 15.7-17.4x); ARI mean 0.9502 (min 0.8954)
+  ms_cmrseg_bssfp: fsmis median 0.27 s/volume (0.21-0.45), +69 MiB median (+90 max); original median 4.21 s
+    (3.73-10.07), +734 MiB median (+1094 max); speed-up 15.4x (per volume 10.4-22.4x, median 17.7x); memory 10.6x
+    less (per volume 10.0-12.2x); ARI mean 0.9778 (min 0.9388)
+  An earlier run of the same (load 2.5-3.1): CHAOS 21.9x (per volume 21.2-29.0x), memory 15.5x; cardiac 12.8x.
+  CHAOS cases 1-2 alone at load ~2: original 14.45-16.79 s, fsmis 0.46-0.53 s (31.6x).
 Earlier the same day, same volumes, the original built with Cython 3 defaults (the slow build described above), load
 1.5-2.4: CHAOS original median 35.8 s, fsmis 0.74 s (48.2x); cardiac 8.9 s vs 0.38 s (23.2x); and under load 4-6: CHAOS
 52.6 s vs 1.24 s (42.4x). fsmis before that day's kernel changes, same process and load (~1.5), CHAOS case 1:
