@@ -1,4 +1,4 @@
-"""`fsmis demo`: phantom cases, supervoxels, self-supervised ADNet, EP2 evaluation against an untrained baseline, tables and a figure, in a few minutes on a CPU.
+"""`fsmis demo`: phantom cases, supervoxels, self-supervised ADNet, EP2 evaluation against an untrained baseline, tables and a figure, on a CPU with no download.
 
 Docs: https://fsmis.github.io/fsmis/demo.html.md"""
 
