@@ -6,7 +6,7 @@ import pytest
 from fsmis.cli import main, build_parser
 from fsmis.data.io import read_nifti
 
-COMMANDS = ['demo', 'preprocess', 'supervoxels', 'train', 'evaluate', 'segment', 'reproduce']
+COMMANDS = ['demo', 'preprocess', 'supervoxels', 'train', 'evaluate', 'segment', 'pretrain', 'reproduce', 'ablate']
 
 
 def fsmis(*args, cwd=None, env=None, timeout=600):
@@ -56,6 +56,19 @@ def test_entry_point_help():
     assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
     r = fsmis('demo', '--help')
     assert r.returncode == 0 and '--iters' in r.stdout and '--data' in r.stdout and '--device' in r.stdout
+
+
+def test_cli_page_names_every_subcommand():
+    "The command-line page's summary line, the module docstring and its table of commands name every registered subcommand."
+    import fsmis.cli as cli
+    from fsmis.cli import _SUBCOMMANDS
+    nb = json.loads((Path(__file__).parents[1]/'nbs'/'51_cli.ipynb').read_text())
+    md = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    summary = cli.__doc__.split('\n')[0]
+    assert set(COMMANDS) <= set(_SUBCOMMANDS)
+    for name in _SUBCOMMANDS:
+        assert f'| `fsmis {name}` |' in md, f"51_cli.ipynb: no row for `fsmis {name}` in the table of commands"
+        assert f' {name} ' in summary.replace('|', ' ').replace('`', ' ').replace(':', ' '), f"cli docstring does not name {name}"
 
 
 @pytest.mark.parametrize('cmd', COMMANDS)
