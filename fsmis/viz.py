@@ -15,9 +15,9 @@ from .core import Case, atomic_write, support_slice
 
 
 # %% auto #0
-__all__ = ['class_colors', 'overlay', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode', 'episode_row',
-           'episode_grid', 'show_supervoxels', 'prediction_figure', 'dice_bars', 'plot_dice_table', 'plot_results',
-           'plot_threshold_sweep', 'swatch', 'VolumeViewer']
+__all__ = ['class_colors', 'overlay', 'display_flip', 'pick_slices', 'show_slices', 'show_boundaries', 'show_episode',
+           'episode_row', 'episode_grid', 'show_supervoxels', 'prediction_figure', 'dice_bars', 'plot_dice_table',
+           'plot_results', 'plot_threshold_sweep', 'swatch', 'VolumeViewer']
 
 # %% ../nbs/50_viz.ipynb #dfb06690
 def _np(x):
@@ -78,6 +78,20 @@ def overlay(ax, # matplotlib axes to draw into
     ax.set_axis_off()
     return ax
 
+# %% ../nbs/50_viz.ipynb #a246406c
+def display_flip(affine=None, # 4x4 NIfTI affine (x, y, z order) of the volume, or None (no rule: rows as stored)
+                 flip_ud: bool | None = None, # True / False: forced; None: derived from `affine`
+                ) -> bool:
+    "Whether to flip a (z, h, w) volume's rows for display so that anterior is up: `flip_ud`, else True when the rows run posterior -> anterior."
+    if flip_ud is not None:
+        if not isinstance(flip_ud, (bool, np.bool_)): raise ValueError(f"flip_ud must be True, False or None, got {flip_ud!r}")
+        return bool(flip_ud)
+    if affine is None: return False
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4): raise ValueError(f"affine must be a 4x4 NIfTI matrix, got shape {a.shape}")
+    down = a[:3, 1]  # world (RAS+) step of one row down: NIfTI's second voxel axis is our h
+    return bool(np.argmax(np.abs(down)) == 1 and down[1] > 0)
+
 # %% ../nbs/50_viz.ipynb #d00462a9
 def _legend(fig, classes, present, n):
     "Figure legend naming the classes in `present` with their overlay colours."
@@ -111,17 +125,21 @@ def show_slices(volume, # image volume (z, h, w) or a `Case` (then its label and
                 alpha: float = 0.45, # overlay opacity
                 size: float = 1.8, # inches per panel
                 title: str | None = None, # figure title
+                flip_ud: bool | None = None, # flip the rows for display (None: anterior up, from the affine: `display_flip`)
+                affine=None, # 4x4 NIfTI affine of a plain volume (a `Case` brings its own; None: rows as stored)
                ):
-    "Grid of axial slices of `volume` with `label` (and `pred`) overlaid; returns the figure."
+    "Grid of axial slices of `volume` with `label` (and `pred`) overlaid, anterior up where the affine says which way that is; returns the figure."
     if isinstance(volume, Case):
         label = volume.label if label is None else label
         classes = volume.classes if classes is None else classes
         title = title if title is not None else (f'case {volume.case_id}' if volume.case_id else None)
+        affine = volume.affine if affine is None else affine
         volume = volume.image
     vol = _np(volume)
     if vol.ndim != 3: raise ValueError(f"volume must be 3D (z, h, w), got shape {vol.shape}")
     for nm, v in (('label', label), ('pred', pred)):
         if v is not None and _np(v).shape != vol.shape: raise ValueError(f"{nm} shape {_np(v).shape} != volume shape {vol.shape}")
+    flip = display_flip(affine, flip_ud)
     if slices is None: slices = pick_slices(label, n, vol.shape[0])
     slices = [int(s) for s in np.atleast_1d(slices)]
     bad = [s for s in slices if not -vol.shape[0] <= s < vol.shape[0]]
@@ -141,7 +159,8 @@ def show_slices(volume, # image volume (z, h, w) or a `Case` (then its label and
             ax = axs[r*nrow_per + j // ncols, j % ncols]
             l2 = None if v is None else _np(v)[s]
             if l2 is not None: present |= set(np.unique(l2).tolist())
-            overlay(ax, vol[s], l2, alpha=alpha, n_classes=n, vmin=lo, vmax=hi,
+            if flip: l2 = None if l2 is None else l2[::-1]  # display only: the arrays are not changed
+            overlay(ax, vol[s][::-1] if flip else vol[s], l2, alpha=alpha, n_classes=n, vmin=lo, vmax=hi,
                     title=f'{nm} z={s}' if pred is not None else f'z={s}')
         for j in range(len(slices), nrow_per*ncols): axs[r*nrow_per + j // ncols, j % ncols].set_axis_off()
     _legend(fig, classes, present, n)
@@ -466,11 +485,14 @@ class VolumeViewer(widgets.VBox):
                  size: float = 3.0, # inches per panel of `figure` (the static matplotlib view)
                  slice_index: int | None = None, # initial slice (default: the middle labelled slice)
                  zoom: int | None = None, # screen pixels per image pixel (default: the slice about 512 px wide)
+                 flip_ud: bool | None = None, # flip the rows for display (None: anterior up, from the affine: `display_flip`)
+                 affine=None, # 4x4 NIfTI affine of a plain volume (a `Case` brings its own; None: rows as stored)
                 ):
         if isinstance(case_or_volume, Case):
             c = case_or_volume
             label = c.label if label is None else label
             classes = c.classes if classes is None else classes
+            affine = c.affine if affine is None else affine
             vol = c.image
         else: vol = case_or_volume
         self.volume = _np(vol)
@@ -484,6 +506,7 @@ class VolumeViewer(widgets.VBox):
         if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, np.integer)) or zoom < 1):
             raise ValueError(f"zoom must be a whole number >= 1 (screen pixels per image pixel), got {zoom!r}")
         z, h, w = self.volume.shape
+        self.flip_ud = display_flip(affine, flip_ud)  # display only: the volumes keep the file's row order
         self.zoom = int(zoom or max(1, 512 // max(h, w)))
         self.alpha, self.size, self.lims = alpha, size, _window(self.volume)
         present = set()
@@ -521,11 +544,12 @@ class VolumeViewer(widgets.VBox):
 
     def rgb(self, i: int | None = None # slice index (default: the slider's)
            ) -> np.ndarray:
-        "uint8 RGB array of slice `i` as shown: the panels side by side (one white column apart), each pixel repeated `zoom` times (no smoothing)."
+        "uint8 RGB array of slice `i` as shown: the panels side by side (one white column apart), rows flipped if `flip_ud`, each pixel repeated `zoom` times."
         i = self.slider.value if i is None else int(i)
         on = np.zeros(self.n + 1, bool); on[self.visible] = True
         cols = class_colors(self.n)
-        ps = [_rgb_panel(self.volume[i], None if v is None else v[i], self.window.value, on, cols, self.alpha) for _, v in self.panels]
+        r = slice(None, None, -1) if self.flip_ud else slice(None)
+        ps = [_rgb_panel(self.volume[i][r], None if v is None else v[i][r], self.window.value, on, cols, self.alpha) for _, v in self.panels]
         gap = np.full((ps[0].shape[0], 1, 3), 255, np.uint8)
         out = np.concatenate([p if k == 0 else np.concatenate([gap, p], 1) for k, p in enumerate(ps)], 1)
         return out.repeat(self.zoom, 0).repeat(self.zoom, 1)
@@ -537,9 +561,10 @@ class VolumeViewer(widgets.VBox):
         h, w = self.volume.shape[1:]
         fig, axs = plt.subplots(1, len(self.panels), figsize=(self.size*len(self.panels), self.size * h / w + 0.3), dpi=80, squeeze=False)
         vis = np.zeros(self.n + 1, bool); vis[self.visible] = True
+        r = slice(None, None, -1) if self.flip_ud else slice(None)
         for ax, (nm, v) in zip(axs[0], self.panels):
-            l2 = None if v is None else np.where(vis[np.clip(v[i], 0, self.n)], v[i], 0)
-            overlay(ax, self.volume[i], l2, alpha=self.alpha, n_classes=self.n, vmin=self.window.value[0], vmax=self.window.value[1],
+            l2 = None if v is None else np.where(vis[np.clip(v[i], 0, self.n)], v[i], 0)[r]
+            overlay(ax, self.volume[i][r], l2, alpha=self.alpha, n_classes=self.n, vmin=self.window.value[0], vmax=self.window.value[1],
                     title=f'{nm}, slice {i}' if v is not None else f'slice {i}')
         fig.tight_layout()
         return fig

@@ -1,0 +1,84 @@
+"Display orientation of `fsmis.viz`: anterior up from the NIfTI affine (`display_flip`), a flip option, the data untouched."
+import matplotlib
+matplotlib.use('Agg')
+import nibabel as nib
+import numpy as np
+import pytest
+from fsmis.core import Case
+from fsmis.data.io import read_nifti, write_nifti
+from fsmis.viz import display_flip, show_slices, VolumeViewer
+
+# CHAOS T2 image_1.nii.gz: axis codes L, A, S (rows run posterior -> anterior)
+LAS = np.array([[-1.25, 0, 0, 192.65], [0, 1.25, 0, -200.66], [0, 0, 7.7, -77.09], [0, 0, 0, 1.]])
+LPS = LAS @ np.diag([1, -1, 1, 1.])  # the same grid stored with its rows anterior -> posterior
+
+
+def marked_volume():
+    "(z, h, w) volume: a bright band in the first rows of every slice, the posterior side of a LAS file."
+    v = np.zeros((3, 8, 6), np.float32); v[:, :2] = 100.
+    return v
+
+
+def test_axis_codes_of_the_two_affines():
+    assert nib.aff2axcodes(LAS) == ('L', 'A', 'S') and nib.aff2axcodes(LPS) == ('L', 'P', 'S')
+
+
+@pytest.mark.parametrize('affine, flip', [(LAS, True), (LPS, False), (np.diag([1., 1, 1, 1]), True), (None, False),
+                                          (np.array([[0, 0, -1., 0], [1., 0, 0, 0], [0, -1., 0, 0], [0, 0, 0, 1]]), False),
+                                          (np.array([[0, 1.2, 0, 0], [-1., 0, 0, 0], [0, 0, 3., 0], [0, 0, 0, 1]]), False)])
+def test_rule(affine, flip):
+    "Flip exactly when one step down the rows (affine column 1) points mostly to anterior (+y in RAS+)."
+    assert display_flip(affine) is flip
+
+
+def test_option_overrides_and_bad_input():
+    assert display_flip(LAS, flip_ud=False) is False and display_flip(LPS, flip_ud=True) is True
+    assert display_flip(None, flip_ud=True) is True
+    with pytest.raises(ValueError, match='4x4'): display_flip(np.eye(3))
+    with pytest.raises(ValueError, match='flip_ud'): display_flip(LAS, flip_ud=1)
+
+
+def test_rule_on_a_file_round_trip(tmp_path):
+    "What read_nifti returns (rows = the file's second voxel axis) with its affine: the posterior band ends at the bottom."
+    v = marked_volume()
+    for aff, band_on_top in [(LAS, False), (LPS, True)]:
+        p = write_nifti(tmp_path/'x.nii.gz', v, aff)
+        img, _, a = read_nifti(p)
+        shown = VolumeViewer(img, affine=a, zoom=1).rgb(1)[:, :, 0]
+        assert bool(shown[0].mean() > shown[-1].mean()) == band_on_top
+        np.testing.assert_array_equal(img, v)  # reading and viewing leave the data as stored
+
+
+def test_viewer_flips_display_only():
+    v = marked_volume(); lab = np.zeros(v.shape, np.int64); lab[:, :2, :3] = 1
+    before = v.copy(), lab.copy()
+    up = VolumeViewer(Case(v, lab, affine=LAS), zoom=1)
+    raw = VolumeViewer(Case(v, lab, affine=LAS), zoom=1, flip_ud=False)
+    assert up.flip_ud and not raw.flip_ud
+    np.testing.assert_array_equal(up.rgb(1), raw.rgb(1)[::-1])
+    np.testing.assert_array_equal(up.volume, v); np.testing.assert_array_equal(up.label, lab)
+    np.testing.assert_array_equal(v, before[0]); np.testing.assert_array_equal(lab, before[1])
+    assert up.slider.value == raw.slider.value  # the slice index is the file's
+    f = up.figure(1); img = np.asarray(f.axes[0].images[0].get_array())
+    np.testing.assert_array_equal(img, v[1][::-1])
+    assert not VolumeViewer(Case(v, lab, affine=LPS), zoom=1).flip_ud
+    assert not VolumeViewer(v, zoom=1).flip_ud and VolumeViewer(v, zoom=1, affine=LAS).flip_ud
+
+
+def test_show_slices_flips_image_and_label_together():
+    v = marked_volume(); lab = np.zeros(v.shape, np.int64); lab[:, :2, :3] = 1
+    c = Case(v, lab, affine=LAS)
+    up, raw = show_slices(c, slices=[1]), show_slices(c, slices=[1], flip_ud=False)
+    (i_up, o_up), (i_raw, o_raw) = ([np.asarray(im.get_array()) for im in f.axes[0].images] for f in (up, raw))
+    np.testing.assert_array_equal(i_up, i_raw[::-1]); np.testing.assert_array_equal(o_up, o_raw[::-1])
+    np.testing.assert_array_equal(i_raw, v[1])
+    a = show_slices(v, lab, slices=[1], affine=LAS).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(np.asarray(a), v[1][::-1])
+
+
+def test_real_chaos_scan_is_shown_anterior_up(data_root):
+    "A CHAOS T2 file (skipped without the data): its rows run posterior -> anterior, so the viewer flips them."
+    f = next((data_root/'chaos_t2').glob('image_*.nii.gz'))
+    img, _, aff = read_nifti(f)
+    assert display_flip(aff)
+    assert nib.aff2axcodes(aff)[1] == 'A'
