@@ -512,3 +512,23 @@ def test_labelling_and_when_to_use_pages(site):
     for cite in ['arXiv:2408.00714', 'arXiv:2504.03600', 'arXiv:2503.08373', 'GPU', 'approximate']:
         assert cite in text, cite
     assert w.select('table'), 'the comparison is a table'
+
+UNREADABLE = ('REFERENCE_FACTS', '../shared/')  # files of the development machine, not in the repository
+
+def _unreadable_refs(name: str, text: str) -> list:
+    return [f'{name}: ...{text[max(0, i - 60):i + 40]!r}...' for s in UNREADABLE for i in [m.start() for m in re.finditer(re.escape(s), text)]]
+
+def test_no_citation_of_files_a_reader_cannot_open(site):
+    "No page (prose, code, outputs, attributes) names REFERENCE_FACTS.md or a ../shared/ path: papers are cited by title."
+    bad = [r for f in _html_files(site) for r in _unreadable_refs(str(f.relative_to(site)), f.read_text(encoding='utf-8'))]
+    assert not bad, f'{len(bad)} citations of files a reader cannot open:\n' + '\n'.join(bad[:20])
+
+def test_no_citation_of_files_a_reader_cannot_open_in_the_browser(site, browser):
+    "The same, as Chromium renders every page: its text and its DOM after the scripts ran."
+    bad = []
+    for f in _html_files(site):
+        page = _open(browser, f)
+        name = str(f.relative_to(site))
+        bad += _unreadable_refs(name, page.inner_text('body')) + _unreadable_refs(name + ' (DOM)', page.content())
+        page.close()
+    assert not bad, f'{len(bad)} citations of files a reader cannot open:\n' + '\n'.join(bad[:20])
