@@ -14,6 +14,15 @@ of a fresh process per configuration.
 Usage: python bench/bench_densecl.py [--threads 1] [--reps 5] [--bs 32] [--size 128]
                                      [--configs small:65536:8,resnet18:65536:8,small:4096:8,resnet18:4096:8]
        python bench/bench_densecl.py --accum [--encoders small] [--queue 256] [--threads 1] [--reps 5] [--bs 32] [--size 128]
+
+The runs whose tables the DenseCL lesson (nbs/30_pretrain.densecl.ipynb, "Measurements") shows, all on the 2-core
+development machine, one thread, shared with other work:
+  2026-12-02  --reps 3 (load average ~1): queues 65 536 and 4 096; views 770 pairs/s alone, 737 through the DataLoader
+  2026-12-03  --reps 3 --configs small:256:8,resnet18:256:8 (load average 0.9): the machine ran about twice slower
+              than the day before for the encoder alone, and the view throughput fell to 284 pairs/s in the same run
+  2026-12-04  --accum --reps 3 --encoders small,resnet18 (load average ~4, so differences under ~10 % are noise)
+The lesson's stored offset-recovery run on phantoms (its "Does it work?" section) took 218 s on 2026-12-04; the run of
+2026-12-02, with the code of that day, gave 0.0 % (8.4 %) and 0.5 % (8.6 %) for DenseCL and the global-only baseline.
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 import torch

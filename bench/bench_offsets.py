@@ -6,6 +6,11 @@ is counted exact, within one cell, or at the same cell index (a wrong answer: a 
 Random encoders (two init seeds) are the reference; each weights file given is an encoder written by
 `fsmis pretrain densecl` or by stage 1 inside an experiment (its steps are printed from its metadata).
 Usage: python bench/bench_offsets.py [--data chaos_t2] [--fold 0] [--sizes 64 128] [--n 64] [WEIGHTS.pth ...]
+
+The table of the DenseCL lesson ("On real scans") is the run of 2026-12-03 on the 2-core development machine:
+`python bench/bench_offsets.py densecl_45steps_fold0.pth densecl_704steps_fold0.pth` (stage-1 encoders copied out
+of two experiments' cell folders on CHAOS fold 0); the exploratory phantom runs of the lesson's "Follow-up
+measurements" date from 2026-12-02.
 """
 import argparse, os, time
 import torch
