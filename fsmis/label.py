@@ -17,7 +17,7 @@ from skimage.draw import polygon as _sk_polygon, disk as _sk_disk
 from .core import Case
 from .data.io import read_nifti, write_nifti
 from .eval.inference import bundled_model_path, segment_files
-from .viz import VolumeViewer, class_colors, swatch, _window
+from .viz import VolumeViewer, class_colors, display_flip, swatch, _window
 
 # %% auto #0
 __all__ = ['polygon_mask', 'disk_mask', 'LabelWidget']
@@ -72,12 +72,15 @@ class LabelWidget(widgets.VBox):
                  mask=None, # initial label volume (z, h, w) of class indices
                  slice_index: int | None = None, # initial slice (default: the middle one)
                  zoom: int | None = None, # screen pixels per image pixel (default: the slice about 512 px wide)
+                 flip_ud: bool | None = None, # flip the rows for display (None: anterior up from the affine, `fsmis.viz.display_flip`)
                 ):
         from ipympl.backend_nbagg import Canvas, FigureManager
         vol, self.affine, self.path, cls = _as_scan(image, affine)
         if vol.ndim != 3: raise ValueError(f"image must be a (z, h, w) volume, got shape {vol.shape}")
         if not np.isfinite(vol).all(): raise ValueError("image: contains NaN or inf")
         self.image = vol
+        self._flip_option = flip_ud
+        self.flip_ud = display_flip(self.affine, flip_ud)  # display only: mask and coordinates keep the file's rows
         self.classes = {int(k): str(v) for k, v in (classes or cls or {1: 'class 1'}).items()}
         if not self.classes or min(self.classes) < 1: raise ValueError(f"classes must map class indices >= 1 to names, got {classes}")
         z, h, w = vol.shape
@@ -112,7 +115,8 @@ class LabelWidget(widgets.VBox):
         self.ax = self.fig.add_axes((0, 0, 1, 1)); self.ax.set_axis_off()
         self._im = self.ax.imshow(vol[slice_index], cmap='gray', vmin=self.window.value[0], vmax=self.window.value[1], interpolation='nearest')
         self._ov = self.ax.imshow(self._rgba(slice_index), interpolation='nearest')
-        self.ax.set_xlim(-0.5, w - 0.5); self.ax.set_ylim(h - 0.5, -0.5)
+        self.ax.set_xlim(-0.5, w - 0.5)
+        self.ax.set_ylim(*((-0.5, h - 0.5) if self.flip_ud else (h - 0.5, -0.5)))  # flipped: row 0 at the bottom; data coordinates unchanged
         line = dict(color='yellow', linewidth=1)
         self._poly = PolygonSelector(self.ax, self._on_polygon, useblit=False, props=line, grab_range=6)
         self._lasso = LassoSelector(self.ax, self._on_lasso, useblit=False, props=line)
@@ -236,6 +240,6 @@ def segment(self:LabelWidget, query, # query scan (.nii/.nii.gz)
     with tempfile.TemporaryDirectory() as d:
         sup = self.path if self.path is not None else write_nifti(Path(d)/'support.nii.gz', self.image, self.affine)
         r = segment_files(model, query, sup, self.save(Path(d)/'support_mask.nii.gz'), out, z=z, size=ck.get('size'))
-    q = read_nifti(query)[0]
+    q, _, q_affine = read_nifti(query)
     self.prediction = read_nifti(r['out'], dtype=None)[0].astype(np.int64)
-    return VolumeViewer(q, label=None, pred=self.prediction, classes=self.classes)
+    return VolumeViewer(q, label=None, pred=self.prediction, classes=self.classes, affine=q_affine, flip_ud=self._flip_option)

@@ -82,3 +82,39 @@ def test_real_chaos_scan_is_shown_anterior_up(data_root):
     img, _, aff = read_nifti(f)
     assert display_flip(aff)
     assert nib.aff2axcodes(aff)[1] == 'A'
+
+
+def _click(w, x, y):
+    "Mouse move, press and release at image point (x, y) of LabelWidget `w`, as the canvas receives them."
+    from matplotlib.backend_bases import MouseEvent
+    cx, cy = w.to_canvas(x, y)
+    MouseEvent('motion_notify_event', w.canvas, cx, w.fig.bbox.height - cy)._process()
+    for kind in ('button_press_event', 'button_release_event'):
+        MouseEvent(kind, w.canvas, cx, w.fig.bbox.height - cy, button=1)._process()
+
+
+def test_label_widget_draws_on_the_right_voxels_when_flipped(tmp_path):
+    "The labelling canvas flips like the viewer; a polygon clicked on it lands on the same voxels as unflipped."
+    pytest.importorskip('ipympl')
+    from fsmis.label import LabelWidget, polygon_mask
+    from matplotlib.backend_bases import MouseEvent
+    v = np.random.default_rng(0).normal(size=(4, 40, 32)).astype(np.float32)
+    up, raw = LabelWidget(Case(v, affine=LAS), slice_index=2, zoom=4), LabelWidget(Case(v, affine=LAS), slice_index=2, zoom=4, flip_ud=False)
+    assert up.flip_ud and not raw.flip_ud and not LabelWidget(Case(v, affine=LPS), zoom=4).flip_ud
+    assert up.to_canvas(10, 0)[1] > up.to_canvas(10, 39)[1] and raw.to_canvas(10, 0)[1] < raw.to_canvas(10, 39)[1]
+    tri = [(4.0, 3.0), (26.0, 8.0), (12.0, 30.0)]
+    for w in (up, raw):
+        for x, y in tri + tri[:1]: _click(w, x, y)
+        np.testing.assert_allclose(w.last_vertices, tri, atol=0.3)
+    np.testing.assert_array_equal(up.mask, raw.mask)
+    np.testing.assert_array_equal(up.mask[2] == 1, polygon_mask(up.last_vertices, (40, 32)))
+    assert up.mask[2, :6].any() and not up.mask[2, 32:].any()  # the first rows (top of the file), drawn at the bottom
+    # a brush press near the top of the flipped canvas paints the last rows of the slice
+    up.tool.value = 'brush'; up.radius.value = 2; up.cls.value = 1
+    before, H = up.mask[2].copy(), up.fig.bbox.height
+    MouseEvent('button_press_event', up.canvas, 16 * 4, H - 4, button=1)._process()  # canvas pixel (64, 4) from the top
+    MouseEvent('button_release_event', up.canvas, 16 * 4, H - 4, button=1)._process()
+    rows = np.flatnonzero((up.mask[2] != before).any(1))
+    assert rows.size and rows.min() >= 36, rows  # 4 screen px = 1 voxel from the top edge: rows 37-39 of 40
+    p = up.save(tmp_path/'m.nii.gz'); m, _, a = read_nifti(p, dtype=None)
+    np.testing.assert_array_equal(m, up.mask); np.testing.assert_allclose(a, LAS, atol=1e-4)  # saved in the file's own order
