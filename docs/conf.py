@@ -75,30 +75,6 @@ def _tolerant_preserve_defaults():
 _tolerant_preserve_defaults()
 python_maximum_signature_line_length = 60
 
-# A widget class (ipywidgets -> traitlets.HasDescriptors) inherits a pass-through `__new__(cls, *args, **kwargs)`,
-# which autodoc reads before `__init__`: `LabelWidget(*args, **kwargs)`. Treat it as Sphinx treats typing.Generic's.
-def _skip_passthrough_new():
-    from importlib import import_module
-    for mod in ('sphinx.ext.autodoc._dynamic._signatures', 'sphinx.ext.autodoc._legacy_class_based._documenters',
-                'sphinx.ext.autodoc'):
-        try: m = import_module(mod)
-        except ImportError: continue
-        if isinstance(getattr(m, '_CLASS_NEW_BLACKLIST', None), (frozenset, set, list)):
-            m._CLASS_NEW_BLACKLIST = frozenset({*m._CLASS_NEW_BLACKLIST, 'traitlets.traitlets.HasDescriptors.__new__'})
-_skip_passthrough_new()
-
-# autodoc_preserve_defaults reads the defaults from the source, one per parameter with a default; a signature that
-# fastcore's @delegates widened (the delegated keywords are not in the source) makes it pop from an empty list and
-# fail the build. Such a function keeps the signature @delegates gives it (the delegated defaults as values).
-def _tolerant_preserve_defaults():
-    try: from sphinx.ext.autodoc._dynamic import _signatures
-    except ImportError: return
-    orig = _signatures.update_default_value
-    def update_default_value(obj, bound_method):
-        try: orig(obj, bound_method=bound_method)
-        except IndexError: pass
-    _signatures.update_default_value = update_default_value
-_tolerant_preserve_defaults()
 
 html_theme = 'furo'
 html_favicon = str(ROOT/'nbs'/'images'/'favicon.svg')
