@@ -14,7 +14,8 @@ import torch
 
 # %% auto #0
 __all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path',
-           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices', 'support_slice']
+           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices', 'support_slice',
+           'text_blocks', 'print_md']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -248,3 +249,22 @@ def support_slice(mask, # support mask volume (z, h, w) of class indices
     if not 0 <= z < len(mask): raise ValueError(f"slice {z} out of range: {source} has {len(mask)} slices")
     if z not in set(labelled.tolist()): raise ValueError(f"slice {z}: {source} is empty on this slice (labelled slices: {labelled.min()}..{labelled.max()})")
     return z
+
+# %% ../nbs/00_core.ipynb #pm000002
+import sys
+def text_blocks(text: str) -> list:
+    "[(is_table, block)]: `text` cut into runs of Markdown pipe-table lines and the plain text between them."
+    out = []
+    for line in text.splitlines(keepends=True):
+        t = line.lstrip().startswith('|')
+        if out and out[-1][0] == t: out[-1][1] += line
+        else: out.append([t, line])
+    return [(t, b) for t, b in out]
+
+def print_md(*args, sep=' ') -> None:
+    "`print`, except that in a notebook the Markdown tables of the text are displayed as Markdown (tables, not raw pipes, in the docs)."
+    if 'ipykernel' not in sys.modules: return print(*args, sep=sep)  # a terminal: plain text
+    from IPython.display import Markdown, display
+    for t, b in text_blocks(sep.join(str(a) for a in args) + '\n'):
+        if t: display(Markdown(b))
+        else: print(b, end='')

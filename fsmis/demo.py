@@ -18,6 +18,8 @@ from .data.folds import FoldSplit
 from .eval.metrics import df_markdown
 from .config import DEMO_DEFAULTS, demo_config
 from .train import train_fold, initial_model
+from .core import print_md
+
 
 # %% auto #0
 __all__ = ['demo_dataset', 'demo_split', 'train_demo', 'dice_table', 'table_markdown', 'ep2_predictions', 'demo_figure',
@@ -140,7 +142,7 @@ def run_demo(out='fsmis-demo', # output folder (created)
              threads: int | None = 1, # torch CPU threads while the demo runs (None: leave torch's setting)
             ) -> dict:
     "Build cases, compute supervoxels, train ADNet self-supervised, evaluate EP2 vs the untrained network, write results."
-    say = (lambda m: print(('\n' if progress else '') + m, flush=True)) if verbose else (lambda m: None)
+    say = (lambda m: print_md(('\n' if progress else '') + m)) if verbose else (lambda m: None)  # tables as Markdown in a notebook
     out = Path(out); t_start = time.perf_counter()
     if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out}: exists and is not a folder")
     dev = default_device(device)
