@@ -397,6 +397,11 @@ def test_builder_turns_printed_tables_into_tables():
     plain = nbformat.v4.new_output('stream', name='stdout', text='a | b\n')
     assert bd.tables_to_markdown([plain]) == [plain], 'a stream without a table is left as it is'
     assert bd.table_blocks('a | b\nno rule here\n') == [(False, 'a | b\nno rule here\n')]
+    md = nbformat.v4.new_output('display_data', data={'text/markdown': '| a |\n|---|\n| 1 |\n', 'text/plain': ''})
+    mixed = bd.tables_to_markdown([nbformat.v4.new_output('stream', name='stdout', text='title\n'), md,
+                                   nbformat.v4.new_output('stream', name='stdout', text='\nnote\n')])
+    assert [o['output_type'] for o in mixed] == ['display_data'] * 3 and mixed[2]['data']['text/plain'] == 'note', \
+        'prints around a markdown display stay in place (MyST-NB would merge the streams above the table)'
 
 def test_patched_methods_are_methods():
     src = '@patch\ndef segment(self:LabelWidget, query): pass\n@patch_to(Viewer)\ndef show(self): pass\ndef f(x): pass\nclass _P: pass'

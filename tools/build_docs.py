@@ -335,11 +335,16 @@ def tables_to_markdown(outputs: list) -> list:
     outputs, which MyST-NB does not merge with the cell's other streams the way it merges streams)."""
     from nbformat import from_dict
     res = []
+    # a cell that shows markdown between its prints (`fsmis.core.print_md`): its printed text stays where it was printed
+    mixed = any('text/markdown' in o.get('data', {}) for o in outputs)
     for o in outputs:
         text = o.get('text', '')
         text = ''.join(text) if isinstance(text, list) else text
-        parts = table_blocks(text) if o.get('output_type') == 'stream' and o.get('name') == 'stdout' and '|' in text else []
-        if not any(t for t, _ in parts): res.append(o); continue
+        stdout = o.get('output_type') == 'stream' and o.get('name') == 'stdout'
+        parts = table_blocks(text) if stdout and '|' in text else []
+        if not any(t for t, _ in parts):
+            if stdout and mixed: parts = [(False, text)]
+            else: res.append(o); continue
         for is_table, part in parts:
             if is_table: data = {'text/markdown': part, 'text/plain': part}
             elif part.strip('\n'): data = {'text/plain': part.strip('\n')}
