@@ -178,6 +178,13 @@ ABLATIONS = {a.name: a for a in [
              note="No paper reports this: every published method starts from ImageNet weights. Stage 1 sees the fold's training "
                   "scans only (images, never labels). The 'no few-shot training' rows are the encoders as they are, with ADNet's "
                   "initial threshold, evaluated in the same cells."),
+    *[Ablation(f'precision-{base}', f'bfloat16 against float32 training, same seeds and steps: {title} (not in the papers)', base,
+               {'fp32': {'precision': 'fp32'}, 'auto (bf16 autocast + channels-last on this CPU)': {'precision': 'auto'}}, 'fp32',
+               protocol=proto, base_over=bo,
+               note="The two rows of a run share seed, data order and step count: the difference is the arithmetic of training. "
+                    "Run with `--runs 3` and `--steps N`; evaluation is float32 in both.")
+      for base, title, proto, bo in [('adnet-chaos-ep1', 'ADNet, CHAOS MRI, EP1 and EP2', 'EP1', {'protocols': ['EP1', 'EP2'], 'thresholds': [], 'baselines': []}),
+                                     ('alpnet-chaos-setting1', 'SSL-ALPNet, CHAOS MRI, Setting 1', 'ouyang', _DM_OVER)]],
     Ablation('phantom-losses', 'loss terms on the built-in phantoms, EP2 (no data needed; for tests and lessons)', 'adnet-phantom-ep2',
              {'L_S + L_T + L_PAR': {}, 'L_S only': {'learner_kw.thresh': False, 'learner_kw.par': False}}, 'L_S + L_T + L_PAR',
              protocol='EP2', base_over={'baselines': [], 'thresholds': [-20., -15., -10.], 'dataset_kw': {'n_cases': 6, 'shape': (16, 64, 64)}, 'n_folds': 2}),
