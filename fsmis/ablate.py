@@ -62,6 +62,11 @@ class Ablation:
     paper: dict = field(default_factory=dict)  # {row label: {class or 'Mean': 'mean ± std'}} as printed
     note: str = ''  # what to know when reading the table against the paper
     extra: dict = field(default_factory=dict)  # {row label: (row, model)}: another model evaluated in that row's cells (e.g. 'untrained')
+    paper_more: dict = field(default_factory=dict)  # {protocol: {row label: {...}}}: the paper's numbers of the other protocols of the table
+    def paper_for(self, protocol: str | None = None # a protocol of the table (default: `protocol`)
+                 ) -> dict:
+        "The paper's numbers of one protocol of the table: `paper` for the ablation's protocol, `paper_more` for the others."
+        return self.paper if protocol in (None, self.protocol) else self.paper_more.get(protocol, {})
     def __post_init__(self):
         if self.default not in self.rows: raise ValueError(f"{self.name}: default row {self.default!r} is not one of the rows {list(self.rows)}")
         for label, (row, m) in self.extra.items():
@@ -78,7 +83,41 @@ _NO_STAGE2 = {'n_steps': 0, 'minutes': None}  # stage 2 trains no step: stage 3 
 _DENSEMP_ROWS = {'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0},  # stage 2 alone from random weights: Ouyang's method
                  'DenseMP (stages 1-3)': {},  # the paper's model: PANet's framework with ALPNet's head (w_bg 0.05)
                  'DenseMP, PANet head (stages 1-3)': {'method': 'panet'},  # for comparison: vanilla PANet's head, w_bg 1
-                 'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'panet'}}
+                 'PANet, random weights (stage 2 only)': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'panet'},
+                 # the supervised baselines (Ouyang's): the training label group's ground truth, from random weights (rows last: finished cells keep their numbers)
+                 'Vanilla PANet': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'panet', 'pseudo_labels': 'labels'},
+                 'SE-Net': {**_NO_STAGE1, 'finetune_steps': 0, 'method': 'senet', 'pseudo_labels': 'labels', 'lr': 1e-2}}
+
+_ADNET_MAIN_ROWS = {'ADNet': {},  # vSSL-ADNet, the paper's model (first: the folders of finished cells keep their numbers)
+                    'pSSL-PANet': {'method': 'panet', 'pseudo_labels': 'superpixels'}, 'pSSL-ALPNet': {'method': 'alpnet', 'pseudo_labels': 'superpixels'},
+                    'vSSL-PPNet': {'method': 'ppnet'}, 'vSSL-CANet': {'method': 'canet'}}
+_ADNET_ROW = {'pSSL-PANet': 'pSSL-PANet', 'pSSL-ALPNet': 'pSSL-ALPNet', 'vSSL-PPNet': 'vSSL-PPNet', 'vSSL-CANet': 'vSSL-CANet', 'vSSL-ADNet': 'ADNet'}
+def _rows(text):  # ADNet Tables 1-2 as printed: method, then 'mean ± std' per column
+    out = {}
+    for line in text.strip().splitlines():
+        name, *nums = line.split(); vals = [f'{nums[i]} ± {nums[i + 2]}' for i in range(0, len(nums), 3)]
+        out[_ADNET_ROW[name]] = vals
+    return out
+_ADNET_T1_CMR = _rows('''pSSL-PANet 80.20 ± 4.39 45.67 ± 2.58 66.95 ± 4.65 64.27 ± 14.23
+pSSL-ALPNet 87.54 ± 1.63 60.19 ± 4.55 76.08 ± 4.72 74.60 ± 11.21
+vSSL-PPNet 67.78 ± 8.31 42.61 ± 6.16 60.80 ± 6.44 57.06 ± 10.61
+vSSL-CANet 78.99 ± 4.72 43.61 ± 3.38 61.10 ± 3.60 61.07 ± 14.64
+vSSL-ADNet 87.53 ± 2.03 62.43 ± 3.98 77.31 ± 3.48 75.76 ± 10.31''')
+_ADNET_T1_ABD = _rows('''pSSL-PANet 63.09 ± 9.31 66.09 ± 8.73 63.93 ± 8.65 72.08 ± 3.83 66.30 ± 3.51
+pSSL-ALPNet 81.00 ± 4.01 84.66 ± 2.40 72.32 ± 7.69 75.89 ± 3.02 78.46 ± 4.72
+vSSL-PPNet 62.13 ± 7.85 71.78 ± 11.04 66.57 ± 9.04 73.12 ± 2.51 68.40 ± 4.37
+vSSL-CANet 69.53 ± 12.05 77.15 ± 10.71 67.05 ± 6.87 72.88 ± 3.27 71.65 ± 3.79
+vSSL-ADNet 75.28 ± 14.80 83.28 ± 13.36 75.92 ± 8.90 80.81 ± 2.36 78.82 ± 3.35''')
+_ADNET_T2_CMR = _rows('''pSSL-PANet 68.28 ± 5.67 38.60 ± 3.72 55.22 ± 5.18 54.03 ± 12.15
+pSSL-ALPNet 80.65 ± 3.93 53.31 ± 6.31 69.25 ± 2.80 67.74 ± 11.21
+vSSL-PPNet 56.69 ± 8.35 34.78 ± 7.30 47.60 ± 6.07 46.35 ± 8.99
+vSSL-CANet 74.54 ± 4.20 35.08 ± 4.30 47.65 ± 5.73 52.42 ± 16.46
+vSSL-ADNet 82.81 ± 3.20 59.46 ± 2.97 66.58 ± 4.74 69.62 ± 9.77''')
+_ADNET_T2_ABD = _rows('''pSSL-PANet 32.85 ± 6.74 30.18 ± 4.85 34.82 ± 8.52 53.89 ± 3.15 37.94 ± 9.36
+pSSL-ALPNet 56.42 ± 5.74 50.37 ± 7.77 44.70 ± 7.77 56.73 ± 3.07 52.05 ± 4.94
+vSSL-PPNet 43.36 ± 10.44 56.94 ± 14.39 43.06 ± 9.73 56.32 ± 7.57 49.92 ± 6.71
+vSSL-CANet 50.18 ± 13.02 69.91 ± 12.84 48.84 ± 8.61 64.00 ± 3.44 58.23 ± 8.98
+vSSL-ADNet 62.33 ± 9.70 86.46 ± 2.74 63.73 ± 11.66 77.12 ± 3.41 72.41 ± 9.96''')
 
 ABLATIONS = {a.name: a for a in [
     Ablation('adnet-table4', 'ADNet Table 4: loss terms, cardiac MRI, EP1', 'adnet-cmr-ep1',
@@ -119,19 +158,25 @@ ABLATIONS = {a.name: a for a in [
     Ablation('adnet-fig7', 'ADNet Fig. 7: threshold line search -20 ... -15 with the learned T, cardiac MRI, EP1', 'adnet-cmr-ep1',
              {'ADNet': {}}, 'ADNet', base_over={'thresholds': [-20., -19.5, -19., -18.5, -18., -17.5, -17., -16.5, -16., -15.5, -15.], 'baselines': []},
              note='The table is the learned-threshold row; the curve is `fsmis.viz.plot_threshold_sweep` of the cells.'),
-    *[Ablation(f'adnet-main-{ds}', f'ADNet Tables 1-2: ADNet on {title}, EP1 and EP2, five folds', f'adnet-{ds}-ep1',
-               {'ADNet': {}}, 'ADNet', base_over={'protocols': ['EP1', 'EP2'], 'thresholds': []},
-               note="The papers' Tables 1-2 are means over 5 folds x 3 runs (`--folds 0 1 2 3 4 --runs 3`).")
-      for ds, title in [('chaos', 'CHAOS MRI'), ('cmr', 'cardiac MRI')]],
+    *[Ablation(f'adnet-main-{ds}', f'ADNet Tables 1-2: ADNet and the baselines on {title}, EP1 and EP2, five folds', f'adnet-{ds}-ep1',
+               _ADNET_MAIN_ROWS, 'ADNet', base_over={'protocols': ['EP1', 'EP2'], 'thresholds': []},
+               paper={k: _p(*v, classes=cols) for k, v in ep1.items()}, paper_more={'EP2': {k: _p(*v, classes=cols) for k, v in ep2.items()}},
+               note="The papers' Tables 1-2 are means over 5 folds x 3 runs (`--folds 0 1 2 3 4 --runs 3`). 'ADNet' is the paper's "
+                    "vSSL-ADNet (the label is kept so that finished cells stay valid); every row trains the same encoder, from random "
+                    "weights (the paper: ImageNet ResNet-101), for the same steps.")
+      for ds, title, cols, ep1, ep2 in [('chaos', 'CHAOS MRI', _ABD, _ADNET_T1_ABD, _ADNET_T2_ABD), ('cmr', 'cardiac MRI', ('LV-BP', 'LV-MYO', 'RV', 'Mean'), _ADNET_T1_CMR, _ADNET_T2_CMR)]],
     *[Ablation(f'densemp-chaos-setting{s}', f'DenseMP Table {s} (Abd-MRI columns): CHAOS MRI, Setting {s}, label groups one at a time',
                f'densemp-chaos-setting{s}', _DENSEMP_ROWS, 'DenseMP (stages 1-3)', protocol='ouyang', base_over=_DM_OVER,
-               paper={'DenseMP (stages 1-3)': _p(*dm, classes=_DM_ABD), 'SSL-ALPNet': _p(*alp, classes=_DM_ABD)},
+               paper={'DenseMP (stages 1-3)': _p(*dm, classes=_DM_ABD), 'SSL-ALPNet': _p(*alp, classes=_DM_ABD),
+                      'Vanilla PANet': _p(*vp, classes=_DM_ABD), 'SE-Net': _p(*se, classes=_DM_ABD)},
                note="The paper's DenseMP starts stage 1 from ImageNet-pretrained ResNet-101 on ~81 000 ROCO images; here every "
                     "encoder starts from random weights and stage 1 sees only the fold's training scans. DenseMP's final model "
                     "has seen manual labels of the other label group (stage 3); the other rows have seen none. "
                     "'DenseMP, PANet head' keeps vanilla PANet's head (unweighted background) for comparison.")
-      for s, dm, alp in [(1, ('86.28 ± 2.77', '82.62 ± 4.43', '76.04 ± 3.29', '74.37 ± 8.38', '79.83 ± 4.72'), ('85.18', '81.92', '76.10', '72.18', '78.84')),
-                         (2, ('82.78 ± 2.50', '79.61 ± 4.29', '72.71 ± 2.99', '72.33 ± 8.68', '76.86 ± 4.62'), ('78.39', '73.63', '73.05', '67.02', '73.02'))]],
+      for s, dm, alp, vp, se in [(1, ('86.28 ± 2.77', '82.62 ± 4.43', '76.04 ± 3.29', '74.37 ± 8.38', '79.83 ± 4.72'), ('85.18', '81.92', '76.10', '72.18', '78.84'),
+                                  ('32.19', '30.99', '50.40', '40.58', '38.53'), ('47.96', '45.78', '29.02', '47.30', '42.51')),
+                                 (2, ('82.78 ± 2.50', '79.61 ± 4.29', '72.71 ± 2.99', '72.33 ± 8.68', '76.86 ± 4.62'), ('78.39', '73.63', '73.05', '67.02', '73.02'),
+                                  ('38.64', '53.45', '42.26', '50.90', '46.33'), ('61.32', '62.11', '27.43', '51.80', '50.66'))]],
     Ablation('densemp-table5', 'DenseMP Table 5: the stages, kidneys, Setting 2 (the paper: Abd-CT fold 1; here CHAOS MRI)',
              'densemp-chaos-setting2', {'baseline (fine-tuning only)': {**_NO_STAGE1, **_NO_STAGE2},
                                         'stage 1 only (stage 1, then fine-tuning)': _NO_STAGE2, 'stages 1-3 (DenseMP)': {}},
@@ -339,6 +384,7 @@ def _cell_results(a, out) -> pd.DataFrame:
         rec = json.loads(p.read_text())
         df = pd.read_csv(p.parent/'results.csv', dtype={'case': str, 'support': str})
         cfg = ExperimentConfig.load(p.parent/'config.yaml')
+        df = df.assign(fold=rec['fold'], run=rec['run'])  # each cell trains one (fold, run) and writes it as run 0: the cell's indices count
         rows.append(df[df['method'] == cfg.method].assign(row=rec['row']))
         rows += [df[df['method'] == m].assign(row=label) for label, (row, m) in a.extra.items() if row == rec['row']]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
@@ -382,18 +428,19 @@ def ablation_tables(ablation: str | Ablation, # the ablation
         r = res[(res['protocol'] == proto) & ~res['threshold_sweep'].astype(bool)]
         if not len(r): continue
         classes = spec.ordered(list(dict.fromkeys(r['class'])))
-        cols = list(dict.fromkeys(c for row in a.paper.values() for c in row))  # the paper's column order, where it has one
+        cols = list(dict.fromkeys(c for row in a.paper_for(proto).values() for c in row))  # the paper's column order, where it has one
         classes = sorted(classes, key=lambda c: cols.index(c) if c in cols else len(cols))
         tables[proto] = ablation_table(a, r, classes, digits)
     return tables
 
 # %% ../nbs/43_ablate.ipynb #547cd137
-def paper_table(ablation: str | Ablation # the ablation
+def paper_table(ablation: str | Ablation, # the ablation
+                protocol: str | None = None, # one of the table's protocols (default: the ablation's)
                ) -> str:
     "The paper's numbers of an ablation (Dice %, as printed) in the same layout; rows the paper does not give are left out."
-    a = get_ablation(ablation)
-    if not a.paper: return ''
-    t = pd.DataFrame(a.paper).T.reindex([r for r in a.rows if r in a.paper])
+    a = get_ablation(ablation); paper = a.paper_for(protocol)
+    if not paper: return ''
+    t = pd.DataFrame(paper).T.reindex([r for r in a.rows if r in paper])
     return df_markdown(t.fillna('-'), index='setting (paper)')  # '-': a number the paper does not print
 
 # %% ../nbs/43_ablate.ipynb #34867ef6
@@ -414,8 +461,11 @@ def ablation_summary(ablation: str | Ablation, # the ablation
         st1 = cells['stage1_steps'] if 'stage1_steps' in cells else [0] * len(cells)
         lines.append('training steps: ' + '; '.join(f"{r} (fold {f}): {s}" + (f", stage 1 {t}" if t else '')
                                                     for r, f, s, t in zip(cells['row'], cells['fold'], cells['steps'], st1)))
-    for proto, t in ablation_tables(a, d).items(): lines += ['', f"ours ({proto}, Dice %):", t]
-    if a.paper: lines += ['', 'paper:', paper_table(a)]
+    tables = ablation_tables(a, d)
+    for proto, t in tables.items():
+        lines += ['', f"ours ({proto}, Dice %):", t]
+        if a.paper_more and a.paper_for(proto): lines += ['', f"paper ({proto}):", paper_table(a, proto)]
+    if a.paper and not (a.paper_more and a.protocol in tables): lines += ['', 'paper:', paper_table(a)]
     if a.note: lines += ['', f"note: {a.note}"]
     return '\n'.join(lines)
 
@@ -434,7 +484,7 @@ def plot_ablation(ablation: str | Ablation, # the ablation
     r = r[(r['protocol'] == protocol) & ~r['threshold_sweep'].astype(bool)]
     s = summarize(r, by=('row', 'fold', 'run'))  # the table's numbers: Mean and its ± (across classes)
     m = s.loc[[k for k in [*a.rows, *a.extra] if k in s.index], ['Mean', 'Mean std']].set_axis(['mean', 'std'], axis=1)
-    paper = {k: float(v['Mean'].split(' ± ')[0]) for k, v in a.paper.items() if 'Mean' in v}
+    paper = {k: float(v['Mean'].split(' ± ')[0]) for k, v in a.paper_for(protocol).items() if 'Mean' in v}
     if ax is None: _, ax = plt.subplots(figsize=(1.3 * len(m) + 2, 2.8), dpi=72)
     x = range(len(m))
     ax.bar([i - .2 for i in x], m['mean'], .4, yerr=m['std'].fillna(0), label=label)

@@ -17,7 +17,7 @@ __all__ = ['METHODS', 'CPU_MINUTES', 'RENAMED_FIELDS', 'PAPER_CONFIGS', 'DENSEMP
            'cpu_budget_config', 'ouyang_config', 'eval_classes', 'reproduce_config', 'demo_config']
 
 # %% ../nbs/40_config.ipynb #ae7b0001
-METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
+METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet', 'senet')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
 CPU_MINUTES = 30.  # training minutes per fold (per cell) of the CPU budget: the one default of `cpu_budget_config`, `reproduce_config`, the ablations and the CLI
 
 
@@ -49,7 +49,7 @@ class ExperimentConfig:
     seed: int = 0  # base seed; run r of fold f uses seed + 100*f + r
     protocols: list = field(default_factory=lambda: ['EP1', 'EP2'])  # 'EP1', 'EP2', 'ouyang'
     setting: int = 1  # Ouyang's Setting 1 (test classes may appear in training) or 2 (those slices excluded)
-    pseudo_labels: str = 'supervoxels'  # 'supervoxels' (ADNet) or 'superpixels' (SSL-ALPNet)
+    pseudo_labels: str = 'supervoxels'  # 'supervoxels' (ADNet), 'superpixels' (SSL-ALPNet) or 'labels' (supervised: the training label group's ground truth)
     rho: int | None = None  # supervoxel minimum size (default: the dataset's, 5000 abdominal / 1000 cardiac)
     min_size: int = 400  # superpixel minimum size in pixels (2D pseudo-labels: SSL-ALPNet, DenseMP; its ablation 100 / 400 / 1600)
     n_steps: int = 50_000  # training steps (episodes / batch_size)

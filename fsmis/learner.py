@@ -25,6 +25,7 @@ from .models.adnet import ADNet
 from .models.alpnet import ALPNet, PANet
 from .models.ppnet import PPNet
 from .models.canet import CANet
+from .models.senet import SENet
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
@@ -33,7 +34,7 @@ __all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'PRECISIONS', 'LEARNER
            'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
            'resolve_resume', 'FewShotLearner', 'build_model', 'load_model', 'cpu_has_bf16', 'resolve_precision',
            'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner',
-           'ppnet_learner', 'canet_learner']
+           'ppnet_learner', 'canet_learner', 'senet_learner']
 
 # %% ../nbs/14_learner.ipynb #d0e5c0a1
 DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
@@ -569,3 +570,20 @@ def canet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
     "fastai Learner for CANet (dense comparison + iterative refinement; vSSL baseline of ADNet Tables 1-3; no PAR)."
     return fewshot_learner(dls, 'canet', ProtoCELoss(w_bg, par=False), encoder=encoder, weights=weights, tv_weights=tv_weights,
                            width=width, iom_steps=iom_steps, history_drop=history_drop, **kwargs)
+
+# %% ../nbs/14_learner.ipynb #ae7b0004
+@register_learner('senet', SENet)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
+def senet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3); supervised episodes (`pseudo_labels='labels'`) as the paper trains it
+                  encoder: str = 'small', # SE-Net has its own arms: only the default is accepted
+                  weights=None, # refused: SE-Net trains from scratch
+                  tv_weights: str | None = None, # refused
+                  width: int = 64, # segmenter features per block
+                  cond_width: int = 16, # conditioner features per block
+                  w_bg: float = 1.0, # background weight of the cross-entropy
+                  w_dice: float = 1.0, # weight of the Dice term (Roy et al.: cross-entropy + Dice)
+                  **kwargs
+                 ) -> FewShotLearner:
+    "fastai Learner for SE-Net (Roy et al. 2020; supervised baseline of DenseMP Tables 1-2; no PAR)."
+    return fewshot_learner(dls, 'senet', ProtoCELoss(w_bg, par=False, w_dice=w_dice), encoder=encoder, weights=weights, tv_weights=tv_weights,
+                           width=width, cond_width=cond_width, **kwargs)

@@ -56,14 +56,15 @@ class ADNetLoss(_ProtoLoss):
 
 # %% ../nbs/13_losses.ipynb #ed329d34
 class ProtoCELoss(_ProtoLoss):
-    "Cross-entropy of ALPNet/PANet logits (background weight 0.05 for ALPNet) plus the unweighted PAR term."
+    "Cross-entropy of ALPNet/PANet logits (background weight 0.05 for ALPNet) plus the unweighted PAR term; optionally a soft Dice term (SE-Net)."
     def __init__(self, w_bg: float = 0.05, # weight of the background class (ALPNet 0.05, PANet 1.0)
                  seg: bool = True, # use the query cross-entropy
                  par: bool = True, # use the PAR cross-entropy of the supports
                  w_par: float = 1.0, # weight of the PAR term
+                 w_dice: float = 0., # weight of 1 - soft Dice of the query foreground (SE-Net: 1.0)
                 ):
         super().__init__()
-        self.w_bg, self.seg, self.par, self.w_par, self.last = w_bg, seg, par, w_par, {}
+        self.w_bg, self.seg, self.par, self.w_par, self.w_dice, self.last = w_bg, seg, par, w_par, w_dice, {}
 
     def _probs(self, q): return q.softmax(-3)
 
@@ -72,6 +73,9 @@ class ProtoCELoss(_ProtoLoss):
         if self.seg:
             w = torch.tensor([self.w_bg, 1.0], device=q.device)
             terms['seg'] = F.cross_entropy(q.flatten(0, 1), qry_masks.flatten(0, 1).long(), weight=w)
+        if self.w_dice:
+            p, t = q.float().softmax(-3)[..., 1, :, :], qry_masks.float()
+            terms['dice'] = self.w_dice * (1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
         if self.par:
             if out.get('sup') is None: raise ValueError("ProtoCELoss(par=True) needs the model's PAR prediction: build the model with par=True")
             terms['par'] = self.w_par * F.cross_entropy(out['sup'].flatten(0, 1), out['sup_masks'].flatten(0, 1).long())

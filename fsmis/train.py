@@ -26,7 +26,8 @@ __all__ = ['PSEUDO_LABELS', 'EPISODES_PER_PASS', 'pseudo_label_mode', 'train_cla
 
 # %% ../nbs/41_train.ipynb #fd342bd2
 PSEUDO_LABELS = {'supervoxels': ('3d', 'vssl'), 'superpixels': ('2d', 'pssl'),  # cfg.pseudo_labels -> (supervoxel mode, sampler)
-                 'superpixels+labels': ('2d', 'densemp')}  # DenseMP stage 3: superpixel episodes and ground truth of the training label group
+                 'superpixels+labels': ('2d', 'densemp'),  # DenseMP stage 3: superpixel episodes and ground truth of the training label group
+                 'labels': (None, 'supervised')}  # the supervised baselines (vanilla PANet, SE-Net): ground truth of the training label group only
 EPISODES_PER_PASS = 1000  # episodes per DataLoader pass for every caller: a seed gives one episode stream
 
 def pseudo_label_mode(cfg: ExperimentConfig # the experiment
@@ -173,12 +174,13 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
                                  cfg.val_every, cfg.size, cfg.eval_batch_size))
     mode, sampler = pseudo_label_mode(cfg)
     t0 = time.perf_counter()
-    pl = dataset_supervoxels(ds, rho=cfg.rho, mode=mode, case_ids=fit_ids, progress=progress, n_workers=n_workers, cache_dir=cache_dir,
-                             **({'min_size': cfg.min_size} if mode == '2d' else {}))
+    pl = None if mode is None else dataset_supervoxels(ds, rho=cfg.rho, mode=mode, case_ids=fit_ids, progress=progress, n_workers=n_workers,
+                                                       cache_dir=cache_dir, **({'min_size': cfg.min_size} if mode == '2d' else {}))
     t_pl = time.perf_counter() - t0
     kw = dict(cfg.dls_kw)
     if sampler == 'densemp': kw.update(classes=train_classes(ds, test_classes), test_classes=list(test_classes), setting=cfg.setting,
                                        p_supervised=cfg.p_supervised)
+    elif sampler == 'supervised': kw.update(classes=train_classes(ds, test_classes), test_classes=list(test_classes), setting=cfg.setting)
     elif excluded_classes(cfg.setting, test_classes): kw['exclude_classes'] = excluded_classes(cfg.setting, test_classes)
     dev = default_device(cfg.device)
     set_seed(seed)

@@ -60,7 +60,15 @@ def test_named_ablations_are_the_papers_grids():
     assert t7['ALPNet pSSL'] == ('alpnet', 'superpixels', ['EP2']) and t7['ADNet vSSL'] == ('adnet', 'supervoxels', ['EP2'])
     assert all(c.cfg.dataset == 'ms_cmrseg_bssfp' and c.cfg.protocols == ['EP1'] for c in ablation_cells('adnet-table5'))
     paper = ablation_cells('adnet-main-chaos', budget='paper')
-    assert len(paper) == 15 and paper[0].cfg.protocols == ['EP1', 'EP2']  # 5 folds x 3 runs
+    assert len(paper) == 5 * 15 and paper[0].cfg.protocols == ['EP1', 'EP2']  # 5 methods x 5 folds x 3 runs
+    main = {c.row: (c.cfg.method, c.cfg.pseudo_labels) for c in ablation_cells('adnet-main-cmr')}
+    assert main == {'ADNet': ('adnet', 'supervoxels'), 'pSSL-PANet': ('panet', 'superpixels'), 'pSSL-ALPNet': ('alpnet', 'superpixels'),
+                    'vSSL-PPNet': ('ppnet', 'supervoxels'), 'vSSL-CANet': ('canet', 'supervoxels')}  # ADNet Tables 1-2's five methods
+    a = ABLATIONS['adnet-main-chaos']
+    assert a.paper_for('EP1')['ADNet']['Mean'] == '78.82 ± 3.35' and a.paper_for('EP2')['vSSL-CANet']['Mean'] == '58.23 ± 8.98'
+    dm = {c.row: c.cfg for c in ablation_cells('densemp-chaos-setting2')}
+    for row, kind in (('Vanilla PANet', 'panet'), ('SE-Net', 'senet')):  # supervised baselines: ground truth, no stage 1, no stage 3
+        c = dm[row]; assert (c.method, c.pseudo_labels, c.pretrain_steps, c.pretrain_minutes, c.finetune_steps) == (kind, 'labels', None, None, 0)
 
 
 @pytest.mark.parametrize('args, text', [(['ablate', 'nope'], 'unknown ablation'), (['ablate', 'phantom-losses', '--steps', '0'], '--steps'),
@@ -114,3 +122,13 @@ def test_cli_pretrain_steps_replaces_stage_1_minutes(tmp_path):
         with contextlib.redirect_stdout(buf): assert not main(['reproduce', 'densemp-chaos-setting1', '--print-config', *extra])
         cfg = yaml.safe_load(buf.getvalue())
         assert (cfg['pretrain_steps'], cfg['pretrain_minutes']) == want
+
+
+def test_runs_of_a_fold_stay_apart(tmp_path):
+    "Each cell trains one (fold, run) and writes it as run 0: the tables must count the cells' runs apart (spread across runs, one Wilcoxon pair per run)."
+    from fsmis.ablate import _cell_results
+    run_ablation('phantom-losses', tmp_path, folds=[0], runs=2, over=TOY, progress=False)
+    r = _cell_results(ABLATIONS['phantom-losses'], tmp_path)
+    assert sorted(r.groupby('row')['run'].unique().map(sorted).iloc[0]) == [0, 1] and set(r['fold']) == {0}
+    t = ablation_tables('phantom-losses', tmp_path)['EP2']
+    assert '(n = 2)' in t.splitlines()[3], t  # L_S only against the default: paired by run

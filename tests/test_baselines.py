@@ -1,7 +1,8 @@
-"Tests of the few-shot baselines PPNet (fsmis.models.ppnet) and CANet (fsmis.models.canet): shapes, gradients, determinism, the evaluation path, training steps (CPU, torch only, no learner)."
+"Tests of the few-shot baselines PPNet (fsmis.models.ppnet), CANet (fsmis.models.canet) and SE-Net (fsmis.models.senet): shapes, gradients, determinism, the evaluation path, training steps (CPU, torch only, no learner)."
 import numpy as np, pytest, torch
 from fsmis.models.ppnet import PPNet, kmeans, part_features
 from fsmis.models.canet import CANet, DenseComparison, IOM
+from fsmis.models.senet import SENet
 from fsmis.losses import ProtoCELoss
 from fsmis.eval.inference import predict_tasks, segment_volume, encode_volume, eval_mode
 from fsmis.eval.protocols import Task
@@ -10,8 +11,10 @@ torch.set_num_threads(1)
 
 # tiny models: the 'small' encoder; CANet with a narrow decoder and ASPP dilations that fit a 12-16 cell grid
 MODELS = {'ppnet': lambda: PPNet('small'),
-          'canet': lambda: CANet('small', width=32, dilations=(2, 4, 6))}
-LOSSES = {'ppnet': lambda: ProtoCELoss(w_bg=1.0), 'canet': lambda: ProtoCELoss(w_bg=1.0, par=False)}
+          'canet': lambda: CANet('small', width=32, dilations=(2, 4, 6)),
+          'senet': lambda: SENet(width=16, cond_width=8)}
+LOSSES = {'ppnet': lambda: ProtoCELoss(w_bg=1.0), 'canet': lambda: ProtoCELoss(w_bg=1.0, par=False),
+          'senet': lambda: ProtoCELoss(w_bg=1.0, par=False, w_dice=1.0)}
 
 
 def squares(B=2, K=1, Q=1, H=48, g=None):
@@ -64,6 +67,7 @@ def test_table3_columns():
     protos = PPNet('small').eval().prototypes(torch.randn(1, 128, 12, 12), torch.ones(1, 2, 48, 48))
     assert protos.shape == (3, 5, 128)  # background + 2 classes, 5 parts each
     assert CANet('small', width=16).prototypes(torch.randn(2, 128, 12, 12), torch.ones(2, 2, 48, 48)).shape == (2, 128)
+    assert SENet(width=8, cond_width=4).prototype_count() == {'fg': 0, 'bg': 0} and SENet.decoder is True
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -90,7 +94,7 @@ def test_deterministic_under_seed(name):
     for _ in range(2):
         torch.manual_seed(0); net = MODELS[name]()
         out = net(si, sm, qi); loss = LOSSES[name]()(out, qm); loss.backward()
-        res.append((out['qry'].detach(), float(loss.detach()), net.encoder.proj.weight.grad.clone()))
+        res.append((out['qry'].detach(), float(loss.detach()), next(p for p in net.parameters() if p.grad is not None).grad.clone()))
     assert torch.equal(res[0][0], res[1][0]) and res[0][1] == res[1][1] and torch.equal(res[0][2], res[1][2])
     # at test time the same support gives the same prediction, whatever the global RNG did in between
     net.eval()
@@ -121,7 +125,7 @@ def test_predict_tasks_and_segment_volume(name):
 def test_training_lowers_the_loss(name):
     torch.manual_seed(0); g = torch.Generator().manual_seed(0)
     net = CANet('small', width=32, dilations=(2, 4, 6), dropout=0.) if name == 'canet' else MODELS[name]()
-    crit = LOSSES[name](); opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    crit = LOSSES[name](); opt = torch.optim.Adam(net.parameters(), lr=3e-3 if name == 'senet' else 1e-3)  # SE-Net: two arms from scratch
     batches = [squares(B=2, g=g) for _ in range(4)]
     def held_out_loss():
         with torch.no_grad(), eval_mode(net): return float(sum(crit(net(si, sm, qi), qm) for si, sm, qi, qm in batches)) / len(batches)
@@ -166,10 +170,11 @@ def test_canet_refine_passes():
 
 
 @pytest.mark.parametrize('name,cfg', [('ppnet', dict(encoder='small', parts=4, par=True)),
-                                      ('canet', dict(encoder='small', width=16, iom_steps=2, dilations=[2, 4], par=False))])
+                                      ('canet', dict(encoder='small', width=16, iom_steps=2, dilations=[2, 4], par=False)),
+                                      ('senet', dict(encoder='small', width=8, cond_width=4, par=False))])
 def test_rebuild_from_config(name, cfg, tmp_path):
     "What a checkpoint stores (constructor config incl. the learner's `par`, state dict) rebuilds the same model."
-    cls = {'ppnet': PPNet, 'canet': CANet}[name]
+    cls = {'ppnet': PPNet, 'canet': CANet, 'senet': SENet}[name]
     torch.manual_seed(0); net = cls(**cfg).eval()
     torch.save(net.state_dict(), tmp_path / 'm.pth')
     torch.manual_seed(1); net2 = cls(**cfg); net2.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True)); net2.eval()
@@ -190,3 +195,42 @@ def test_protocols_run_unchanged(name, protocol):
     rows = evaluate_case(net, sup, qry, classes={1: 'liver', 4: 'spleen'}, protocol=protocol)
     assert sorted(r['cls'] for r in rows) == [1, 4]
     assert all(0 <= r['dice'] <= 1 and r['protocol'] == protocol for r in rows), rows
+
+
+def test_senet_bad_arguments():
+    with pytest.raises(ValueError, match='own two arms'): SENet('resnet18')
+    with pytest.raises(ValueError, match='from scratch'): SENet(weights='x.pth')
+    with pytest.raises(ValueError, match='PAR'): SENet(par=True)
+    with pytest.raises(ValueError, match='multiples of 16'): SENet(width=8, cond_width=4).predict(torch.zeros(1, 1, 40, 40), torch.zeros(1, 40, 40), torch.zeros(1, 1, 40, 40))
+
+
+def test_senet_conditioner_decides():
+    "The support acts: the same query under another support mask gets another prediction (the conditioner is not ignored)."
+    torch.manual_seed(0); net = SENet(width=8, cond_width=4).eval()
+    si, sm, qi, _ = squares(g=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        a = net.predict(si[0], sm[0], qi[0]); b = net.predict(si[0], 1 - sm[0], qi[0])
+    assert not torch.allclose(a, b)
+
+
+def test_supervised_training_sees_only_the_training_label_group(tmp_path, monkeypatch):
+    "pseudo_labels='labels' (vanilla PANet, SE-Net): episodes of the other label group's classes, training cases only, Setting 2 slices excluded."
+    from fsmis.config import ExperimentConfig
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data import episodes as E
+    from fsmis import train as T
+    seen = {}
+    real = E.SupervisedSampler.__init__
+    def spy(self, cases, classes, test_classes=(), setting=1, **kw):
+        seen.update(cases=sorted(c.case_id for c in cases), classes=sorted(classes), test=sorted(test_classes), setting=setting)
+        return real(self, cases, classes, test_classes, setting, **kw)
+    monkeypatch.setattr(E.SupervisedSampler, '__init__', spy)
+    ds = open_dataset('phantom', n_cases=5, shape=(32, 48, 48))
+    groups = {'upper': [ds.classes[1], ds.classes[4]], 'lower': [ds.classes[2], ds.classes[3]]}  # Ouyang's groups: liver + spleen, kidneys
+    ds.spec.label_groups = groups
+    for setting in (1, 2):
+        cfg = ExperimentConfig(name='t', dataset='phantom', method='senet', pseudo_labels='labels', n_steps=2, size=48, setting=setting)
+        learn = T.train_fold(cfg, ds, ['1', '2', '3', '4'], seed=0, test_classes=[1, 4])
+        assert seen['cases'] == ['1', '2', '3', '4'] and seen['test'] == [1, 4] and seen['setting'] == setting
+        assert seen['classes'] == [2, 3], seen  # the other group only, never a tested class
+        assert learn.train_info['steps'] == 2 and type(learn.model).__name__ == 'SENet'
