@@ -188,3 +188,14 @@ def test_head_float32_under_autocast():
         out = net(si, sm, qi); loss = ADNetLoss()(out, qm)
     assert out['qry'].dtype == torch.float32 and torch.isfinite(loss)
     loss.backward(); assert net.T.grad is not None
+
+
+def test_cosine_map_gradient_at_a_dead_feature_cell():
+    "A feature vector of exactly zero (a dead ReLU cell) has cosine 0 and a finite gradient: training diverged on it once (NaN at step 70)."
+    from fsmis.models.adnet import cosine_map
+    f = torch.randn(2, 8, 5, 5); f[0, :, 1, 2] = 0; f.requires_grad_()
+    p = torch.randn(3, 8)
+    c = cosine_map(f, p); c.sum().backward()
+    assert torch.isfinite(f.grad).all() and float(c[0, :, 1, 2].abs().max()) == 0.
+    torch.testing.assert_close(cosine_map(f.detach(), p), torch.nn.functional.cosine_similarity(f.detach()[:, None], p[None, :, :, None, None], dim=2, eps=1e-8))
+    c5 = cosine_map(f, torch.randn(6, 8)); f.grad = None; c5.sum().backward(); assert torch.isfinite(f.grad).all()  # the conv path (many prototypes)

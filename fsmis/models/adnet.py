@@ -145,7 +145,8 @@ def cosine_map(feats, # [N,C,h,w]
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=eps)
     # a broadcast multiply-sum is the fastest on CPU for a few prototypes; a 1x1 conv for many (ALPNet)
     dot = (feats[:, None] * pn[None, :, :, None, None]).sum(2) if len(protos) <= 4 else F.conv2d(feats, pn[:, :, None, None])
-    return dot / feats.pow(2).sum(1, keepdim=True).sqrt().clamp(min=eps)
+    # the floor before the root: sqrt's gradient at a zero vector (a dead feature cell) is infinite, and clamp's zero gradient times it NaN
+    return dot / feats.pow(2).sum(1, keepdim=True).clamp(min=eps * eps).sqrt()
 
 # %% ../../nbs/11_models.adnet.ipynb #ecb78a3e
 def _avg_shots(p, masks):
