@@ -2,15 +2,20 @@
 
 For each encoder and image size, on the same 1-episode batch (1 support + 1 query image):
   enc   = encoder forward + backward of the 2 images (the floor: any method pays it)
-  step  = ADNet forward (prototype, anomaly score, PAR) + L_S + L_T + L_PAR + backward + SGD step
-  learn = one iteration of fastai `fit_iters` on a DataLoader repeating that batch (adds callbacks, logging)
-and prints step/enc (min over interleaved repetitions; target <= 1.10) and learn/enc (mean over mean).
-Usage: python bench/bench_models.py [--threads 1] [--reps 5] [--configs small:128,small:256,resnet18:256,resnet50:256]
+  step  = the model's forward (ADNet: prototype, anomaly score, PAR) + its training loss + backward + SGD step
+  learn = one iteration of fastai `fit_iters` on a DataLoader repeating that batch (adds callbacks, logging; ADNet only)
+and prints step/enc (min over interleaved repetitions; target <= 1.15) and learn/enc (mean over mean).
+SE-Net has no backbone: its `enc` is the forward + backward of its two arms (the whole network, `sum()` as the loss),
+so its ratio is what the loss, the excitation bookkeeping and the optimizer add.
+Usage: python bench/bench_models.py [--threads 1] [--reps 5] [--configs small:128,...] [--models adnet,alpnet,panet,ppnet,canet,senet]
 """
 import argparse, os, time, tempfile
 import torch
 from fsmis.models.adnet import ADNet
-from fsmis.models.alpnet import ALPNet
+from fsmis.models.alpnet import ALPNet, PANet
+from fsmis.models.ppnet import PPNet
+from fsmis.models.canet import CANet
+from fsmis.models.senet import SENet
 from fsmis.losses import ADNetLoss, ProtoCELoss
 from fsmis.data.phantom import ToyEpisodes
 from fsmis.learner import adnet_learner, fit_iters
@@ -35,7 +40,8 @@ def bench(name, size, reps, model_cls=ADNet, loss_cls=ADNetLoss):
 
     def enc_step():
         model.zero_grad(set_to_none=True)
-        model.encoder(x).sum().backward()
+        if model_cls is SENet: model(si, sm, qi)['qry'].sum().backward()  # no backbone: the network itself
+        else: model.encoder(x).sum().backward()
 
     def full_step():
         loss = loss_f(model(si, sm, qi), qm)
@@ -58,20 +64,31 @@ def bench(name, size, reps, model_cls=ADNet, loss_cls=ADNetLoss):
     return res
 
 
+# kind -> (model class, its training loss as the learner factories build it)
+MODELS = {'adnet': (ADNet, ADNetLoss), 'alpnet': (ALPNet, ProtoCELoss), 'panet': (PANet, lambda: ProtoCELoss(w_bg=1.0)),
+          'ppnet': (PPNet, lambda: ProtoCELoss(w_bg=1.0)), 'canet': (CANet, lambda: ProtoCELoss(w_bg=1.0, par=False)),
+          'senet': (SENet, lambda: ProtoCELoss(w_bg=1.0, par=False, w_dice=1.0))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     ap.add_argument('--reps', type=int, default=7, help='timed repetitions (median)')
     ap.add_argument('--configs', default='small:128,small:256,resnet18:256,resnet50:256', help='encoder:size list')
-    ap.add_argument('--alpnet', action='store_true', help='also time ALPNet steps')
+    ap.add_argument('--alpnet', action='store_true', help='also time ALPNet steps (same as adding alpnet to --models)')
+    ap.add_argument('--models', default='adnet', help='comma-separated: adnet, alpnet, panet, ppnet, canet, senet')
     a = ap.parse_args()
+    kinds = a.models.split(',') + (['alpnet'] if a.alpnet and 'alpnet' not in a.models else [])
+    bad = [k for k in kinds if k not in MODELS]
+    if bad: ap.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} CPU thread(s), min of {a.reps} interleaved repetitions, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (memory-bound head ops suffer most under load)")
     print(f"{'model':7} {'encoder':9} {'size':>4} {'enc f+b ms':>10} {'step ms':>9} {'step/enc':>8} {'fit_iters ms':>12} {'fit/enc':>7}")
     for cfg in a.configs.split(','):
         name, size = cfg.split(':'); size = int(size)
-        for mc, lc in [(ADNet, ADNetLoss)] + ([(ALPNet, ProtoCELoss)] if a.alpnet else []):
+        for mc, lc in [MODELS[k] for k in kinds]:
+            if mc is SENet and name != 'small': continue  # SE-Net has no backbone to choose
             r = bench(name, size, a.reps, mc, lc)
             extra = f"{r['learn_ms']:12.1f} {r['learn_ratio']:7.3f}" if 'learn_ms' in r else ''
             print(f"{r['model']:7} {name:9} {size:4d} {r['enc_ms']:10.1f} {r['step_ms']:9.1f} {r['ratio']:8.3f} {extra}", flush=True)
