@@ -17,9 +17,9 @@ from .config import ExperimentConfig, reproduce_config, CPU_MINUTES
 from .eval.metrics import summarize, cell_text, run_wilcoxon, df_markdown
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells', 'cell_record',
-           'run_cell', 'run_ablation', 'finished_cells', 'ablation_table', 'ablation_tables', 'paper_table',
-           'ablation_summary', 'plot_ablation']
+__all__ = ['ABLATIONS', 'TABLE3_PAPER', 'apply_overrides', 'grid_rows', 'Ablation', 'get_ablation', 'Cell', 'ablation_cells',
+           'cell_record', 'run_cell', 'run_ablation', 'finished_cells', 'ablation_table', 'ablation_tables',
+           'paper_table', 'models_table', 'ablation_summary', 'plot_ablation']
 
 # %% ../nbs/43_ablate.ipynb #cb2467dd
 def apply_overrides(cfg: ExperimentConfig, # the base configuration (not changed)
@@ -442,6 +442,35 @@ def paper_table(ablation: str | Ablation, # the ablation
     if not paper: return ''
     t = pd.DataFrame(paper).T.reindex([r for r in a.rows if r in paper])
     return df_markdown(t.fillna('-'), index='setting (paper)')  # '-': a number the paper does not print
+
+# %% ../nbs/43_ablate.ipynb #t3a00002
+_TABLE3_NAMES = {'panet': 'pSSL-PANet', 'alpnet': 'pSSL-ALPNet', 'ppnet': 'vSSL-PPNet', 'canet': 'vSSL-CANet', 'adnet': 'vSSL-ADNet'}
+TABLE3_PAPER = {'pSSL-PANet': (False, 1, 1), 'pSSL-ALPNet': (False, 4, 246), 'vSSL-PPNet': (False, 5, 5),
+                'vSSL-CANet': (True, 1, 0), 'vSSL-ADNet': (False, 1, 0)}  # ADNet Table 3: decoder, # fg, # bg (backbone ResNet-101)
+
+def models_table(kinds=tuple(_TABLE3_NAMES), # model kinds (`fsmis.learner.MODELS`), in the table's order
+                 encoder: str = 'small', # the backbone every model is built with
+                 supports=(), # (image [H,W], mask [H,W]) pairs at the model's slice size: where a count adapts to the support (ALPNet)
+                 **model_kw, # {kind: constructor arguments} for some models (e.g. canet={'width': 32})
+                ) -> pd.DataFrame:
+    "ADNet Table 3 from the models: backbone, decoder, prototypes per class and for the background; the paper's beside."
+    import numpy as np, torch
+    from fsmis.learner import build_model
+    rows = {}
+    for k in kinds:
+        m = build_model(k, encoder=encoder, **model_kw.get(k, {})).eval()
+        if k == 'alpnet':
+            if not len(supports): raise ValueError("models_table: ALPNet's prototype count adapts to the support: give `supports`")
+            with torch.inference_mode():
+                cs = [m.prototype_count(m.encode(torch.as_tensor(np.asarray(i), dtype=torch.float32)[None, None]),
+                                        torch.as_tensor(np.asarray(s) > 0, dtype=torch.float32)[None, None]) for i, s in supports]
+            fg, bg = np.mean([c['fg'] for c in cs]), np.mean([c['bg'] for c in cs])
+        else: fg, bg = m.prototype_count()['fg'], m.prototype_count()['bg']
+        name = _TABLE3_NAMES.get(k, k); pd_, pf, pb = TABLE3_PAPER.get(name, (None, None, None))
+        rows[name] = {'backbone': encoder, 'decoder': 'yes' if m.decoder else 'no', '# fg prototypes': round(float(fg), 1),
+                      '# bg prototypes': round(float(bg), 1), 'paper: decoder': '-' if pd_ is None else 'yes' if pd_ else 'no',
+                      'paper: # fg': '-' if pf is None else pf, 'paper: # bg': '-' if pb is None else pb}
+    return pd.DataFrame(rows).T
 
 # %% ../nbs/43_ablate.ipynb #34867ef6
 def ablation_summary(ablation: str | Ablation, # the ablation

@@ -84,6 +84,7 @@ def check_shots(sup_imgs, # [B,K,C,H,W] (batched) or [K,C,H,W]
 # %% ../../nbs/11_models.adnet.ipynb #4cb2bb8d
 class FewShotModel(nn.Module):
     "Base class: an encoder plus a prototype head; subclasses define `prototypes`, `_scores` and `_forward_episode`."
+    decoder = False  # a learned decoder follows the backbone (ADNet Table 3's column; CANet and SE-Net have one)
     def __init__(self, encoder='small', # encoder name (see `make_encoder`) or an `nn.Module`
                  par: bool = True, # compute the prototype-alignment prediction in `forward`
                  **enc_kw # passed to `make_encoder` (weights, tv_weights, out_channels)
@@ -156,6 +157,10 @@ def _avg_shots(p, masks):
 
 class ADNet(FewShotModel):
     "ADNet: one foreground prototype per class, anomaly score -alpha*cos, learned threshold T."
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
+        "ADNet Table 3's columns: one foreground prototype per class, none for the background (the support arguments are not needed)."
+        return dict(fg=1, bg=0)
+
     def __init__(self, encoder='small', # encoder name or module
                  alpha: float = 20., # scale of the cosine (anomaly score in [-alpha, alpha])
                  kappa: float = 0.5, # steepness of the shifted sigmoid

@@ -50,6 +50,13 @@ class ALPNet(FewShotModel):
     @property
     def window(self): return self.window_train if self.training else self.window_test
 
+    def prototype_count(self, sup_feats, # support features [K,C,h,w]
+                        sup_masks, # [K,n_cls,H,W] float 0/1
+                       ) -> dict:
+        "ADNet Table 3's columns, counted on a support (ALPNet's number adapts to it): foreground (local + global) per class, averaged over the classes, and background."
+        p = self.prototypes(sup_feats, sup_masks)
+        return dict(fg=sum(len(f) for f in p['fg']) / len(p['fg']), bg=len(p['bg']))
+
     def prototypes(self, sup_feats, # [K,C,h,w]
                    sup_masks, # [K,n_cls,H,W] float 0/1
                   ) -> dict:
@@ -88,6 +95,10 @@ class PANet(FewShotModel):
                  **enc_kw):
         super().__init__(encoder, par=par, **enc_kw)
         self.scale = scale
+
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
+        "ADNet Table 3's columns: one foreground and one background prototype (the support arguments are not needed)."
+        return dict(fg=1, bg=1)
 
     def prototypes(self, sup_feats, # [K,C,h,w]
                    sup_masks, # [K,n_cls,H,W] float 0/1

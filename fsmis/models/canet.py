@@ -79,7 +79,7 @@ class CANet(FewShotModel):
         self.dcm, self.iom = DenseComparison(c, width, dropout), IOM(width, tuple(dilations), dropout)
         self.iom_steps, self.history_drop = iom_steps, history_drop
 
-    def prototype_count(self) -> dict:
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
         "Prototypes per class as ADNet Table 3 counts them: one foreground, no background."
         return dict(fg=1, bg=0)
 

@@ -74,7 +74,7 @@ class PPNet(FewShotModel):
         if parts < 1: raise ValueError(f"parts={parts}: need at least one prototype per class")
         self.parts, self.iters, self.global_weight, self.upscale, self.scale, self.seed = parts, iters, global_weight, upscale, scale, seed
 
-    def prototype_count(self) -> dict:
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
         "Prototypes per class as ADNet Table 3 counts them: {'fg': parts, 'bg': parts}."
         return dict(fg=self.parts, bg=self.parts)
 

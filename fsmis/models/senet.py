@@ -72,7 +72,7 @@ class SENet(FewShotModel):
         self.classifier = nn.Conv2d(width, 2, 1)
         self.depth = depth
 
-    def prototype_count(self) -> dict:
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
         "ADNet Table 3's columns: SE-Net compares no prototypes (the support acts through the excitation maps)."
         return dict(fg=0, bg=0)
 
