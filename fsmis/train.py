@@ -236,7 +236,7 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
     ck = out.with_name(out.stem + '_checkpoints')
     D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
                        resume='last' if L.list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
-                       progress=progress, case_ids=train_ids, exclude=exclude, **cfg.pretrain_kw)
+                       progress=progress, case_ids=train_ids, exclude=exclude, precision=cfg.precision, **cfg.pretrain_kw)
     return out
 
 # %% ../nbs/41_train.ipynb #a9eca939

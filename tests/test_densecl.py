@@ -517,3 +517,21 @@ def test_stage1_per_fold_reads_only_the_fold_training_scans(tmp_path, monkeypatc
     assert opened == [] and len(started) == 2
     with pytest.raises(ValueError, match='densecl_fold0.pth'):  # a cached file of another split is refused, not reused
         X.run_experiment(dataclasses.replace(cfg, n_folds=3, folds=[0]), tmp_path/'exp', dataset=ds, progress=False)
+
+
+def test_precision_one_rule_with_the_few_shot_learners(tmp_path):
+    "`precision` as the few-shot learners take it: bf16 autocast on a CPU that has it, the InfoNCE logits still float32; fp16 refused on the CPU."
+    from fsmis.learner import cpu_has_bf16, CPUAutocast
+    sl = unlabeled_slices(PhantomDataset(1, shape=(8, 48, 48)))
+    with pytest.raises(ValueError, match='CUDA'): densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=8, grid=4, precision='fp16', path=tmp_path)
+    assert densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=8, grid=4, path=tmp_path).precision == 'fp32'
+    if not cpu_has_bf16(): pytest.skip('this CPU reports no bfloat16 support (AMX / AVX-512 BF16)')
+    torch.manual_seed(0)
+    learn = densecl_learner(densecl_dls(sl, 32, bs=4, device='cpu'), 'small', queue=8, grid=4, precision='auto', path=tmp_path)
+    assert learn.precision == 'bf16' and any(isinstance(cb, CPUAutocast) for cb in learn.cbs)
+    x1, x2 = learn.dls.train.one_batch()[:2]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = learn.model(x1, x2)
+    assert all(out[k].dtype == torch.float32 for k in ('pos_g', 'neg_g', 'pos_d', 'neg_d'))
+    fit_densecl(learn, 3, progress=False)
+    assert all(math.isfinite(r['loss']) for r in learn.iter_log) and len(learn.iter_log) == 3

@@ -29,7 +29,7 @@ from ..data.datasets import DATASETS, Dataset, open_dataset, check_image, zscore
 from ..data.io import read_nifti
 from ..data.augment import RandomGamma
 from ..models.encoders import ENCODERS, make_encoder
-from ..learner import cosine_lr, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume, NonFiniteLoss
+from ..learner import cosine_lr, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume, NonFiniteLoss, resolve_precision, CPUAutocast
 
 # %% auto #0
 __all__ = ['DENSEMP_LR', 'WEIGHTS_FORMAT', 'body_fractions', 'SliceSet', 'unlabeled_slices', 'BrightnessContrast',
@@ -343,16 +343,19 @@ class DenseCL(nn.Module):
         fk, k, kd = self._keys(x2)
         if self.training: self.n_steps += 1
         n, dim = q.shape
-        q, k = F.normalize(q.float(), dim=1) / self.tau, F.normalize(k.float(), dim=1)  # 1/tau folded into the queries
-        kd = kd.float().flatten(2)
-        k_img = F.normalize(kd.mean(2), dim=1)  # the dense queue's key: image-level average of the dense keys
-        qd, kd = F.normalize(qd.float().flatten(2), dim=1) / self.tau, F.normalize(kd, dim=1)  # [N,dim,S]
-        idx = dense_positives(fq.detach(), fk)  # [N,S]
-        kpos = kd.gather(2, idx[:, None].expand(-1, dim, -1))
-        qd_rows = qd.transpose(1, 2).reshape(-1, dim)
-        return {'pos_g': (q * k).sum(1), 'neg_g': q @ self.queue_g.detach(),
-                'pos_d': (qd * kpos).sum(1).reshape(-1), 'neg_d': qd_rows @ self.queue_d.detach(),
-                'k_g': k.detach(), 'k_d': k_img.detach(), 'pos_idx': idx}
+        # the head's similarities in float32 even under bf16 autocast: bf16 keeps ~3 significant digits, too few for
+        # cosines scaled by 1/tau = 5 and compared against thousands of queue keys (and for the argmax of the dense matching)
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = F.normalize(q.float(), dim=1) / self.tau, F.normalize(k.float(), dim=1)  # 1/tau folded into the queries
+            kd = kd.float().flatten(2)
+            k_img = F.normalize(kd.mean(2), dim=1)  # the dense queue's key: image-level average of the dense keys
+            qd, kd = F.normalize(qd.float().flatten(2), dim=1) / self.tau, F.normalize(kd, dim=1)  # [N,dim,S]
+            idx = dense_positives(fq.detach().float(), fk.float())  # [N,S]
+            kpos = kd.gather(2, idx[:, None].expand(-1, dim, -1))
+            qd_rows = qd.transpose(1, 2).reshape(-1, dim)
+            return {'pos_g': (q * k).sum(1), 'neg_g': q @ self.queue_g.detach(),
+                    'pos_d': (qd * kpos).sum(1).reshape(-1), 'neg_d': qd_rows @ self.queue_d.detach(),
+                    'k_g': k.detach(), 'k_d': k_img.detach(), 'pos_idx': idx}
 
     @torch.no_grad()
     def enqueue(self, k_g: torch.Tensor, # global keys [n,dim] of this process
@@ -535,8 +538,8 @@ def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
                     lr: float | None = None, # peak lr (default `densecl_lr`: 0.0375 x images per step / 256, DenseMP's)
                     momentum: float = 0.9, # SGD momentum
                     wd: float = 1e-4, # weight decay
-                    amp: bool | None = None, # mixed precision (None: on for CUDA)
-                    channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
+                    precision: str | None = None, # 'auto', 'fp32', 'bf16' (CPU), 'fp16' (CUDA); None: fp16 on CUDA, fp32 on the CPU (as the few-shot learners)
+                    channels_last: bool | None = None, # channels-last memory (None: with bf16 or fp16)
                     path=None, # Learner path (checkpoints default to path/'checkpoints')
                     seed: int = 0, # shuffle-BN seed
                     accum: int = 1, # micro-batches per optimiser step (gradient accumulation; the loader's batch is one step)
@@ -566,11 +569,11 @@ def densecl_learner(dls: DataLoaders, # view-pair DataLoaders (`densecl_dls`)
                               shuffle_bn=shuffle_bn, seed=seed, total_steps=None)
     learn.fsmis_schedule = {'lr': lr, 'decay': 1., 'decay_every': 1}  # what `save_checkpoint` stores; the cosine T is in model_config
     learn.total_steps = None
-    dev = torch.device(getattr(dls, 'device', None) or 'cpu'); cuda = dev.type == 'cuda'
-    if channels_last if channels_last is not None else cuda: learn.model.to(memory_format=torch.channels_last)
-    if amp if amp is not None else cuda:
-        if not cuda: raise ValueError("amp=True: mixed precision needs a CUDA device (dls.device)")
-        learn.to_fp16()
+    dev = torch.device(getattr(dls, 'device', None) or 'cpu')
+    learn.precision = prec = resolve_precision(precision, dev)  # one rule for every training stage (`fsmis.learner.resolve_precision`)
+    if channels_last if channels_last is not None else prec != 'fp32': learn.model.to(memory_format=torch.channels_last)
+    if prec == 'fp16': learn.to_fp16()
+    if prec == 'bf16': learn.add_cb(CPUAutocast())
     return learn
 
 # %% ../../nbs/30_pretrain.densecl.ipynb #9f34e9f6
@@ -674,8 +677,8 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      weights=None, # encoder weights to start from
                      ckpt_every: int = 500, # checkpoint interval (steps)
                      ckpt_dir=None, # checkpoint folder (default <out stem>_checkpoints beside out)
-                     amp: bool | None = None, # mixed precision (None: on for CUDA)
-                     channels_last: bool | None = None, # channels-last memory (None: on for CUDA)
+                     precision: str | None = None, # 'auto', 'fp32', 'bf16' (CPU), 'fp16' (CUDA); None: fp16 on CUDA, fp32 on the CPU
+                     channels_last: bool | None = None, # channels-last memory (None: with bf16 or fp16)
                      cbs=None, # extra fastai callbacks (e.g. to inspect or stop a run)
                      case_ids=None, # only these cases of a dataset `data` (a fold's training ids); None: all
                      exclude: dict | None = None, # {case id: slice indices} never shown (Setting 2: slices with a test organ)
@@ -713,7 +716,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                       f"to {per_rank // bs} ({per_rank // bs * bs * world} images per step, the default lr follows them)", stacklevel=2)
         accum = per_rank // bs
     dls = densecl_dls(slices, size, bs * accum, rank, world, seed, device=dev, flip=flip)  # one loader batch = one optimiser step
-    learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, amp=amp, channels_last=channels_last,
+    learn = densecl_learner(dls, encoder, weights, lam, warmup, tau, m, queue, grid=grid, lr=lr, precision=precision, channels_last=channels_last,
                             path=out.parent, seed=seed, accum=accum, shuffle_bn=shuffle_bn)
     learn.model.to(dev)
     if world > 1:
