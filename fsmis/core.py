@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'data_root', 'cache_dir', 'atomic_write', 'atomic_path',
-           'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices', 'support_slice',
-           'text_blocks', 'print_md']
+__all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'release_memory', 'data_root', 'cache_dir', 'atomic_write',
+           'atomic_path', 'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices',
+           'support_slice', 'text_blocks', 'print_md']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -81,6 +81,16 @@ def default_device(device=None # 'cpu', 'cuda', 'cuda:1', a torch.device, or Non
         if d.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         return d
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+# %% ../nbs/00_core.ipynb #rm000001
+def release_memory() -> int:
+    "Collect garbage (a finished fastai Learner is a reference cycle holding its data) and hand freed heap back to the OS (glibc's `malloc_trim`; elsewhere a no-op); returns the objects collected."
+    import gc, ctypes, sys
+    n = gc.collect()
+    if sys.platform.startswith('linux'):
+        try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+        except (OSError, AttributeError): pass  # not glibc (musl): nothing to trim
+    return n
 
 # %% ../nbs/00_core.ipynb #d0a890af
 def data_root() -> Path | None:

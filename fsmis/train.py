@@ -12,7 +12,7 @@ import numpy as np
 import torch.nn as nn
 from .core import quiet_imports
 with quiet_imports(): from fastai.callback.core import Callback
-from .core import set_seed, default_device
+from .core import set_seed, default_device, release_memory
 from .data.datasets import CaseStore
 from .data.folds import setting2_keep, excluded_classes
 from .eval.protocols import evaluate
@@ -237,6 +237,7 @@ def stage1_weights(cfg:ExperimentConfig, # the experiment (encoder, pretrain_ste
     D.pretrain_densecl(ds, cfg.encoder, steps=cfg.pretrain_steps, minutes=cfg.pretrain_minutes, out=out, ckpt_dir=ck,
                        resume='last' if L.list_checkpoints(ck) else None, seed=cfg.seed + 100*fold, device=cfg.device,
                        progress=progress, case_ids=train_ids, exclude=exclude, precision=cfg.precision, **cfg.pretrain_kw)
+    release_memory()  # the finished DenseCL learner still holds every slice of the fold
     return out
 
 # %% ../nbs/41_train.ipynb #a9eca939
@@ -294,7 +295,9 @@ def train_stage(cfg: ExperimentConfig, # the stage's configuration
     learn.model.fsmis_meta.update(stage_fingerprint=fp, train_info=info)
     L.save_checkpoint(learn, out)
     shutil.rmtree(ckd, ignore_errors=True)  # the stage is done: its file is the result
-    return learn.model.eval(), dict(info, cached=False)
+    model = learn.model.eval(); del learn
+    release_memory()  # the finished learner (a reference cycle) holds the stage's episodes, pseudo-labels and optimizer state
+    return model, dict(info, cached=False)
 
 # %% ../nbs/41_train.ipynb #5d4d0454
 def train_stages(cfg: ExperimentConfig, # the experiment (stage 1 already done: its weights in `encoder_weights`)
