@@ -69,7 +69,7 @@ class ProtoCELoss(_ProtoLoss):
     def _probs(self, q): return q.softmax(-3)
 
     def _loss(self, out, qry_masks):
-        q = out['qry']; terms = {}
+        q = out['qry'].float(); terms = {}  # float32 even from a decoder that ran under bf16 autocast (CANet)
         if self.seg:
             w = torch.tensor([self.w_bg, 1.0], device=q.device)
             terms['seg'] = F.cross_entropy(q.flatten(0, 1), qry_masks.flatten(0, 1).long(), weight=w)

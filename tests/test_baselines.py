@@ -234,3 +234,16 @@ def test_supervised_training_sees_only_the_training_label_group(tmp_path, monkey
         assert seen['cases'] == ['1', '2', '3', '4'] and seen['test'] == [1, 4] and seen['setting'] == setting
         assert seen['classes'] == [2, 3], seen  # the other group only, never a tested class
         assert learn.train_info['steps'] == 2 and type(learn.model).__name__ == 'SENet'
+
+
+def test_autocast_reaches_a_learned_decoder_not_a_prototype_head():
+    "Under bf16 autocast CANet's decoder convolutions run in bfloat16 (its prototype stays float32); PPNet's cosine head stays float32."
+    torch.manual_seed(0); si, sm, qi, qm = squares(g=torch.Generator().manual_seed(7))
+    net, seen = CANet('small', width=16, dilations=(2, 4, 6)), {}
+    net.dcm.register_forward_hook(lambda m, i, o: seen.update(dcm=o.dtype, proto=i[1].dtype))
+    with torch.autocast('cpu', dtype=torch.bfloat16): out = net(si, sm, qi)
+    assert seen == {'dcm': torch.bfloat16, 'proto': torch.float32}
+    ProtoCELoss(w_bg=1.0, par=False)(out, qm).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    with torch.autocast('cpu', dtype=torch.bfloat16): o2 = PPNet('small')(si, sm, qi)
+    assert o2['qry'].dtype == torch.float32

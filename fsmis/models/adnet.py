@@ -112,7 +112,9 @@ class FewShotModel(nn.Module):
         # split/unbind (not slicing): their backward concatenates instead of zero-filling full-size gradients
         sf, qf = feats.split([B*K, B*Q])
         sf, qf = sf.unflatten(0, (B, K)).unbind(0), qf.unflatten(0, (B, Q)).unbind(0)
-        with torch.autocast(feats.device.type, enabled=False):  # the prototype head runs in float32 under AMP
+        # a prototype head runs in float32 under autocast (cosines, thresholds, pooled means); a learned decoder (CANet) keeps
+        # autocast for its convolutions and makes its own prototypes in float32
+        with torch.autocast(feats.device.type, enabled=self.decoder and torch.is_autocast_enabled(feats.device.type)):
             outs = [self._forward_episode(sf[b], sup_masks[b].float(), qf[b], sup_imgs.shape[-2:]) for b in range(B)]
         res = {'qry': torch.stack([o[0] for o in outs]), 'sup_masks': sup_masks}
         if self.par: res['sup'] = torch.stack([o[1] for o in outs])

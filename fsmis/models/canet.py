@@ -115,7 +115,7 @@ class CANet(FewShotModel):
         return torch.cat([1 - p.amax(1, keepdim=True), p], 1)
 
     def _forward_episode(self, sf, sm, qf, size):
-        proto = self.prototypes(sf, sm[:, None])[0]
+        with torch.autocast(sf.device.type, enabled=False): proto = self.prototypes(sf.float(), sm[:, None].float())[0]  # the pooled mean in float32
         x = self.dcm(qf, proto)
         h = x.new_zeros(x.shape[0], 2, *x.shape[-2:])
         if float(torch.rand(())) >= self.history_drop:  # a refinement step: history = own detached first pass
