@@ -42,6 +42,8 @@ def train_classes(ds, # the dataset (its `classes` and `spec.label_groups`)
                  ) -> list:
     "DenseMP's fine-tuning labels: the classes of the other label groups (Ouyang's protocol), else every class not evaluated."
     test = {int(c) for c in test_classes}
+    if not test: raise ValueError("train_classes: no evaluated class given: training on labels needs the classes it must not see (a stage "
+                                  "that is shared between label groups cannot train on labels)")
     groups = getattr(getattr(ds, 'spec', None), 'label_groups', None) or {}
     by_name = {v: int(k) for k, v in ds.classes.items()}
     if groups:  # the release fine-tunes on the other group only (kidneys <-> liver + spleen), not on every other organ
@@ -313,7 +315,9 @@ def train_stages(cfg: ExperimentConfig, # the experiment (stage 1 already done: 
     "(model, info) of one run: stage 2 (`cfg` itself), then stage 3 when `cfg.finetune_steps > 0`; each cached in `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     test = '-'.join(str(c) for c in sorted(int(c) for c in test_classes))
-    shared = cfg.setting == 1 and cfg.select == 'final'  # stage 2 then ignores the test classes
+    # stage 2 is shared between label groups when nothing in it depends on the test classes: Setting 1, no validation, and
+    # episodes without labels (a supervised baseline trains on the other group's labels: its own stage per group)
+    shared = cfg.setting == 1 and cfg.select == 'final' and pseudo_label_mode(cfg)[1] not in ('supervised', 'densemp')
     s2 = folder/f"stage2_{tag}{'' if shared else '_test' + test}.pth"
     model, info = train_stage(cfg, ds, train_ids, s2, seed, () if shared else test_classes, store, progress)
     info = {f'stage2_{k}': v for k, v in info.items()}

@@ -247,3 +247,22 @@ def test_autocast_reaches_a_learned_decoder_not_a_prototype_head():
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     with torch.autocast('cpu', dtype=torch.bfloat16): o2 = PPNet('small')(si, sm, qi)
     assert o2['qry'].dtype == torch.float32
+
+
+def test_supervised_stage_is_not_shared_between_label_groups(tmp_path, monkeypatch):
+    "Setting 1 shares a self-supervised stage 2 between label groups; a supervised one trains per group on the other group's labels (a shared one saw every label)."
+    from fsmis.config import ExperimentConfig
+    from fsmis.data.datasets import open_dataset
+    from fsmis.data import episodes as E
+    from fsmis import train as T
+    seen, real = [], E.SupervisedSampler.__init__
+    def spy(self, cases, classes, test_classes=(), setting=1, **kw):
+        seen.append(sorted(classes)); return real(self, cases, classes, test_classes, setting, **kw)
+    monkeypatch.setattr(E.SupervisedSampler, '__init__', spy)
+    ds = open_dataset('phantom', n_cases=5, shape=(32, 48, 48))
+    ds.spec.label_groups = {'upper': [ds.classes[1], ds.classes[4]], 'lower': [ds.classes[2], ds.classes[3]]}
+    cfg = ExperimentConfig(name='t', dataset='phantom', method='panet', pseudo_labels='labels', n_steps=2, size=48, setting=1)
+    for test in ([1, 4], [2, 3]): T.train_stages(cfg, ds, ['1', '2', '3', '4'], tmp_path, 'fold0_run0', seed=0, test_classes=test)
+    assert seen == [[2, 3], [1, 4]], seen
+    assert sorted(p.name for p in tmp_path.glob('stage2_*.pth')) == ['stage2_fold0_run0_test1-4.pth', 'stage2_fold0_run0_test2-3.pth']
+    with pytest.raises(ValueError, match='no evaluated class'): T.train_classes(ds, [])
