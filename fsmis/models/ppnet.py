@@ -39,6 +39,7 @@ def part_features(feats, # [K,C,h,w] features of the shots
                   masks, # [K,H,W] float 0/1 masks at image resolution
                   upscale: int = 2, # the points are taken at `upscale` x the feature resolution
                   min_points: int = 10, # a shot with this many mask cells or fewer there uses every mask pixel instead
+                  up=None, # the upsampled features [K,C,h*upscale,w*upscale] when already computed (one upsampling for every class)
                  ):
     "Feature vectors [M,C] under the masks of all shots: bilinear (align_corners=True) upsampled features at the cells of the nearest-resized mask."
     K, C, h, w = feats.shape; H, W = masks.shape[-2:]
@@ -47,7 +48,7 @@ def part_features(feats, # [K,C,h,w] features of the shots
     out = []
     for s in range(K):
         if m2[s].sum() > min_points:
-            f = F.interpolate(feats[s:s+1], size=size, mode='bilinear', align_corners=True)[0]
+            f = up[s] if up is not None else F.interpolate(feats[s:s+1], size=size, mode='bilinear', align_corners=True)[0]
             out.append(f.permute(1, 2, 0)[m2[s]])
         else:  # few cells: sample the features at every mask pixel (what upsampling to (H, W) would give there)
             yx = (masks[s] > 0.5).nonzero().to(feats.dtype)
@@ -85,7 +86,9 @@ class PPNet(FewShotModel):
         m = torch.cat([1 - sup_masks.amax(1, keepdim=True), sup_masks], 1).to(sup_feats.dtype)  # [K,1+n,H,W]
         glb = _avg_shots(masked_average_pool(sup_feats, m), m)  # [1+n,C]
         g = None if self.training else torch.Generator().manual_seed(self.seed)
-        parts = [kmeans(part_features(sup_feats, m[:, c], self.upscale), self.parts, self.iters, g)[0] for c in range(m.shape[1])]
+        h, w = sup_feats.shape[-2:]
+        up = F.interpolate(sup_feats, size=(h * self.upscale, w * self.upscale), mode='bilinear', align_corners=True)  # once for every class
+        parts = [kmeans(part_features(sup_feats, m[:, c], self.upscale, up=up), self.parts, self.iters, g)[0] for c in range(m.shape[1])]
         return torch.stack(parts) + self.global_weight * glb[:, None]
 
     def scores(self, qry_feats, # [N,C,h,w]
