@@ -297,7 +297,7 @@ class VSSL3DSampler(EpisodeSampler):
             x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))[:, None]
             self.vols.append(resize_slices(x, self.size)[:, 0])
             m = torch.from_numpy(np.ascontiguousarray(pl, dtype=np.int32))[:, None]
-            self.svs.append(m[:, 0] if self.size is None else resize_slices(m, self.size, mask=True)[:, 0].round().to(torch.int32))
+            self.svs.append(m[:, 0] if self.size is None else resize_slices(m.float(), self.size, mask=True)[:, 0].round().to(torch.int32))
         if not self.cands:
             raise ValueError(f"VSSL3DSampler: no supervoxel has more than {self.min_voxels} voxels in a window of {d} slices in any of "
                              f"the {len(self.cases)} cases (lower min_voxels or the patch depth, or check the supervoxels)")
