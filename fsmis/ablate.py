@@ -61,7 +61,7 @@ class Ablation:
     base_over: dict = field(default_factory=dict)  # changes to the base for every row (e.g. protocols, thresholds)
     paper: dict = field(default_factory=dict)  # {row label: {class or 'Mean': 'mean ± std'}} as printed
     note: str = ''  # what to know when reading the table against the paper
-    extra: dict = field(default_factory=dict)  # {row label: (row, model)}: another model evaluated in that row's cells (e.g. 'untrained')
+    extra: dict = field(default_factory=dict)  # {row label: (row, model[, protocol])}: another model (or protocol) evaluated in that row's cells (e.g. 'untrained')
     paper_more: dict = field(default_factory=dict)  # {protocol: {row label: {...}}}: the paper's numbers of the other protocols of the table
     def paper_for(self, protocol: str | None = None # a protocol of the table (default: `protocol`)
                  ) -> dict:
@@ -69,7 +69,7 @@ class Ablation:
         return self.paper if protocol in (None, self.protocol) else self.paper_more.get(protocol, {})
     def __post_init__(self):
         if self.default not in self.rows: raise ValueError(f"{self.name}: default row {self.default!r} is not one of the rows {list(self.rows)}")
-        for label, (row, m) in self.extra.items():
+        for label, (row, m, *_) in self.extra.items():
             if row not in self.rows: raise ValueError(f"{self.name}: extra row {label!r} reads row {row!r}, which is not one of the rows")
             if label in self.rows: raise ValueError(f"{self.name}: extra row {label!r} has the label of a row")
 
@@ -230,6 +230,23 @@ ABLATIONS = {a.name: a for a in [
                     "Run with `--runs 3` and `--steps N`; evaluation is float32 in both.")
       for base, title, proto, bo in [('adnet-chaos-ep1', 'ADNet, CHAOS MRI, EP1 and EP2', 'EP1', {'protocols': ['EP1', 'EP2'], 'thresholds': [], 'baselines': []}),
                                      ('alpnet-chaos-setting1', 'SSL-ALPNet, CHAOS MRI, Setting 1', 'ouyang', _DM_OVER)]],
+    *[Ablation(name, f'ADNet Table 8: 2D ResNet-101 against the one-step 3D ResNeXt-101 (k = one, k = all), {title}, EP2', f'adnet-{ds}-ep2',
+               {'2D ResNet-101, k = one': {}, '3D ResNeXt-101, k = one': {'base': f'adnet3d-{ds}', 'protocols': ['EP2', 'EP2-all']}},
+               '2D ResNet-101, k = one', protocol='EP2', base_over={'baselines': [], 'thresholds': []},
+               extra={'3D ResNeXt-101, k = all': ('3D ResNeXt-101, k = one', 'adnet3d', 'EP2-all')}, paper=paper,
+               note="The 3D rows are one model, evaluated with one labelled support slice (EP2) and with every labelled support slice "
+                    "(EP2-all, one prototype). The paper's 3D encoder starts from Kinetics-600 weights and its 2D one from ImageNet/COCO; "
+                    "here both start from random weights. Under the CPU budget the 3D row is `resnext3d-small` on (10, 108, 108) "
+                    "patches of 128 px slices (`fsmis reproduce adnet3d-" + ds + " --budget cpu`), the 2D row the small CNN.")
+      for name, ds, title, paper in [
+          ('adnet-table8', 'chaos', 'abdominal MRI (CHAOS)',
+           {'2D ResNet-101, k = one': _p('62.33 ± 9.70', '86.46 ± 2.74', '63.73 ± 11.66', '77.12 ± 3.41', '72.41 ± 9.96', classes=_ABD),
+            '3D ResNeXt-101, k = one': _p('77.95 ± 16.57', '73.55 ± 28.69', '75.04 ± 8.55', '75.48 ± 8.58', '75.50 ± 17.71', classes=_ABD),
+            '3D ResNeXt-101, k = all': _p('81.06 ± 4.20', '84.88 ± 4.22', '75.18 ± 8.40', '77.17 ± 8.60', '79.58 ± 7.67', classes=_ABD)}),
+          ('adnet-table8-cmr', 'cmr', 'cardiac MRI',
+           {'2D ResNet-101, k = one': _p('82.81 ± 3.20', '59.46 ± 2.97', '66.58 ± 4.74', '69.62 ± 9.77'),
+            '3D ResNeXt-101, k = one': _p('81.28 ± 2.51', '56.47 ± 0.75', '66.22 ± 4.24', '67.99 ± 10.60'),
+            '3D ResNeXt-101, k = all': _p('82.87 ± 1.15', '56.30 ± 0.76', '67.93 ± 4.04', '69.03 ± 11.15')})]],
     Ablation('phantom-losses', 'loss terms on the built-in phantoms, EP2 (no data needed; for tests and lessons)', 'adnet-phantom-ep2',
              {'L_S + L_T + L_PAR': {}, 'L_S only': {'learner_kw.thresh': False, 'learner_kw.par': False}}, 'L_S + L_T + L_PAR',
              protocol='EP2', base_over={'baselines': [], 'thresholds': [-20., -15., -10.], 'dataset_kw': {'n_cases': 6, 'shape': (16, 64, 64)}, 'n_folds': 2}),
@@ -268,13 +285,15 @@ def ablation_cells(ablation: str | Ablation, # a name in ABLATIONS, or an Ablati
     "Every cell of the grid, in a fixed order (rows, then folds, then runs)."
     a = get_ablation(ablation)
     base = apply_overrides(reproduce_config(a.base, budget, minutes), a.base_over)
+    bases = {n: apply_overrides(reproduce_config(n, budget, minutes), a.base_over) for n in {ch['base'] for ch in a.rows.values() if 'base' in ch}}  # rows on another named config
     folds = list(base.folds) if folds is None else [int(f) for f in folds]
     runs = base.runs if runs is None else int(runs)
     cells = []
     for label, changes in a.rows.items():
         for f in folds:
             for r in range(runs):
-                cfg = apply_overrides(base, {**(over or {}), **changes, 'name': f"{a.name}/{label}", 'folds': [f], 'runs': 1, 'seed': base.seed + r})
+                b, ch = (bases[changes['base']], {k: v for k, v in changes.items() if k != 'base'}) if 'base' in changes else (base, changes)
+                cfg = apply_overrides(b, {**(over or {}), **ch, 'name': f"{a.name}/{label}", 'folds': [f], 'runs': 1, 'seed': base.seed + r})
                 cells.append(Cell(len(cells), label, f, r, cfg))
     return cells
 
@@ -385,8 +404,11 @@ def _cell_results(a, out) -> pd.DataFrame:
         df = pd.read_csv(p.parent/'results.csv', dtype={'case': str, 'support': str})
         cfg = ExperimentConfig.load(p.parent/'config.yaml')
         df = df.assign(fold=rec['fold'], run=rec['run'])  # each cell trains one (fold, run) and writes it as run 0: the cell's indices count
-        rows.append(df[df['method'] == cfg.method].assign(row=rec['row']))
-        rows += [df[df['method'] == m].assign(row=label) for label, (row, m) in a.extra.items() if row == rec['row']]
+        ex = {label: (m, *p) for label, (row, m, *p) in a.extra.items() if row == rec['row']}
+        taken = {p[0] for m, *p in ex.values() if p}  # protocols shown as extra rows (Table 8's k = all)
+        rows.append(df[(df['method'] == cfg.method) & ~df['protocol'].isin(taken)].assign(row=rec['row']))
+        rows += [df[(df['method'] == m) & (df['protocol'] == p[0])].assign(row=label, protocol=a.protocol) if p else df[df['method'] == m].assign(row=label)
+                 for label, (m, *p) in ex.items()]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 def ablation_table(ablation: str | Ablation, # the ablation (its rows, extra rows and default row)
@@ -440,7 +462,7 @@ def paper_table(ablation: str | Ablation, # the ablation
     "The paper's numbers of an ablation (Dice %, as printed) in the same layout; rows the paper does not give are left out."
     a = get_ablation(ablation); paper = a.paper_for(protocol)
     if not paper: return ''
-    t = pd.DataFrame(paper).T.reindex([r for r in a.rows if r in paper])
+    t = pd.DataFrame(paper).T.reindex([r for r in [*a.rows, *a.extra] if r in paper])
     return df_markdown(t.fillna('-'), index='setting (paper)')  # '-': a number the paper does not print
 
 # %% ../nbs/43_ablate.ipynb #t3a00002

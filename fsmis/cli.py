@@ -241,6 +241,7 @@ def _train_config(a):
     for k, v in over.items():
         if v is not None: setattr(cfg, k, v)
     if a.method in ('alpnet', 'panet') and not a.config: cfg.pseudo_labels = 'superpixels'
+    if a.method == 'adnet3d' and not a.config and a.encoder is None: cfg.encoder = 'resnext3d-small'  # a 3D model needs a 3D encoder
     cfg.__post_init__()
     return cfg
 
@@ -298,7 +299,8 @@ def _load_model(path, device=None, method=None, encoder=None):
 
 
 # %% ../nbs/51_cli.ipynb #2e6ddd87
-_PROTOCOLS = {'EP1': ('EP1', 'adnet'), 'EP2': ('EP2', 'adnet'), 'setting1': ('ouyang', 'ouyang'), 'setting2': ('ouyang', 'ouyang')}
+_PROTOCOLS = {'EP1': ('EP1', 'adnet'), 'EP2': ('EP2', 'adnet'), 'setting1': ('ouyang', 'ouyang'), 'setting2': ('ouyang', 'ouyang'),
+              'EP2-all': ('EP2-all', 'adnet')}  # EP2 with every labelled support slice (ADNet Table 8, k = all)
 
 # %% ../nbs/51_cli.ipynb #0581b1bb
 def _cmd_evaluate(a):
@@ -358,7 +360,8 @@ def _cmd_segment(a):
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
     model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
-    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size)  # size, normalization: the checkpoint's
+    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size,  # size, normalization: the checkpoint's
+                      support_slices=a.support_slices)
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
@@ -374,6 +377,7 @@ def _args_segment(p):
     p.add_argument('--checkpoint', default=None, help='trained model (e.g. fsmis-demo/model.pth; default: the bundled ADNet, self-supervised on CHAOS T2 scans)')
     p.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
     p.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
+    p.add_argument('--support-slices', choices=['one', 'all'], default='one', help="a 3D (adnet3d) checkpoint: 'one' labelled slice (--slice) or 'all' labelled slices, one prototype (ADNet Table 8, k)")
     p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
     p.add_argument('--method', choices=METHODS, default=None, help='model kind, only for model files of fsmis < 0.3 (bare state dicts)')
     p.add_argument('--encoder', default=None, help='encoder, only for model files of fsmis < 0.3 (bare state dicts; default small)')

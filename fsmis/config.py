@@ -17,7 +17,7 @@ __all__ = ['METHODS', 'CPU_MINUTES', 'RENAMED_FIELDS', 'PAPER_CONFIGS', 'DENSEMP
            'cpu_budget_config', 'ouyang_config', 'eval_classes', 'reproduce_config', 'demo_config']
 
 # %% ../nbs/40_config.ipynb #ae7b0001
-METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet', 'senet')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
+METHODS = ('adnet', 'alpnet', 'panet', 'ppnet', 'canet', 'senet', 'adnet3d')  # the trained few-shot models: the keys of `fsmis.learner.LEARNERS` (tested), light to import for the CLI
 CPU_MINUTES = 30.  # training minutes per fold (per cell) of the CPU budget: the one default of `cpu_budget_config`, `reproduce_config`, the ablations and the CLI
 
 
@@ -106,7 +106,7 @@ class ExperimentConfig:
         if not isinstance(self.folds, (list, tuple)) or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.folds):
             raise ValueError(f"folds must be a list of fold indices, got {self.folds!r}")
         for p in self.protocols:
-            if p not in ('EP1', 'EP2', 'ouyang'): raise ValueError(f"protocols: unknown protocol {p!r}")
+            if p not in ('EP1', 'EP2', 'ouyang', 'EP2-all'): raise ValueError(f"protocols: unknown protocol {p!r}")
         if self.precision not in (None, 'auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be 'auto', 'fp32', 'bf16', 'fp16' or None, got {self.precision!r}")
         if self.setting not in (1, 2): raise ValueError(f"setting must be 1 or 2, got {self.setting!r}")
         if self.select not in ('final', 'val'): raise ValueError(f"select must be 'final' or 'val', got {self.select!r}")
@@ -207,6 +207,11 @@ PAPER_CONFIGS = {
                                        fold_variant='ouyang', label_groups=['lower', 'upper'],
                                        note=f'SSL-ALPNet (DenseMP Table {s} baseline), {title}, Setting {s} (label groups one at a time)')
        for ds, dsname, title in [('chaos', 'chaos_t2', 'CHAOS MRI'), ('synapse', 'synapse_ct', 'Synapse CT')] for s in (1, 2)},
+    **{f'adnet3d-{ds}': dict(dataset=dsname, method='adnet3d', protocols=['EP2', 'EP2-all'], encoder='resnext3d-small',
+                             dls_kw={'patch': [10, 108, 108]}, baselines=[],
+                             budgets={'paper': dict(encoder='resnext3d-101', n_steps=steps, size=None, dls_kw={'patch': [10, 215, 215]})},
+                             note=f'ADNet Table 8, {title}, one-step 3D ResNeXt, EP2 with k = one (EP2) and k = all (EP2-all); random weights, not Kinetics')
+       for ds, dsname, title, steps in [('chaos', 'chaos_t2', 'CHAOS MRI', 50_000), ('cmr', 'ms_cmrseg_bssfp', 'cardiac MRI', 15_000)]},
     'adnet-phantom-ep2': dict(dataset='phantom', method='adnet', protocols=['EP2'], dataset_kw={'n_cases': 10},
                               note='built-in phantoms, EP2 (no data needed)'),
     **{f'densemp-{ds}-setting{s}': dict(dataset=dsname, method='alpnet', protocols=['ouyang'], setting=s, pseudo_labels='superpixels',
@@ -229,7 +234,7 @@ def reproduce_config(name: str, # a key of PAPER_CONFIGS
     "The ExperimentConfig of a named paper configuration under a budget."
     if name not in PAPER_CONFIGS: raise ValueError(f"unknown configuration {name!r}: choose one of {', '.join(PAPER_CONFIGS)}")
     d = {k: v for k, v in PAPER_CONFIGS[name].items() if k != 'note'}
-    densemp = d.pop('densemp', False)
+    densemp, per_budget = d.pop('densemp', False), d.pop('budgets', {}).get(budget, {})
     over = {k: v for k, v in over.items() if v is not None}
     if budget == 'cpu':
         cfg = cpu_budget_config(d.pop('dataset'), minutes=minutes, name=name, **d)
@@ -237,11 +242,12 @@ def reproduce_config(name: str, # a key of PAPER_CONFIGS
         if densemp and over.get('pretrain_steps') is None: cfg.pretrain_minutes = minutes  # stage 1 by minutes unless given in steps
     elif budget == 'paper':
         steps = 50_000 if d['method'] == 'adnet' else 100_100
-        cfg = ExperimentConfig(name=name, encoder='resnet101', n_steps=steps, lr=1e-3, folds=[0, 1, 2, 3, 4], runs=3,
-                               baselines=['untrained', 'intensity'], **d)
+        cfg = ExperimentConfig(**{**dict(name=name, encoder='resnet101', n_steps=steps, lr=1e-3, folds=[0, 1, 2, 3, 4], runs=3,
+                               baselines=['untrained', 'intensity']), **d})
     else: raise ValueError(f"budget must be 'cpu' or 'paper', got {budget!r}")
     if densemp:
         for k, v in DENSEMP_BUDGETS[budget].items(): setattr(cfg, k, v)
+    for k, v in per_budget.items(): setattr(cfg, k, v)  # a configuration's own changes under this budget (adnet3d: encoder, patch, steps)
     for k, v in over.items(): setattr(cfg, k, v)
     cfg.__post_init__()
     return cfg

@@ -26,6 +26,7 @@ from .models.alpnet import ALPNet, PANet
 from .models.ppnet import PPNet
 from .models.canet import CANet
 from .models.senet import SENet
+from .models.adnet3d import ADNet3D
 from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
@@ -34,7 +35,7 @@ __all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'PRECISIONS', 'LEARNER
            'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
            'resolve_resume', 'FewShotLearner', 'build_model', 'load_model', 'cpu_has_bf16', 'resolve_precision',
            'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner',
-           'ppnet_learner', 'canet_learner', 'senet_learner']
+           'ppnet_learner', 'canet_learner', 'senet_learner', 'adnet3d_learner']
 
 # %% ../nbs/14_learner.ipynb #d0e5c0a1
 DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
@@ -481,7 +482,8 @@ def fewshot_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3)
     learn.fsmis_schedule = {'lr': lr, 'decay': decay, 'decay_every': decay_every}
     prec = resolve_precision(precision, dev)
     learn.precision = model.fsmis_meta['precision'] = prec  # recorded in every checkpoint of the model
-    if channels_last if channels_last is not None else prec != 'fp32': learn.model.to(memory_format=torch.channels_last)
+    if channels_last if channels_last is not None else prec != 'fp32':  # 5D weights of a 3D model: channels_last_3d
+        learn.model.to(memory_format=torch.channels_last_3d if getattr(model, 'spatial', 2) == 3 else torch.channels_last)
     if prec == 'fp16': learn.to_fp16()
     if prec == 'bf16': learn.add_cb(CPUAutocast())
     return learn
@@ -587,3 +589,27 @@ def senet_learner(dls: DataLoaders, # episode DataLoaders (n_inp=3); supervised 
     "fastai Learner for SE-Net (Roy et al. 2020; supervised baseline of DenseMP Tables 1-2; no PAR)."
     return fewshot_learner(dls, 'senet', ProtoCELoss(w_bg, par=False, w_dice=w_dice), encoder=encoder, weights=weights, tv_weights=tv_weights,
                            width=width, cond_width=cond_width, **kwargs)
+
+# %% ../nbs/14_learner.ipynb #0b60bcdd
+@register_learner('adnet3d', ADNet3D)
+@delegates(fewshot_learner, but=['kind', 'loss_func'])
+def adnet3d_learner(dls: DataLoaders, # 3D episode DataLoaders (sampler 'vssl3d': patches [B,1,1,D,H,W])
+                    encoder: str = 'resnext3d-small', # 'resnext3d-small' (CPU) or 'resnext3d-101' (ADNet Table 9)
+                    weights=None, # local encoder weights (see `fsmis.models.encoders3d.make_encoder3d`)
+                    alpha: float = 20., # cosine scale
+                    kappa: float = 0.5, # sigmoid steepness
+                    t_init: float = -10., # initial threshold
+                    window: int | None = None, # slices per encoder pass at inference (None: the training patch depth)
+                    seg: bool = True, # loss term L_S
+                    thresh: bool = True, # loss term L_T
+                    par: bool = True, # loss term L_PAR
+                    w_bg: float = 0.1, # background weight of L_S
+                    **kwargs
+                   ) -> FewShotLearner:
+    "fastai Learner for ADNet's one-step 3D variant (Section 5.4): ADNet's loss and optimisation on 3D patches (train with `fit_iters`)."
+    patch = getattr(getattr(getattr(dls.train, 'dataset', None), 'sampler', None), 'patch', None)
+    window = int(window or (patch[0] if patch else 10))
+    learn = fewshot_learner(dls, 'adnet3d', ADNetLoss(w_bg, seg, thresh, par), encoder=encoder, weights=weights,
+                            alpha=alpha, kappa=kappa, t_init=t_init, window=window, **kwargs)
+    learn.model.fsmis_meta.update(dims=3, patch=list(patch) if patch else None)  # a 3D model, in every checkpoint it writes
+    return learn

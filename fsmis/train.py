@@ -175,6 +175,13 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
         cbs.append(ValCheckpoint(store or CaseStore(ds), val_ids, val_classes(cfg, dict(ds.classes), test_classes),
                                  cfg.val_every, cfg.size, cfg.eval_batch_size))
     mode, sampler = pseudo_label_mode(cfg)
+    from fsmis.models.encoders3d import ENCODERS3D
+    vol = getattr(L.MODELS.get(cfg.method), 'spatial', 2) == 3
+    if (cfg.encoder in ENCODERS3D) != vol:  # before any pseudo-label is computed
+        raise ValueError(f"encoder={cfg.encoder!r}: method {cfg.method!r} needs a {'3D encoder, one of ' + str(list(ENCODERS3D)) if vol else '2D encoder'}")
+    if vol:  # a volume model trains on 3D supervoxel patches (ADNet Section 5.4)
+        if sampler != 'vssl': raise ValueError(f"method {cfg.method!r} trains on 3D supervoxel patches: pseudo_labels must be 'supervoxels', got {cfg.pseudo_labels!r}")
+        sampler = 'vssl3d'
     t0 = time.perf_counter()
     pl = None if mode is None else dataset_supervoxels(ds, rho=cfg.rho, mode=mode, case_ids=fit_ids, progress=progress, n_workers=n_workers,
                                                        cache_dir=cache_dir, **({'min_size': cfg.min_size} if mode == '2d' else {}))

@@ -152,7 +152,7 @@ def test_api_reference(site):
     mods = [a['href'] for a in core.select('article a.reference.internal') if a.get_text() == 'fsmis.data.io']
     assert mods and mods[0].startswith(_page(_nb_with(r'data\.io'))), 'a `module` in the text links to its page'
     assert '#| export' not in core.get_text() and 'def set_seed' not in core.select_one('article').get_text(), 'code of exported cells hidden'
-    adnet = _soup(site/_page(_nb_with(r'models\.adnet'))).select_one('dt#fsmis\\.models\\.adnet\\.ADNet').find_next_sibling('dd')
+    adnet = _soup(site/_page(_nb_with(r'models\.adnet\.ipynb$'))).select_one('dt#fsmis\\.models\\.adnet\\.ADNet').find_next_sibling('dd')
     assert '-alpha*cos' in adnet.get_text(), 'a * in a docstring is kept, not read as emphasis'
     cfg = _soup(site/'config.html').select_one('dt#fsmis\\.config\\.cpu_budget_config').find_next_sibling('dd')
     fields = {li.get_text(' ', strip=True).split(' – ')[0]: li.get_text(' ', strip=True) for li in cfg.select('dl.field-list li')}
@@ -317,7 +317,7 @@ def test_search_finds_supervoxels_page(site, browser):
     page.close()
 
 def test_math_rendered_on_adnet_page(site, browser):
-    page = _open(browser, site/_page(_nb_with(r'models\.adnet')))
+    page = _open(browser, site/_page(_nb_with(r'models\.adnet\.ipynb$')))
     page.wait_for_selector('article mjx-container svg', timeout=30_000)
     page.wait_for_function("document.querySelectorAll('article span.math').length === "
                            "document.querySelectorAll('article span.math mjx-container').length", timeout=30_000)
@@ -349,7 +349,7 @@ def test_phone_width_no_sideways_scroll_and_menu(site, browser):
     assert not wide, 'pages scroll sideways at 400px:\n' + '\n'.join(wide)
 
 def test_browser_fetched_nothing_remote(site, browser):
-    for f in [site/'index.html', site/_page(_nb_with(r'models\.adnet')), site/'search.html']:
+    for f in [site/'index.html', site/_page(_nb_with(r'models\.adnet\.ipynb$')), site/'search.html']:
         page = _open(browser, f)
         page.wait_for_timeout(300)
         page.close()

@@ -10,17 +10,19 @@ import inspect
 from dataclasses import dataclass
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ..core import quiet_imports
 with quiet_imports():
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
 from ..core import Case, default_device, resize_slices
-from .augment import adnet_augment, alpnet_augment
+from .augment import adnet_augment, alpnet_augment, gamma_transform
 from .folds import setting_keep, excluded_classes
 
 # %% auto #0
-__all__ = ['Episode', 'slice_counts', 'EpisodeSampler', 'VSSLSampler', 'PSSLSampler', 'SupervisedSampler', 'MixtureSampler',
-           'densemp_finetune_sampler', 'EpisodeDataset', 'EpisodeDL', 'make_sampler', 'episode_dls']
+__all__ = ['Episode', 'slice_counts', 'EpisodeSampler', 'VSSLSampler', 'random_affine3d', 'warp3d', 'crop_start', 'VSSL3DSampler',
+           'PSSLSampler', 'SupervisedSampler', 'MixtureSampler', 'densemp_finetune_sampler', 'EpisodeDataset',
+           'EpisodeDL', 'make_sampler', 'episode_dls']
 
 # %% ../../nbs/08_data.episodes.ipynb #fa54f8ed
 @dataclass
@@ -206,6 +208,142 @@ class VSSLSampler(EpisodeSampler):
         return self._episode(items[:self.n_shots], items[self.n_shots:], s, rng)
 
     def __repr__(self): return f"VSSLSampler({len(self.cases)} cases, {self.n_candidates} candidates, K={self.n_shots}, Q={self.n_queries}, dist={self.dist}, min_pixels={self.min_pixels})"
+
+# %% ../../nbs/08_data.episodes.ipynb #cea3d2ae
+def random_affine3d(shape: tuple, # (D, H, W) of the volume
+                    rng: np.random.Generator, # source of the parameters
+                    rotate: float = 5., # max rotation about each axis, degrees
+                    shear: float = 5., # max shear angle per axis pair, degrees
+                    shift=(1., 5., 5.), # max shift in voxels along (z, h, w)
+                    scale=(0.9, 1.2), # range of the scale of each axis
+                   ) -> torch.Tensor:
+    "A random 3D affine map in voxel space (as MONAI's, spacing ignored), as the [1,3,4] `theta` of `F.affine_grid` (align_corners=True)."
+    r = np.deg2rad(rng.uniform(-rotate, rotate, 3))
+    def rot(a, i, j):
+        m = np.eye(3); m[i, i] = m[j, j] = np.cos(a); m[i, j], m[j, i] = -np.sin(a), np.sin(a); return m
+    A = rot(r[0], 1, 2) @ rot(r[1], 0, 2) @ rot(r[2], 0, 1)
+    sh = np.eye(3)
+    for (i, j), a in zip([(0, 1), (0, 2), (1, 2)], np.deg2rad(rng.uniform(-shear, shear, 3))): sh[i, j] = np.tan(a)
+    A = A @ sh @ np.diag(rng.uniform(scale[0], scale[1], 3))
+    t = rng.uniform(-1, 1, 3) * np.asarray(shift, float)
+    half = (np.asarray(shape, float) - 1) / 2
+    half[half == 0] = 1  # a single slice: any map of z is the identity
+    An = A * half[None, :] / half[:, None]  # normalized coords: diag(1/half) A diag(half)
+    tn = t / half
+    P = np.eye(3)[::-1]  # (z, h, w) -> (x, y, z) = (w, h, z) order of affine_grid
+    return torch.tensor(np.concatenate([P @ An @ P, (P @ tn)[:, None]], 1), dtype=torch.float32)[None]
+
+def warp3d(vol: torch.Tensor, # [D,H,W] float image or mask
+           theta: torch.Tensor, # from `random_affine3d`
+           mask: bool = False, # nearest for masks, trilinear for images
+          ) -> torch.Tensor:
+    "Resample a volume through an affine map (reflection padding, as the release's MONAI transform)."
+    grid = F.affine_grid(theta, (1, 1, *vol.shape), align_corners=True)
+    return F.grid_sample(vol[None, None].float(), grid, mode='nearest' if mask else 'bilinear', padding_mode='reflection',
+                         align_corners=True)[0, 0]
+
+# %% ../../nbs/08_data.episodes.ipynb #1e014052
+def crop_start(rows: np.ndarray, # indices (along one axis) of the mask's voxels in the window
+               n: int, # size of the axis
+               b: int, # crop size
+               rng: np.random.Generator,
+              ) -> int:
+    "Start of a crop of `b` voxels holding [min, max] of `rows` when it fits, else lying inside it (uniform; anywhere if empty)."
+    if not len(rows): return int(rng.integers(0, n - b + 1))
+    lo, hi = int(rows.min()), int(rows.max())
+    a, z = (max(hi - b + 1, 0), min(lo, n - b)) if hi - lo + 1 <= b else (max(lo, 0), min(hi - b + 1, n - b))
+    return int(rng.integers(a, z + 1))
+
+class VSSL3DSampler(EpisodeSampler):
+    "ADNet's 3D supervoxel episodes: a support and a query patch (depth, h, w) of one supervoxel, as the release samples them."
+    kind = 'vssl3d'
+    def __init__(self, cases: list, # `Case` objects (training volumes)
+                 pseudo_labels, # 3D supervoxel volumes (z,h,w) int, 0 = outside the body: list aligned with cases or {case_id: vol}
+                 patch=(10, 215, 215), # (depth, h, w) of the patches, in voxels of the (resized) volume (the release: 10, 215, 215)
+                 min_voxels: int = 200, # a window is a candidate when the supervoxel has more voxels than this in it (the release: 200)
+                 max_offset: int = 50, # the second window is at most this many candidates from the first (the release: 50)
+                 p_geom_query: float = 0.5, # probability that the affine map goes to the query (else to the support)
+                 exclude_classes=(), # drop windows holding a slice with any of these classes (Setting 2; needs labels)
+                 size=None, # in-plane size (h, w) or int the slices are resized to first; None keeps the stored size
+                 augment=True, # gamma and the 3D affine map as the release; False/None: neither
+                 n_shots: int = 1, # support patches (the release: 1)
+                 n_queries: int = 1, # query patches (the release: 1)
+                ):
+        super().__init__(cases, n_shots, n_queries, size, False, None, pseudo_labels, needs='supervoxel volumes')
+        if (self.n_shots, self.n_queries) != (1, 1): raise ValueError(f"VSSL3DSampler: one support and one query patch (as the release), got n_shots={n_shots}, n_queries={n_queries}")
+        patch = (int(patch),) * 3 if np.isscalar(patch) else tuple(int(p) for p in patch)
+        if len(patch) != 3 or min(patch) < 1: raise ValueError(f"patch must be (depth, h, w) of positive ints, got {patch}")
+        H, W = self.out_size
+        if patch[1] > H or patch[2] > W: raise ValueError(f"patch {patch} is larger in-plane than the slices ({H}, {W})")
+        for c in self.cases:
+            if c.n_slices < patch[0]: raise ValueError(f"case {c.case_id!r} has {c.n_slices} slices, fewer than the patch depth {patch[0]}: "
+                                                       f"use a thinner patch (patch=(d, h, w), d <= {c.n_slices}) or leave the case out")
+        if not 0 <= p_geom_query <= 1: raise ValueError(f"p_geom_query must be in [0, 1], got {p_geom_query}")
+        self.patch, self.min_voxels, self.max_offset, self.p_geom_query = patch, int(min_voxels), int(max_offset), float(p_geom_query)
+        self.augment = bool(augment)
+        self.vols, self.svs, self.cands = [], [], []  # resized images and supervoxels; (case index, [(id, window starts)])
+        d = patch[0]
+        for ci, (case, pl) in enumerate(zip(self.cases, self.pseudo_labels)):
+            cnt = slice_counts(pl); cnt[:, 0] = 0
+            win = np.concatenate([np.zeros((1, cnt.shape[1]), np.int64), np.cumsum(cnt, 0)])
+            wsum = win[d:] - win[:-d]  # [n_windows, n_ids] voxels of each id in each window
+            ok = np.ones(len(wsum), bool)
+            if exclude_classes:
+                bad = ~_allowed(case, exclude_classes)
+                ok = np.array([not bad[r:r + d].any() for r in range(len(wsum))])
+            valid = (wsum > self.min_voxels) & ok[:, None]
+            svs = [(int(s), np.flatnonzero(valid[:, s])) for s in np.flatnonzero(valid.any(0))]
+            if svs: self.cands.append((ci, svs))
+            x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))[:, None]
+            self.vols.append(resize_slices(x, self.size)[:, 0])
+            m = torch.from_numpy(np.ascontiguousarray(pl, dtype=np.int32))[:, None]
+            self.svs.append(m[:, 0] if self.size is None else resize_slices(m.float(), self.size, mask=True)[:, 0].round().to(torch.int32))
+        if not self.cands:
+            raise ValueError(f"VSSL3DSampler: no supervoxel has more than {self.min_voxels} voxels in a window of {d} slices in any of "
+                             f"the {len(self.cases)} cases (lower min_voxels or the patch depth, or check the supervoxels)")
+
+    @property
+    def n_candidates(self):
+        "Number of valid (case, supervoxel, window) triples."
+        return sum(len(w) for _, svs in self.cands for _, w in svs)
+
+    def _crop(self, img, m, z0, rng):
+        d, b1, b2 = self.patch
+        img, m = img[z0:z0 + d], m[z0:z0 + d]
+        _, hh, ww = np.nonzero(m.numpy())
+        y, x = crop_start(hh, m.shape[1], b1, rng), crop_start(ww, m.shape[2], b2, rng)
+        return img[:, y:y + b1, x:x + b2], m[:, y:y + b1, x:x + b2]
+
+    def sample(self, rng: np.random.Generator # source of every random choice
+              ) -> Episode:
+        "Draw one episode: volume, supervoxel, gamma and affine map on one copy each, windows, crops."
+        ci, svs = self.cands[rng.integers(len(self.cands))]
+        s, starts = svs[rng.integers(len(svs))]
+        vol, mask = self.vols[ci], (self.svs[ci] == s).to(torch.float32)
+        sup, qry, sm, qm = vol, vol, mask, mask
+        n, k = len(starts), self.max_offset
+        if self.augment:
+            g = float(rng.uniform(0.5, 1.5))
+            if rng.random() < 0.5: qry = gamma_transform(qry, g)
+            else: sup = gamma_transform(sup, g)
+        geom_q = rng.random() < self.p_geom_query
+        first = int(rng.integers(n))
+        second = first + int(rng.integers(-min(first, k), min(n - first - 1, k) + 1))
+        cs, cq = (first, second) if geom_q else (second, first)
+        if self.augment:
+            theta = random_affine3d(tuple(vol.shape), rng)
+            if geom_q: qry, qm = warp3d(qry, theta), warp3d(qm, theta, mask=True)
+            else:
+                s2, m2 = warp3d(sup, theta), warp3d(sm, theta, mask=True)
+                if m2[starts[cs]:starts[cs] + self.patch[0]].any(): sup, sm = s2, m2
+        si, smk = self._crop(sup, sm, starts[cs], rng)
+        qi, qmk = self._crop(qry, qm, starts[cq], rng)
+        cid = self.cases[ci].case_id
+        return Episode(si[None, None].float().contiguous(), smk[None].float().contiguous(), qi[None, None].float().contiguous(),
+                       qmk[None].long().contiguous(), ((cid, int(starts[cs])),), ((cid, int(starts[cq])),), s, self.kind)
+
+    def __repr__(self): return (f"VSSL3DSampler({len(self.cases)} cases, {self.n_candidates} candidates, patch={self.patch}, "
+                                f"min_voxels={self.min_voxels}, max_offset={self.max_offset})")
 
 # %% ../../nbs/08_data.episodes.ipynb #d429de15
 class PSSLSampler(EpisodeSampler):
@@ -432,7 +570,8 @@ def _show_episodes(b, out, max_n, size):
     return episode_grid(*b[:4], preds=None if out is None else _decode_pred(out), max_n=max_n, size=size)
 
 # %% ../../nbs/08_data.episodes.ipynb #309533da
-_SAMPLERS = {'vssl': VSSLSampler, 'pssl': PSSLSampler, 'supervised': SupervisedSampler, 'densemp': densemp_finetune_sampler}
+_SAMPLERS = {'vssl': VSSLSampler, 'pssl': PSSLSampler, 'supervised': SupervisedSampler, 'densemp': densemp_finetune_sampler,
+             'vssl3d': VSSL3DSampler}
 
 def _load_cases(source, ids):
     "List of Case from a list of cases or a dataset (anything with `.load(case_id)` and `.case_ids`)."

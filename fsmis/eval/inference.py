@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from ..core import resize_slices, support_slice
+from ..core import resize_slices, support_slice, labelled_slices
 from ..data.io import read_nifti, write_nifti
 from ..data.datasets import check_image, normalize_volume
 
 # %% auto #0
 __all__ = ['MAX_CLASSES', 'BUNDLED_MODEL', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with',
            'learned_threshold', 'Task', 'predict_tasks', 'fg_margin', 'fg_of', 'labels_from_margins', 'segment_volume',
+           'is_volumetric', 'require_dims', 'window_starts', 'encode_volume3d', 'predict_tasks3d', 'segment_volume3d',
            'check_support_mask', 'segment_paths', 'segment_files', 'bundled_model_path']
 
 # %% ../../nbs/22_eval.inference.ipynb #5cb6fc79
@@ -40,6 +41,7 @@ def encode_volume(model:nn.Module, # few-shot model with the inference API
                   size=None, # resize slices to this (h, w) before encoding (the training size); None: as stored
                  ) -> torch.Tensor:
     "Features [N, C, h, w] of the slices `idx` of `image`, in batches, under inference_mode."
+    require_dims(model, False, 'encode_volume')
     image = np.asarray(image)
     if image.ndim != 3: raise ValueError(f"image must be a (z, h, w) volume, got shape {image.shape}")
     idx = np.arange(image.shape[0]) if idx is None else np.asarray(idx, int)
@@ -117,6 +119,7 @@ def predict_tasks(model:nn.Module, # few-shot model
                   scores: bool = False, # return each class's foreground margin (float32, > 0 where it wins) instead of its mask
                  ) -> dict:
     "Binary prediction volumes {class: uint8 (Z, H, W)} (or margins, `fg_margin`) for a list of tasks on pre-encoded query features."
+    require_dims(model, False, 'predict_tasks')
     dev = model_device(model)
     sup_cache = {} if sup_cache is None else sup_cache
     need = sorted({s for t in tasks for s in t.sup_slices} - set(sup_cache))
@@ -176,6 +179,7 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
     si = check_image(si, 'support image(s)', allow_constant=True)
     if si.shape != sl.shape or si.shape[1:] != image.shape[1:]:
         raise ValueError(f"sup_images {si.shape}, sup_labels {sl.shape} and query slices {image.shape[1:]} must match in (H, W)")
+    require_dims(model, False, 'segment_volume (support slices)')
     classes = [int(c) for c in np.unique(sl) if c] if classes is None else [int(c) for c in classes]
     if not classes: raise ValueError("sup_labels has no foreground class to segment")
     tasks = []
@@ -188,6 +192,122 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
         margins = predict_tasks(model, qf, image.shape[1:], si, sl, tasks, batch_size, size=size, scores=True)
     return labels_from_margins(margins)
 
+
+# %% ../../nbs/22_eval.inference.ipynb #91cec164
+def is_volumetric(model: nn.Module) -> bool:
+    "True for a model that segments volumes in one step (ADNet3D: `model.spatial == 3`), False for the slice models."
+    return getattr(model, 'spatial', 2) == 3
+
+def require_dims(model: nn.Module, # the model given
+                 volumetric: bool, # True: a 3D model is needed here; False: a 2D (slice) model
+                 what: str, # the function or option that needs it, for the message
+                ):
+    "A clear error when a 2D model is given where a 3D one is needed, or a 3D one where a 2D one is."
+    if is_volumetric(model) == volumetric: return
+    kind = getattr(model, 'model_kind', None) or type(model).__name__
+    raise ValueError(f"{what} needs a {'3D (volume) model such as adnet3d' if volumetric else '2D (slice) model'}; "
+                     f"got a {'3D' if is_volumetric(model) else '2D'} {kind} model"
+                     + ('' if volumetric else f" (its inference is `encode_volume3d` / `predict_tasks3d`)"))
+
+def window_starts(n: int, # slices of the volume
+                  window: int, # slices per window
+                  stride: int | None = None, # step between windows (default: half a window)
+                 ) -> list:
+    "First slices of overlapping windows that cover 0..n-1, the last one ending at the last slice."
+    if n < window: raise ValueError(f"the volume has {n} slices, fewer than the window of {window} slices the 3D model encodes at once")
+    stride = max(1, window // 2) if stride is None else int(stride)
+    s = list(range(0, n - window + 1, stride))
+    return s if s[-1] == n - window else s + [n - window]
+
+# %% ../../nbs/22_eval.inference.ipynb #11ad7cd6
+def encode_volume3d(model: nn.Module, # a 3D model (ADNet3D)
+                    image, # volume (z, h, w), normalized like the training data
+                    window: int | None = None, # slices per encoder pass (default: the model's, its training patch depth)
+                    stride: int | None = None, # step between windows (default: half a window)
+                    size=None, # in-plane size the model sees (its training size); None: as stored
+                    source: str = 'volume', # name of the volume for messages
+                   ) -> torch.Tensor:
+    "Features [C, Z, h, w] of a whole volume from overlapping windows of `window` slices, averaged where windows overlap."
+    require_dims(model, True, 'encode_volume3d')
+    image = np.asarray(image)
+    if image.ndim != 3: raise ValueError(f"{source} must be a (z, h, w) volume, got shape {image.shape}")
+    window = int(window or model.window)
+    if image.shape[0] < window:
+        raise ValueError(f"{source} has {image.shape[0]} slices, fewer than the window of {window} slices the 3D model "
+                         f"encodes at once (its training patch depth): a volume this thin cannot be segmented by it")
+    dev = model_device(model)
+    x = _slices_tensor(image, np.arange(len(image)), dev, size)[:, 0]  # [Z, H, W]
+    acc, cnt = None, torch.zeros(len(image), device=dev)
+    with torch.inference_mode():
+        for s in window_starts(len(image), window, stride):
+            f = model.encode(x[s:s + window][None, None])[0]  # [C, window, h, w]
+            if acc is None: acc = torch.zeros(f.shape[0], len(image), *f.shape[-2:], device=dev)
+            acc[:, s:s + window] += f; cnt[s:s + window] += 1
+    return acc / cnt[None, :, None, None]
+
+# %% ../../nbs/22_eval.inference.ipynb #af3d40d4
+def predict_tasks3d(model: nn.Module, # a 3D model (ADNet3D)
+                    qry_feats: torch.Tensor, # [C, Z, h, w] features of the whole query volume (`encode_volume3d`)
+                    qry_size, # (H, W) of the query slices (the output grid)
+                    sup_image, # support volume (z, h, w)
+                    sup_label, # support label volume (class indices)
+                    tasks: list, # `Task`s: `sup_slices` = the labelled support slices the prototype pools
+                    batch_size: int = 16, # unused (the same signature as `predict_tasks`)
+                    sup_cache: dict | None = None, # {'feats': support features}; filled and reused
+                    T: float | None = None, # threshold override (line search); None: the model's own
+                    size=None, # in-plane size the model sees; None: as stored
+                    scores: bool = False, # return each class's foreground margin instead of its mask
+                   ) -> dict:
+    "Binary prediction volumes {class: uint8 (Z, H, W)} (or margins) of a 3D model: one prototype per task from its labelled support slices."
+    require_dims(model, True, 'predict_tasks3d')
+    dev = model_device(model)
+    sup_cache = {} if sup_cache is None else sup_cache
+    if 'feats' not in sup_cache: sup_cache['feats'] = encode_volume3d(model, sup_image, size=size, source='the support volume')
+    sf, sup_label = sup_cache['feats'][None], np.asarray(sup_label)
+    Z = qry_feats.shape[1]
+    out = {}
+    with torch.inference_mode():
+        for t in tasks:
+            pred = out.setdefault(t.cls, np.full((Z, *qry_size), -1, np.float32) if scores else np.zeros((Z, *qry_size), np.uint8))
+            keep = np.zeros(len(sup_label), bool); keep[np.asarray(t.sup_slices, int)] = True
+            m = (sup_label == t.cls) & keep[:, None, None]
+            if not m.any(): raise ValueError(f"class {t.cls}: the support has no labelled voxel on slices {list(t.sup_slices)}")
+            sm = resize_slices(torch.as_tensor(m, dtype=torch.float32)[:, None], size, mask=True)[:, 0].to(dev)
+            protos = model.prototypes(sf, sm[None, None])
+            probs = segment_with(model, qry_feats[None], protos, (Z, *qry_size), T)[0].transpose(0, 1)  # [Z, 1+n, H, W]
+            q = torch.as_tensor(np.asarray(t.qry_slices, int), device=probs.device)
+            pred[np.asarray(t.qry_slices, int)] = (fg_margin(probs[q]) if scores else fg_of(probs[q])).cpu().numpy()
+    return out
+
+# %% ../../nbs/22_eval.inference.ipynb #38b87495
+def segment_volume3d(model: nn.Module, # a 3D model (ADNet3D)
+                     image, # query volume (z, h, w), normalized
+                     sup_image, # support volume (z', h, w), normalized, in-plane the query's size
+                     sup_label, # support label volume of class indices
+                     classes=None, # class indices to segment (default: all labelled in `sup_label`)
+                     support_slices: str = 'one', # 'one': the middle labelled slice of each class (k = one); 'all': every labelled slice (k = all)
+                     z: int | None = None, # with 'one': this support slice for every class instead of each class's middle slice
+                     size=None, # in-plane size the model sees; the output stays in the query's grid
+                    ) -> np.ndarray:
+    "Label volume (z, h, w) of the query from a labelled support volume, in one step (ADNet Section 5.4): `predict_tasks3d` + `labels_from_margins`."
+    require_dims(model, True, 'segment_volume3d')
+    if support_slices not in ('one', 'all'): raise ValueError(f"support_slices must be 'one' or 'all', got {support_slices!r}")
+    image = check_image(image, 'query image', allow_constant=True)
+    si, sl = check_image(sup_image, 'support image', allow_constant=True), np.asarray(sup_label)
+    if si.shape != sl.shape or si.shape[1:] != image.shape[1:]:
+        raise ValueError(f"support image {si.shape}, support mask {sl.shape} and query slices {image.shape[1:]} must match in (H, W)")
+    classes = [int(c) for c in np.unique(sl) if c] if classes is None else [int(c) for c in classes]
+    if not classes: raise ValueError("the support mask has no labelled voxel: nothing to segment")
+    tasks = []
+    for c in classes:
+        lab = labelled_slices(sl, c)
+        if not len(lab): raise ValueError(f"class {c}: the support mask has no slice with this class")
+        sup = [int(z) if z is not None else support_slice(sl, cls=c)] if support_slices == 'one' else [int(s) for s in lab]
+        tasks.append(Task(c, sup, np.arange(len(image))))
+    with eval_mode(model):
+        qf = encode_volume3d(model, image, size=size, source='the query volume')
+        margins = predict_tasks3d(model, qf, image.shape[1:], si, sl, tasks, size=size, scores=True)
+    return labels_from_margins(margins)
 
 # %% ../../nbs/22_eval.inference.ipynb #4f614ce7
 MAX_CLASSES = 255  # a support mask with more classes than this is not a label map (an image given as the mask?)
@@ -234,6 +354,7 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
                   z: int | None = None, # support slice (None: `support_slice`'s rule)
                   size: int | None = None, # slice size the model sees (None: the model's training size, from its checkpoint)
                   norm: dict | None = None, # intensity normalization (`normalize_volume`; None: the one its checkpoint records)
+                  support_slices: str = 'one', # a 3D model: 'one' (slice z, k = one) or 'all' (every labelled slice, k = all); a 2D model: 'one' only
                  ) -> dict:
     "`fsmis segment`: check the files, normalize as in training, bring the support slice to the query's size, segment, write."
     meta = getattr(model, 'fsmis_meta', None) or {}  # what `fsmis.learner.load_model` read from the checkpoint
@@ -245,6 +366,16 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     if m.shape != s.shape: raise ValueError(f"support mask shape {m.shape} (z,h,w) != support image shape {s.shape}")
     z = support_slice(m, z, paths['support mask'])
     qn, sn = normalize_volume(check_image(q, paths['query']), norm), normalize_volume(check_image(s, paths['support']), norm)
+    if support_slices not in ('one', 'all'): raise ValueError(f"support_slices must be 'one' or 'all', got {support_slices!r}")
+    if support_slices == 'all': require_dims(model, True, "support_slices='all' (k = all: every labelled support slice, one prototype)")
+    if is_volumetric(model):  # the support volume at the query's in-plane size, segmented in one step (ADNet Section 5.4)
+        sv = resize_slices(torch.as_tensor(sn)[:, None], qn.shape[1:])[:, 0].numpy()
+        mv = resize_slices(torch.as_tensor(m, dtype=torch.float32)[:, None], qn.shape[1:], mask=True)[:, 0].numpy().astype(np.int64)
+        if not mv[z].any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")
+        pred = segment_volume3d(model, qn, sv, mv, classes=[int(c) for c in np.unique(mv[z]) if c], support_slices=support_slices,
+                                z=z if support_slices == 'one' else None, size=size)
+        write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
+        return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(mv[z]) if c})
     si = torch.as_tensor(sn[z])[None, None]; sm = torch.as_tensor(m[z], dtype=torch.float32)[None, None]
     si, sm = resize_slices(si, qn.shape[1:])[0, 0].numpy(), resize_slices(sm, qn.shape[1:], mask=True)[0, 0].numpy().astype(np.int64)
     if not sm.any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")

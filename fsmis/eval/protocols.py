@@ -11,13 +11,13 @@ import pandas as pd
 import torch.nn as nn
 from ..core import Case, labelled_slices, support_slice
 from .metrics import dice_counts, dice_from_counts
-from .inference import Task, encode_volume, eval_mode, learned_threshold, predict_tasks
+from .inference import Task, encode_volume, eval_mode, learned_threshold, predict_tasks, is_volumetric, encode_volume3d, predict_tasks3d
 from ..models.intensity import IntensityPrototype  # noqa: F401 (its home before fsmis 0.3; code that imports it from here keeps working)
 
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks', 'protocol_tasks', 'evaluate_case',
-           'evaluate']
+__all__ = ['PROTOCOLS', 'support_slice_indices', 'query_chunks', 'ep1_tasks', 'ep2_tasks', 'ep2_all_tasks', 'protocol_tasks',
+           'evaluate_case', 'evaluate']
 
 # %% ../../nbs/21_eval.protocols.ipynb #241f75d3
 def support_slice_indices(sup_label, # support label volume (z, h, w)
@@ -61,10 +61,21 @@ def ep2_tasks(sup_label, # support label volume
     z = support_slice(sup_label, source='support label volume', cls=cls)  # the one support-slice rule (`fsmis segment` too)
     return [Task(cls, [z], np.arange(np.asarray(qry_label).shape[0]))]
 
-# %% ../../nbs/21_eval.protocols.ipynb #a080dd6b
-PROTOCOLS = {'EP1': ep1_tasks, 'EP2': ep2_tasks, 'ouyang': ep1_tasks}
+# %% ../../nbs/21_eval.protocols.ipynb #6b0d6320
+def ep2_all_tasks(sup_label, # support label volume
+                  qry_label, # query label volume (only its number of slices is used)
+                  cls:int, # class index
+                  n_chunks:int=3, # unused (same signature as `ep1_tasks`)
+                 ) -> list:
+    "EP2 with every labelled support slice (ADNet Table 8, k = all): one prototype from all of them segments every query slice."
+    lab = labelled_slices(sup_label, cls)
+    if not len(lab): raise ValueError(f"support label volume has no slice with class {cls}")
+    return [Task(cls, [int(z) for z in lab], np.arange(np.asarray(qry_label).shape[0]))]
 
-def protocol_tasks(protocol:str, # 'EP1', 'EP2' or 'ouyang'
+# %% ../../nbs/21_eval.protocols.ipynb #a080dd6b
+PROTOCOLS = {'EP1': ep1_tasks, 'EP2': ep2_tasks, 'ouyang': ep1_tasks, 'EP2-all': ep2_all_tasks}
+
+def protocol_tasks(protocol:str, # 'EP1', 'EP2', 'EP2-all' or 'ouyang'
                    sup_label, qry_label, # support and query label volumes
                    cls:int, # class index
                    n_chunks:int=3, # chunks for EP1/ouyang
@@ -93,9 +104,10 @@ def evaluate_case(model:nn.Module, # few-shot model with the inference API
     tasks = {c: protocol_tasks(protocol, support.label, query.label, c, n_chunks) for c in classes}
     rows, cache = [], {}
     with eval_mode(model):
-        qf = encode_volume(model, query.image, batch_size=batch_size, size=size)
+        vol = is_volumetric(model)  # ADNet3D: the query in overlapping windows, one prototype per task (Section 5.4)
+        qf = encode_volume3d(model, query.image, size=size, source=f'query {query.case_id}') if vol else encode_volume(model, query.image, batch_size=batch_size, size=size)
         for t in (list(thresholds) if thresholds is not None else [None]):
-            pred = predict_tasks(model, qf, query.image.shape[1:], support.image, support.label,
+            pred = (predict_tasks3d if vol else predict_tasks)(model, qf, query.image.shape[1:], support.image, support.label,
                                  [x for c in classes for x in tasks[c]], batch_size, cache, T=t, size=size)
             th = learned_threshold(model) if t is None else float(t)
             for c, name in classes.items():

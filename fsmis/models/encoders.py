@@ -96,6 +96,7 @@ def make_encoder(name: str = 'small', # one of ENCODERS
                  out_channels: int | None = None, # output channels (default: 256 for ResNets as the papers, 128 for 'small')
                 ) -> nn.Module:
     "Build an encoder by name, with random, local or (online only) torchvision weights."
+    if name.startswith('resnext3d'): raise ValueError(f"encoder={name!r} is a 3D encoder: it belongs to the 3D model (method 'adnet3d'); 2D models take one of {ENCODERS}")
     if name not in ENCODERS: raise ValueError(f"encoder={name!r}: expected one of {ENCODERS}")
     if name == 'small':
         if tv_weights is not None: raise ValueError("tv_weights: torchvision has no weights for the 'small' encoder")
