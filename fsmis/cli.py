@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse, os, sys
 from pathlib import Path
 from .config import METHODS, CPU_MINUTES
+from .core import MAX_SIZE
 
 
 # %% auto #0
@@ -19,7 +20,7 @@ __all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_
 class UserError(Exception):
     "A mistake in how fsmis was called (bad path, bad option): reported in one line, exit code 2."
 
-_USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
+_USER_ERRORS = (UserError, ValueError, KeyError, OSError, MemoryError)  # OSError: a missing file, a read-only or full disk, a file where a folder belongs
 
 # %% ../nbs/51_cli.ipynb #4e2dba16
 def _existing(path, what='file'):
@@ -38,12 +39,15 @@ def _writable_dir(path, what):
     return p
 
 # %% ../nbs/51_cli.ipynb #b875e3be
-def whole_number(lo: int): # smallest accepted value
-    "An argparse type accepting whole numbers >= `lo`, refusing anything else at parse time."
+def whole_number(lo: int, # smallest accepted value
+                 hi: int | None = None, # largest accepted value (None: no bound)
+                ):
+    "An argparse type accepting whole numbers in [lo, hi], refusing anything else at parse time."
     def parse(s: str) -> int:
         try: v = int(s)
         except ValueError: v = None
-        if v is None or v < lo: raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {s!r}")
+        if v is None or v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}" + (f" and <= {hi}" if hi is not None else '') + f", got {s!r}")
         return v
     return parse
 
@@ -68,6 +72,9 @@ def device_name(s: str) -> str:
 def _one_line(e: BaseException) -> str:
     "The message of an exception on one line."
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 30] Read-only file system: 'out/x'" -> "out/x: Read-only file system"
+        msg = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
+    if isinstance(e, MemoryError): msg = f"out of memory{': ' + str(e) if str(e) else ''} (a smaller --size or fewer cases may fit)"
     return ' '.join(str(msg).split()) or type(e).__name__
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +107,13 @@ def subcommand(name: str, # `fsmis NAME`
     return deco
 
 # %% ../nbs/51_cli.ipynb #4758725f
+def _bound_size(s):
+    "Every subcommand's `--size` is refused above `MAX_SIZE` (fsmis.core) at parse time, and its help says so."
+    for act in s._actions:
+        if act.dest == 'size' and act.type in (positive_int, nonneg_int):
+            act.type = whole_number(0 if act.type is nonneg_int else 1, MAX_SIZE)
+            act.help = f"{act.help} (at most {MAX_SIZE})"
+
 def build_parser() -> argparse.ArgumentParser:
     "The `fsmis` argument parser: one subparser per registered subcommand."
     p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.',
@@ -112,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, c in _SUBCOMMANDS.items():
         s = sub.add_parser(name, formatter_class=_HelpFormatter, help=c['help'], description=c['description'])
         c['add'](s)
+        _bound_size(s)
         if c['device']: s.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
         if c['quiet']: s.add_argument('--quiet', action='store_true', help='no progress bars')
         s.set_defaults(func=c['run'])
