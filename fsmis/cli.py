@@ -273,7 +273,7 @@ def _cmd_train(a):
     _writable_dir(ck, '--checkpoints')
     print(f"fold {a.fold}: training on {len(split.train_ids)} cases ({' '.join(split.train_ids)}); "
           f"support {split.support_id}, queries {' '.join(split.query_ids)} are held out")
-    every = a.checkpoint_every or max(1, min(1000, cfg.n_steps // 5))
+    every = a.checkpoint_every or L.checkpoint_interval(cfg.n_steps)
     learn = train_fold(cfg, ds, split.train_ids, ckpt_dir=ck, ckpt_every=every, resume=a.resume, progress=not a.quiet,
                        n_workers=a.workers, meta=dict(fold=int(a.fold), n_folds=cfg.n_folds, fold_variant=cfg.fold_variant))
     final = L.save_checkpoint(learn, ck/'final.pth')  # metadata (input size, classes, dataset, fold) written once
@@ -281,6 +281,8 @@ def _cmd_train(a):
     print(f"{learn.iteration} steps; final checkpoint {final}")
 
 # %% ../nbs/51_cli.ipynb #ec7385bd
+_CHECKPOINT_EVERY_HELP = 'steps between checkpoints (default: a fifth of --steps, at most 1000; fsmis.learner.checkpoint_interval)'
+
 @subcommand('train', _cmd_train, help='train ADNet / ALPNet / PANet on the training cases of a fold')
 def _args_train(p):
     """Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, superpixel episodes
@@ -293,7 +295,7 @@ def _args_train(p):
     p.add_argument('--checkpoints', default=None, help='checkpoint folder (default ./checkpoints_<method>_<dataset>_fold<k>)')
     p.add_argument('--resume', default=None, help="checkpoint file, or 'last' for the newest in the checkpoint folder")
     p.add_argument('--steps', '--iters', dest='n_steps', type=nonneg_int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
-    p.add_argument('--checkpoint-every', type=positive_int, default=None, help='steps between checkpoints')
+    p.add_argument('--checkpoint-every', type=positive_int, default=None, help=_CHECKPOINT_EVERY_HELP)
     p.add_argument('--encoder', default=None, help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101' (default small)")
     p.add_argument('--encoder-weights', default=None, help='local encoder weights file to start from (e.g. from DenseCL pretraining)')
     p.add_argument('--lr', type=positive_float, default=None, help='SGD learning rate')
@@ -403,7 +405,7 @@ def _cmd_pretrain(a):
         if o.exists() and any(Path(d).exists() and o.resolve() == Path(d).resolve() for d in a.data): raise UserError(f"--out {o}: is one of the inputs")
         _writable_dir(o.parent if str(o.parent) else Path('.'), '--out')
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
-                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids)
+                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids, ckpt_every=a.checkpoint_every)
     print(f"encoder weights written to {out}")
 
 # %% ../nbs/51_cli.ipynb #1bcc35fd
@@ -417,7 +419,8 @@ def _args_pretrain(p):
     p.add_argument('--steps', type=positive_int, default=None, help='training steps')
     p.add_argument('--minutes', type=positive_float, default=None, help='training minutes (instead of --steps)')
     p.add_argument('--out', default=None, help='encoder weights file (default ./densecl_<encoder>.pth)')
-    p.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
+    p.add_argument('--resume', default=None, help="checkpoint file, or 'last' (with more --steps than the run had: it continues to them)")
+    p.add_argument('--checkpoint-every', type=positive_int, default=None, help=_CHECKPOINT_EVERY_HELP)
     p.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
     p.add_argument('--seed', type=int, default=0, help='seed')
     p.add_argument('--case-ids', nargs='+', default=None, help="only these cases of one registered dataset (e.g. a fold's training cases)")
