@@ -305,7 +305,13 @@ def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dict(name=a.name, budget=budget, folds=folds, runs=runs, minutes=minutes, over=over or {})))
     if (out/'ablation.json').is_file():  # the folder's cells must all come from the same grid
-        old = {k: v for k, v in json.loads((out/'ablation.json').read_text()).items() if k != 'cells'}
+        prev = json.loads((out/'ablation.json').read_text())
+        old = {k: v for k, v in prev.items() if k != 'cells'}
+        if old != settings and not any((out/c['folder']/'done.json').is_file() for c in prev.get('cells', [])):
+            for c in prev.get('cells', []):  # no cell of the old grid finished (a failed command): its leftovers must not block this one
+                f = str(c.get('folder', ''))
+                if f and Path(f).name == f and f not in ('.', '..') and (out/f).is_dir(): shutil.rmtree(out/f)  # a plain cell folder name only
+            old = settings
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{out}: holds cells of {a.name if old.get('name') == a.name else old.get('name')} run with other options "

@@ -375,7 +375,10 @@ def _cmd_segment(a):
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
     model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
-    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size)  # size, normalization: the checkpoint's
+    try: r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size)  # size, normalization: the checkpoint's
+    except ValueError as e:  # the slice rule names `slice z`; the user typed --slice
+        if a.slice is not None and f"slice {a.slice}" in str(e): raise UserError(f"--slice {a.slice}: {e}") from None
+        raise
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
