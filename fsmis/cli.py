@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, os, sys
 from pathlib import Path
 from .config import METHODS, CPU_MINUTES
-from .core import MAX_SIZE
+from .core import MAX_SIZE, MAX_WHOLE
 
 
 # %% auto #0
@@ -108,11 +108,12 @@ def subcommand(name: str, # `fsmis NAME`
 
 # %% ../nbs/51_cli.ipynb #4758725f
 def _bound_size(s):
-    "Every subcommand's `--size` is refused above `MAX_SIZE` (fsmis.core) at parse time, and its help says so."
+    "Bounds at parse time: every `--size` at most `MAX_SIZE` (its help says so), every other whole number within +-`MAX_WHOLE` (fsmis.core)."
     for act in s._actions:
-        if act.dest == 'size' and act.type in (positive_int, nonneg_int):
-            act.type = whole_number(0 if act.type is nonneg_int else 1, MAX_SIZE)
-            act.help = f"{act.help} (at most {MAX_SIZE})"
+        if act.type not in (positive_int, nonneg_int, int): continue
+        lo = {positive_int: 1, nonneg_int: 0, int: -MAX_WHOLE}[act.type]
+        if act.dest == 'size': act.type = whole_number(lo, MAX_SIZE); act.help = f"{act.help} (at most {MAX_SIZE})"
+        else: act.type = whole_number(lo, MAX_WHOLE)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `fsmis` argument parser: one subparser per registered subcommand."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, dataclasses, math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import atomic_write, MAX_SIZE, MAX_STEPS, MAX_CONFIG_BYTES
+from .core import atomic_write, MAX_SIZE, MAX_STEPS, MAX_WHOLE, MAX_CONFIG_BYTES
 from .data.datasets import get_spec
 
 # %% auto #0
@@ -158,6 +158,10 @@ class ExperimentConfig:
                     raise ValueError(f"{k} must be a finite number{' or None' if k in ('minutes', 'pretrain_minutes') else ''}, got {v!r}")
         if self.n_steps is not None and isinstance(self.n_steps, numbers.Real) and not isinstance(self.n_steps, bool) and abs(self.n_steps) > MAX_STEPS:
             raise ValueError(f"n_steps must be at most {MAX_STEPS:,} (MAX_STEPS), got {self.n_steps!r}")
+        for k in ('seed', 'rho', 'min_size', 'runs', 'n_folds', 'pretrain_steps', 'finetune_steps', 'n_val', 'val_every', 'eval_batch_size', 'batch_size'):
+            v = getattr(self, k)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and abs(v) > MAX_WHOLE:
+                raise ValueError(f"{k} must be at most {MAX_WHOLE:,} in size (MAX_WHOLE), got {v!r}")
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads must be a whole number >= 1 or None, got {self.num_threads!r}")
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MAX_SIZE', 'MAX_VOXELS', 'MAX_CONFIG_BYTES', 'MAX_STEPS', 'Case', 'check_volume', 'set_seed', 'default_device',
-           'data_root', 'cache_dir', 'cache_unwritable', 'atomic_write', 'atomic_path', 'resize_slices', 'check_size',
-           'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices', 'support_slice', 'text_blocks',
-           'print_md']
+__all__ = ['MAX_SIZE', 'MAX_VOXELS', 'MAX_CONFIG_BYTES', 'MAX_STEPS', 'MAX_WHOLE', 'Case', 'check_volume', 'set_seed',
+           'default_device', 'data_root', 'cache_dir', 'cache_unwritable', 'atomic_write', 'atomic_path',
+           'resize_slices', 'check_size', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices',
+           'support_slice', 'text_blocks', 'print_md']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -201,6 +201,7 @@ MAX_SIZE = 2048  # largest slice size (pixels per side) a model, an episode load
 MAX_VOXELS = 2**30  # largest volume (voxels) read from a file
 MAX_CONFIG_BYTES = 2**20  # largest configuration file (bytes) read
 MAX_STEPS = 10**9  # most training steps a configuration may ask for (the papers: 50 000 to 100 100)
+MAX_WHOLE = 2**31 - 1  # largest whole number an option takes (seeds, counts, minimum sizes): what every library below fits in 32 bits
 
 def check_size(size, # a slice size: None, a whole number or an (h, w) pair
                name: str = 'size', # argument name for the message
