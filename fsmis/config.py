@@ -196,7 +196,7 @@ class ExperimentConfig:
             if old in d and new not in d: d[new] = d.pop(old)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
-        if unknown: raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        if unknown: raise ValueError(f"{path}: unknown config keys {sorted(map(str, unknown))}")
         try: return cls(**d)
         except (TypeError, ValueError) as e: raise ValueError(f"config file {path}: {e}") from None
 

@@ -284,7 +284,11 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
     if not with_opt: return learn
     learn.model.to(getattr(learn.dls, 'device', None) or 'cpu')
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(ck['opt'])
+    for k in ('opt', 'iteration', 'rng'):
+        if k not in ck: raise ValueError(f"checkpoint {path}: field {k!r} missing: a model file, not a training checkpoint (resume needs one)")
+    try: learn.opt.load_state_dict(ck['opt'])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"checkpoint {path}: field 'opt' does not fit this learner's optimizer ({' '.join(str(e).split())[:120]})") from None
     learn.iteration = int(ck['iteration'])
     if ck.get('schedule'):  # continue with the schedule that was running (lr, decay), not the new learner's defaults
         if getattr(learn, 'fsmis_schedule', None) not in (None, ck['schedule']):
@@ -413,6 +417,9 @@ _META_CHECKS = {  # field: (test, what it must be); None is always accepted (an 
     'precision': (lambda v: v in ('auto', 'fp32', 'bf16', 'fp16'), "'auto', 'fp32', 'bf16' or 'fp16'"),
     'iteration': (_is_int, 'a whole number of steps >= 0'),
     'schedule': (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v.values()), 'a mapping of finite numbers'),
+    'opt': (lambda v: isinstance(v, dict) and isinstance(v.get('state', {}), dict), "an optimizer state dict"),
+    'rng': (lambda v: isinstance(v, dict) and {'python', 'torch', 'numpy'} <= set(v), "RNG states ('python', 'torch', 'numpy')"),
+    'data': (lambda v: isinstance(v, dict) and _is_int(v.get('pos')), "a position in the episode stream ('pos' >= 0)"),
 }
 
 def check_meta(ck: dict, # a checkpoint dict (`read_checkpoint`)

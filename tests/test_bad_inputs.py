@@ -579,15 +579,20 @@ def test_ablation_leftovers_of_a_failed_grid_do_not_block(tmp_path):
 
 
 # Caches validated against what they claim
-@pytest.mark.parametrize('poison', ['shape', 'negative', 'float'])
+@pytest.mark.parametrize('poison', ['shape', 'negative', 'float', 'key'])
 def test_supervoxel_cache_entry_that_lies_is_recomputed(tmp_path, poison):
     from fsmis.data.phantom import make_phantom
     from fsmis.data.supervoxels import cached_supervoxels
     c = make_phantom(0, (6, 32, 32))
     a = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
     (f,) = tmp_path.glob('*.npz')
-    bad = {'shape': a[:3], 'negative': -a, 'float': a.astype(np.float32) + .5}[poison]
-    np.savez_compressed(f, labels=bad)
+    other = make_phantom(1, (6, 32, 32))
+    bad = {'shape': a[:3], 'negative': -a, 'float': a.astype(np.float32) + .5, 'key': None}[poison]
+    if bad is None:  # another volume's entry copied onto this key: right shape, wrong labels
+        b = cached_supervoxels(other.image, other.spacing, rho=100, cache_dir=tmp_path)
+        (g,) = [p for p in tmp_path.glob('*.npz') if p != f]; g.replace(f)
+        assert not np.array_equal(a, b) and a.shape == b.shape
+    else: np.savez_compressed(f, labels=bad, key=np.array(f.stem))
     b = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
     assert np.array_equal(a, b) and np.array_equal(np.load(f)['labels'], a)
 
@@ -621,3 +626,24 @@ def test_forward_with_support_and_query_of_different_sizes(kind):
     s, m, q = _task(size=32)
     with pytest.raises(ValueError, match='same size'): model(s[None], m[:, 0][None], torch.randn(1, 2, 1, 48, 48))
     assert model.predict(s, m, torch.randn(2, 1, 48, 48)).shape[-2:] == (48, 48)  # one task: any sizes
+
+
+@pytest.mark.parametrize('text', ['{"name": "phantom-losses", "cells": [', '[1, 2]', '{"cells": 5}', '\xff\xfe'])
+def test_ablate_edited_record_is_named(text, tmp_path, capsys):
+    out = tmp_path/'abl'; out.mkdir(); (out/'ablation.json').write_bytes(text.encode('latin-1'))
+    code, _, err = run(capsys, 'ablate', 'phantom-losses', '--steps', 1, '--size', 32, '--out', out, '--cell', 0, '--quiet')
+    assert code == 2 and 'ablation.json' in one_line(err)
+
+
+def test_config_with_keys_that_are_not_names(tmp_path, capsys):
+    (tmp_path/'k.yaml').write_text('1: 2\nmethd: adnet\n')
+    code, _, err = run(capsys, 'train', '--config', tmp_path/'k.yaml')
+    assert code == 2 and 'unknown config keys' in one_line(err, 'k.yaml')
+
+
+def test_resume_from_a_model_file_is_named(files, capsys, tmp_path):
+    from fsmis.learner import load_model, save_model
+    save_model(load_model(files/'model.pth', 'cpu'), tmp_path/'weights_only.pth')
+    code, _, err = run(capsys, 'train', '--dataset', files/'data', '--iters', 2, '--size', 32, '--rho', 300, '--device', 'cpu', '--quiet',
+                       '--workers', 1, '--checkpoints', tmp_path/'ck', '--resume', tmp_path/'weights_only.pth')
+    assert code == 2 and 'not a training checkpoint' in one_line(err, 'weights_only.pth')

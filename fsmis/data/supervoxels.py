@@ -207,10 +207,10 @@ def _compute(volume, spacing, mode, rho, kw):
 def _cache_file(folder, mode, key): return Path(folder)/f'sv{mode}_{key}.npz'
 
 def _load_cached(path, shape):
-    "Labels of a cache file, or None (and the file removed) when it is truncated, corrupt, or not what it claims (the volume's shape, labels >= 0): it is then recomputed."
+    "Labels of a cache file, or None (and the file removed) when it is truncated, corrupt, or not what it claims (its own key, the volume's shape, labels >= 0): it is then recomputed."
     import zipfile
     try:
-        with np.load(path) as f: sv = f['labels']
+        with np.load(path) as f: sv = f['labels'] if str(f['key']) == path.stem else None  # a file copied or renamed onto another key is not trusted
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile): sv = None
     if sv is not None and sv.shape == tuple(shape) and np.issubdtype(sv.dtype, np.integer) and (sv.size == 0 or sv.min() >= 0): return sv
     with contextlib.suppress(OSError): path.unlink(missing_ok=True)
@@ -219,7 +219,7 @@ def _load_cached(path, shape):
 def _store(path, sv):
     "Write a cache file; a cache that cannot be written (read-only, full) is skipped with one warning (`cache_unwritable`)."
     try:
-        with atomic_write(path, 'wb') as f: np.savez_compressed(f, labels=sv)
+        with atomic_write(path, 'wb') as f: np.savez_compressed(f, labels=sv, key=np.array(path.stem))
     except OSError as e: cache_unwritable(path, e)
     return sv
 
