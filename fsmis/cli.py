@@ -107,7 +107,7 @@ def subcommand(name: str, # `fsmis NAME`
     return deco
 
 # %% ../nbs/51_cli.ipynb #4758725f
-def _bound_size(s):
+def _bound_numbers(s):
     "Bounds at parse time: every `--size` at most `MAX_SIZE` (its help says so), every other whole number within +-`MAX_WHOLE` (fsmis.core)."
     for act in s._actions:
         if act.type not in (positive_int, nonneg_int, int): continue
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, c in _SUBCOMMANDS.items():
         s = sub.add_parser(name, formatter_class=_HelpFormatter, help=c['help'], description=c['description'])
         c['add'](s)
-        _bound_size(s)
+        _bound_numbers(s)
         if c['device']: s.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
         if c['quiet']: s.add_argument('--quiet', action='store_true', help='no progress bars')
         s.set_defaults(func=c['run'])

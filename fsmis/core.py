@@ -127,6 +127,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True  # someone else's live process
     return True
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}  # a write refused by the disk
+
 def _write_error(path: Path, e: OSError) -> OSError:
     "The error of a failed write, naming the destination (not its temporary) and the reason, with the errno kept (ENOSPC, EROFS, EACCES, ...)."
     if isinstance(e, (FileExistsError, NotADirectoryError)) or e.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -158,7 +160,7 @@ def atomic_write(path, # destination file
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None: raise _write_error(path, e) from None  # disk full, read-only: named
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS: raise _write_error(path, e) from None  # disk full, read-only: named
         raise
 
 # %% ../nbs/00_core.ipynb #5abe1dfe
@@ -174,7 +176,7 @@ def atomic_path(path # destination file
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-            if isinstance(e, OSError) and e.errno is not None: raise _write_error(path, e) from None
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS: raise _write_error(path, e) from None
             raise
     return _cm()
 
