@@ -488,6 +488,13 @@ def test_memory_absurd_spacing_is_refused_by_preprocess(files, tmp_path):
     assert code == 2 and 'MAX_VOXELS' in one_line(err, 'image_1.nii.gz')
 
 
+def test_memory_phantom_cases_are_bounded(tmp_path):
+    code, err = _limited(['demo', '--n-cases', 100_000, '--out', tmp_path/'demo', '--quiet'])
+    assert code == 2 and 'MAX_VOXELS' in one_line(err, 'n_cases') and not (tmp_path/'demo').exists()
+    from fsmis.data.datasets import open_dataset
+    with pytest.raises(ValueError, match='MAX_VOXELS'): open_dataset('phantom', n_cases=10, shape=(4000, 4000, 4000))  # refused before any case is made
+
+
 def test_memory_yaml_billion_laughs_is_refused(tmp_path):
     lol = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lol += [f'{c}: &{c} [{", ".join([f"*{p}"] * 9)}]' for p, c in zip('abcdefgh', 'bcdefghi')]
