@@ -217,7 +217,7 @@ def check_size(size, # a slice size: None, a whole number or an (h, w) pair
     return size
 
 # %% ../nbs/00_core.ipynb #ca05e2bc
-import sys, time, warnings
+import sys, time
 
 _KNOWN_WARNINGS = [(FutureWarning, r'`torch\.jit\.script` is deprecated'), (Warning, r".*mode\.chained_assignment")]
 
