@@ -327,6 +327,7 @@ def _cmd_evaluate(a):
     from fsmis.eval.protocols import evaluate
     from fsmis.config import ExperimentConfig, eval_classes
     from fsmis.experiments import make_tables
+    if a.out: _writable_dir(a.out, '--out')  # before minutes of evaluation
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)
     name = a.dataset or ck.get('dataset')
     if name is None: raise UserError("--dataset is required (the checkpoint does not name its dataset)")
