@@ -324,6 +324,14 @@ def cell_record(cell, # the cell (index, row, fold, run)
 # %% ../nbs/43_ablate.ipynb #94d56b49
 _STAGE_FILE = re.compile(r'(densecl_fold\d+(?:_no[\d-]+)?|stage[23]_[\w-]+?)(\.pth|_checkpoints)$')  # stage results and their checkpoints
 
+def _record(path) -> dict:
+    "A JSON record of an ablation folder (`ablation.json`, `done.json`), or a ValueError naming the file when it is not one (edited, truncated)."
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e: raise ValueError(f"{path}: not a readable fsmis record ({type(e).__name__}); delete it to run this part again") from None
+    if not isinstance(d, dict) or (Path(path).name == 'ablation.json' and not isinstance(d.get('cells', []), list)):
+        raise ValueError(f"{path}: not an fsmis record (expected a JSON object); delete it to run this part again")
+    return d
+
 def run_cell(cell: Cell, # the cell
              out, # the ablation's folder
              progress: bool = False, # one line per run from `run_experiment`
@@ -331,7 +339,7 @@ def run_cell(cell: Cell, # the cell
     "Run one cell into `out/cell.folder` unless it has finished; returns its `done.json` record."
     from fsmis.experiments import run_experiment
     d = Path(out)/cell.folder
-    if (d/'done.json').is_file(): return json.loads((d/'done.json').read_text())
+    if (d/'done.json').is_file(): return _record(d/'done.json')
     if d.exists():  # an interrupted cell runs again; only its finished or resumable training stages (DenseMP) are kept
         for f in d.iterdir():
             if not _STAGE_FILE.match(f.name): shutil.rmtree(f) if f.is_dir() else f.unlink()
@@ -369,7 +377,13 @@ def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dict(name=a.name, budget=budget, folds=folds, runs=runs, minutes=minutes, over=over or {})))
     if (out/'ablation.json').is_file():  # the folder's cells must all come from the same grid
-        old = {k: v for k, v in json.loads((out/'ablation.json').read_text()).items() if k != 'cells'}
+        prev = _record(out/'ablation.json')
+        old = {k: v for k, v in prev.items() if k != 'cells'}
+        if old != settings and not any(isinstance(c, dict) and (out/str(c.get('folder', ''))/'done.json').is_file() for c in prev.get('cells', [])):
+            for c in prev.get('cells', []):  # no cell of the old grid finished (a failed command): its leftovers must not block this one
+                f = str(c.get('folder', '')) if isinstance(c, dict) else ''
+                if f and Path(f).name == f and f not in ('.', '..') and (out/f).is_dir(): shutil.rmtree(out/f)  # a plain cell folder name only
+            old = settings
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{out}: holds cells of {a.name if old.get('name') == a.name else old.get('name')} run with other options "
@@ -393,14 +407,14 @@ def run_ablation(ablation: str | Ablation, # a name in ABLATIONS, or an Ablation
 def finished_cells(out # an ablation folder
                   ) -> pd.DataFrame:
     "The `done.json` records of the finished cells of a folder."
-    recs = [json.loads(p.read_text()) for p in sorted(Path(out).glob('*/done.json'))]
+    recs = [_record(p) for p in sorted(Path(out).glob('*/done.json'))]
     return pd.DataFrame(recs)
 
 # %% ../nbs/43_ablate.ipynb #687d491f
 def _cell_results(a, out) -> pd.DataFrame:
     rows = []
     for p in sorted(Path(out).glob('*/done.json')):
-        rec = json.loads(p.read_text())
+        rec = _record(p)
         df = pd.read_csv(p.parent/'results.csv', dtype={'case': str, 'support': str})
         cfg = ExperimentConfig.load(p.parent/'config.yaml')
         df = df.assign(fold=rec['fold'], run=rec['run'])  # each cell trains one (fold, run) and writes it as run 0: the cell's indices count
@@ -503,7 +517,7 @@ def ablation_summary(ablation: str | Ablation, # the ablation
     a, d = get_ablation(ablation), Path(out)
     lines = [a.title, ' '.join(f"command: fsmis ablate {a.name} {budget} --out {d.name}".split())]
     if not (d/'ablation.json').is_file(): return '\n'.join(lines + [f"not run here: no results folder {d.name}/"])
-    cells, n = finished_cells(d), len(json.loads((d/'ablation.json').read_text())['cells'])
+    cells, n = finished_cells(d), len(_record(d/'ablation.json')['cells'])
     lines.append(f"{len(cells)} of {n} cells finished")
     if len(cells):
         s1 = cells['stage1_s'].sum() if 'stage1_s' in cells else 0.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse, os, sys
 from pathlib import Path
 from .config import METHODS, CPU_MINUTES
+from .core import MAX_SIZE, MAX_WHOLE
 
 
 # %% auto #0
@@ -19,7 +20,7 @@ __all__ = ['positive_int', 'nonneg_int', 'UserError', 'whole_number', 'positive_
 class UserError(Exception):
     "A mistake in how fsmis was called (bad path, bad option): reported in one line, exit code 2."
 
-_USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
+_USER_ERRORS = (UserError, ValueError, KeyError, OSError, MemoryError)  # OSError: a missing file, a read-only or full disk, a file where a folder belongs
 
 # %% ../nbs/51_cli.ipynb #4e2dba16
 def _existing(path, what='file'):
@@ -38,12 +39,15 @@ def _writable_dir(path, what):
     return p
 
 # %% ../nbs/51_cli.ipynb #b875e3be
-def whole_number(lo: int): # smallest accepted value
-    "An argparse type accepting whole numbers >= `lo`, refusing anything else at parse time."
+def whole_number(lo: int, # smallest accepted value
+                 hi: int | None = None, # largest accepted value (None: no bound)
+                ):
+    "An argparse type accepting whole numbers in [lo, hi], refusing anything else at parse time."
     def parse(s: str) -> int:
         try: v = int(s)
         except ValueError: v = None
-        if v is None or v < lo: raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {s!r}")
+        if v is None or v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}" + (f" and <= {hi}" if hi is not None else '') + f", got {s!r}")
         return v
     return parse
 
@@ -68,6 +72,9 @@ def device_name(s: str) -> str:
 def _one_line(e: BaseException) -> str:
     "The message of an exception on one line."
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 30] Read-only file system: 'out/x'" -> "out/x: Read-only file system"
+        msg = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
+    if isinstance(e, MemoryError): msg = f"out of memory{': ' + str(e) if str(e) else ''} (a smaller --size or fewer cases may fit)"
     return ' '.join(str(msg).split()) or type(e).__name__
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +107,14 @@ def subcommand(name: str, # `fsmis NAME`
     return deco
 
 # %% ../nbs/51_cli.ipynb #4758725f
+def _bound_numbers(s):
+    "Bounds at parse time: every `--size` at most `MAX_SIZE` (its help says so), every other whole number within +-`MAX_WHOLE` (fsmis.core)."
+    for act in s._actions:
+        if act.type not in (positive_int, nonneg_int, int): continue
+        lo = {positive_int: 1, nonneg_int: 0, int: -MAX_WHOLE}[act.type]
+        if act.dest == 'size': act.type = whole_number(lo, MAX_SIZE); act.help = f"{act.help} (at most {MAX_SIZE})"
+        else: act.type = whole_number(lo, MAX_WHOLE)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `fsmis` argument parser: one subparser per registered subcommand."
     p = _Parser(prog='fsmis', description='Few-shot medical image segmentation (ADNet, DenseMP): label one slice, segment every scan.',
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, c in _SUBCOMMANDS.items():
         s = sub.add_parser(name, formatter_class=_HelpFormatter, help=c['help'], description=c['description'])
         c['add'](s)
+        _bound_numbers(s)
         if c['device']: s.add_argument('--device', type=device_name, default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA when available)")
         if c['quiet']: s.add_argument('--quiet', action='store_true', help='no progress bars')
         s.set_defaults(func=c['run'])
@@ -259,7 +275,7 @@ def _cmd_train(a):
     _writable_dir(ck, '--checkpoints')
     print(f"fold {a.fold}: training on {len(split.train_ids)} cases ({' '.join(split.train_ids)}); "
           f"support {split.support_id}, queries {' '.join(split.query_ids)} are held out")
-    every = a.checkpoint_every or max(1, min(1000, cfg.n_steps // 5))
+    every = a.checkpoint_every or L.checkpoint_interval(cfg.n_steps)
     learn = train_fold(cfg, ds, split.train_ids, ckpt_dir=ck, ckpt_every=every, resume=a.resume, progress=not a.quiet,
                        n_workers=a.workers, meta=dict(fold=int(a.fold), n_folds=cfg.n_folds, fold_variant=cfg.fold_variant))
     final = L.save_checkpoint(learn, ck/'final.pth')  # metadata (input size, classes, dataset, fold) written once
@@ -267,6 +283,8 @@ def _cmd_train(a):
     print(f"{learn.iteration} steps; final checkpoint {final}")
 
 # %% ../nbs/51_cli.ipynb #ec7385bd
+_CHECKPOINT_EVERY_HELP = 'steps between checkpoints (default: a fifth of --steps, at most 1000; fsmis.learner.checkpoint_interval)'
+
 @subcommand('train', _cmd_train, help='train ADNet / ALPNet / PANet on the training cases of a fold')
 def _args_train(p):
     """Self-supervised training on the training cases of one fold (supervoxel episodes for ADNet, superpixel episodes
@@ -279,7 +297,7 @@ def _args_train(p):
     p.add_argument('--checkpoints', default=None, help='checkpoint folder (default ./checkpoints_<method>_<dataset>_fold<k>)')
     p.add_argument('--resume', default=None, help="checkpoint file, or 'last' for the newest in the checkpoint folder")
     p.add_argument('--steps', '--iters', dest='n_steps', type=nonneg_int, default=None, help='training steps (default: the config\'s n_steps, 50000)')
-    p.add_argument('--checkpoint-every', type=positive_int, default=None, help='steps between checkpoints')
+    p.add_argument('--checkpoint-every', type=positive_int, default=None, help=_CHECKPOINT_EVERY_HELP)
     p.add_argument('--encoder', default=None, help="'small', 'resnet18', 'resnet34', 'resnet50', 'resnet101' (default small)")
     p.add_argument('--encoder-weights', default=None, help='local encoder weights file to start from (e.g. from DenseCL pretraining)')
     p.add_argument('--lr', type=positive_float, default=None, help='SGD learning rate')
@@ -311,6 +329,7 @@ def _cmd_evaluate(a):
     from fsmis.eval.protocols import evaluate
     from fsmis.config import ExperimentConfig, eval_classes
     from fsmis.experiments import make_tables
+    if a.out: _writable_dir(a.out, '--out')  # before minutes of evaluation
     model, ck = _load_model(a.checkpoint, a.device, a.method, a.encoder)
     name = a.dataset or ck.get('dataset')
     if name is None: raise UserError("--dataset is required (the checkpoint does not name its dataset)")
@@ -360,8 +379,11 @@ def _cmd_segment(a):
     segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
     ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
     model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
-    r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size,  # size, normalization: the checkpoint's
-                      support_slices=a.support_slices)
+    try: r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size,  # size, normalization: the checkpoint's
+                           support_slices=a.support_slices)
+    except ValueError as e:  # the slice rule names `slice z`; the user typed --slice
+        if a.slice is not None and f"slice {a.slice}" in str(e): raise UserError(f"--slice {a.slice}: {e}") from None
+        raise
     names = ck.get('classes') or {}
     counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
     print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
@@ -392,7 +414,7 @@ def _cmd_pretrain(a):
         if o.exists() and any(Path(d).exists() and o.resolve() == Path(d).resolve() for d in a.data): raise UserError(f"--out {o}: is one of the inputs")
         _writable_dir(o.parent if str(o.parent) else Path('.'), '--out')
     out = pretrain_densecl(list(a.data), encoder=a.encoder, steps=a.steps, minutes=a.minutes, out=a.out, resume=a.resume,
-                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids)
+                           size=a.size, seed=a.seed, device=a.device, progress=not a.quiet, case_ids=a.case_ids, ckpt_every=a.checkpoint_every)
     print(f"encoder weights written to {out}")
 
 # %% ../nbs/51_cli.ipynb #1bcc35fd
@@ -406,7 +428,8 @@ def _args_pretrain(p):
     p.add_argument('--steps', type=positive_int, default=None, help='training steps')
     p.add_argument('--minutes', type=positive_float, default=None, help='training minutes (instead of --steps)')
     p.add_argument('--out', default=None, help='encoder weights file (default ./densecl_<encoder>.pth)')
-    p.add_argument('--resume', default=None, help="checkpoint file, or 'last'")
+    p.add_argument('--resume', default=None, help="checkpoint file, or 'last' (with more --steps than the run had: it continues to them)")
+    p.add_argument('--checkpoint-every', type=positive_int, default=None, help=_CHECKPOINT_EVERY_HELP)
     p.add_argument('--size', type=positive_int, default=128, help='view size in pixels')
     p.add_argument('--seed', type=int, default=0, help='seed')
     p.add_argument('--case-ids', nargs='+', default=None, help="only these cases of one registered dataset (e.g. a fold's training cases)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, dataclasses, math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import atomic_write
+from .core import atomic_write, MAX_SIZE, MAX_STEPS, MAX_WHOLE, MAX_CONFIG_BYTES
 from .data.datasets import get_spec
 
 # %% auto #0
@@ -23,6 +23,16 @@ CPU_MINUTES = 30.  # training minutes per fold (per cell) of the CPU budget: the
 
 # %% ../nbs/40_config.ipynb #6d95d881
 RENAMED_FIELDS = {'time_budget_min': 'minutes', 'checkpoint': 'select'}  # old name -> new: old config files still load
+
+def _load_yaml(text: str):
+    "YAML's safe subset without anchors and aliases: a config never needs them, and nested aliases (a 'billion laughs') grow without end."
+    import yaml
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), 'anchor', None) is not None:
+                raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed in a configuration (line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+    return yaml.load(text, Loader=NoAliases)
 
 @dataclass
 class ExperimentConfig:
@@ -70,6 +80,7 @@ class ExperimentConfig:
     learner_kw: dict = field(default_factory=dict)  # extra arguments of the learner factory
 
     def __post_init__(self):
+        self._check_types()
         for k in ('n_steps', 'runs', 'n_folds', 'batch_size', 'seed', 'n_val', 'val_every', 'eval_batch_size'):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v): raise ValueError(f"{k} must be a whole number, got {v!r}")
@@ -78,8 +89,8 @@ class ExperimentConfig:
             if getattr(self, k) < (0 if k == 'n_steps' else 1): raise ValueError(f"{k} must be {'>= 0' if k == 'n_steps' else '>= 1'}, got {getattr(self, k)}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8):
-            raise ValueError(f"size must be a whole number >= 8 (pixels) or None, got {self.size!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= MAX_SIZE):
+            raise ValueError(f"size must be a whole number from 8 to {MAX_SIZE} (pixels; MAX_SIZE) or None, got {self.size!r}")
         if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho != int(self.rho) or self.rho < 1):
             raise ValueError(f"rho must be a whole number of voxels >= 1 or None, got {self.rho!r}")
         if self.rho is not None: self.rho = int(self.rho)
@@ -112,9 +123,47 @@ class ExperimentConfig:
         if self.select not in ('final', 'val'): raise ValueError(f"select must be 'final' or 'val', got {self.select!r}")
         if self.runs < 1: raise ValueError(f"runs must be >= 1, got {self.runs}")
         if not list(self.folds): raise ValueError("folds is empty: give at least one fold index")
+        if self.n_folds < 2: raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        bad = [f for f in self.folds if not 0 <= f < self.n_folds]
+        if bad: raise ValueError(f"folds: {bad} out of range (a split of n_folds={self.n_folds} has folds 0..{self.n_folds - 1})")
         if self.method not in (*METHODS, 'intensity'): raise ValueError(f"method: unknown {self.method!r} (choose one of {', '.join(METHODS)} or 'intensity')")
         for b in self.baselines:
             if b not in ('untrained', 'intensity'): raise ValueError(f"baselines: unknown baseline {b!r}")
+
+    _STR = ('name', 'dataset', 'method', 'encoder', 'fold_variant', 'pseudo_labels', 'select')
+    _OPT_STR = ('encoder_weights', 'init_weights', 'device', 'precision')
+    _DICT = ('dataset_kw', 'pretrain_kw', 'dls_kw', 'learner_kw')
+    _LIST = ('folds', 'protocols', 'baselines')
+    _OPT_LIST = ('classes', 'label_groups', 'thresholds')
+    _NUMBERS = ('lr', 'finetune_lr', 'p_supervised', 'minutes', 'pretrain_minutes')
+
+    def _check_types(self):
+        "Types at the boundary (a config file may hold anything YAML can): strings, lists, mappings and finite numbers where they belong."
+        import numbers
+        for k in self._STR + self._OPT_STR:
+            v = getattr(self, k)
+            if not (isinstance(v, str) or (v is None and k in self._OPT_STR)): raise ValueError(f"{k} must be a string, got {v!r}")
+        for k in self._DICT:
+            v = getattr(self, k)
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v): raise ValueError(f"{k} must be a mapping of argument names to values, got {v!r}")
+        for k in self._LIST + self._OPT_LIST:
+            v = getattr(self, k)
+            if v is None and k in self._OPT_LIST: continue
+            if not isinstance(v, (list, tuple)): raise ValueError(f"{k} must be a list, got {v!r}")
+            if k != 'folds' and not all(isinstance(x, (float, int) if k == 'thresholds' else str) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"{k} must be a list of {'numbers' if k == 'thresholds' else 'names'}, got {v!r}")
+        for k in self._NUMBERS + (('thresholds',) if self.thresholds else ()):
+            for v in (getattr(self, k) if k == 'thresholds' else [getattr(self, k)]):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+                    raise ValueError(f"{k} must be a finite number{' or None' if k in ('minutes', 'pretrain_minutes') else ''}, got {v!r}")
+        if self.n_steps is not None and isinstance(self.n_steps, numbers.Real) and not isinstance(self.n_steps, bool) and abs(self.n_steps) > MAX_STEPS:
+            raise ValueError(f"n_steps must be at most {MAX_STEPS:,} (MAX_STEPS), got {self.n_steps!r}")
+        for k in ('seed', 'rho', 'min_size', 'runs', 'n_folds', 'pretrain_steps', 'finetune_steps', 'n_val', 'val_every', 'eval_batch_size', 'batch_size'):
+            v = getattr(self, k)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and abs(v) > MAX_WHOLE:
+                raise ValueError(f"{k} must be at most {MAX_WHOLE:,} in size (MAX_WHOLE), got {v!r}")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a whole number >= 1 or None, got {self.num_threads!r}")
 
     def save(self, path # .yaml/.yml or .json
             ):
@@ -133,11 +182,12 @@ class ExperimentConfig:
         "Read a configuration saved by `save`."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
+        if path.stat().st_size > MAX_CONFIG_BYTES: raise ValueError(f"config file {path}: {path.stat().st_size:,} bytes, more than a configuration holds (MAX_CONFIG_BYTES = {MAX_CONFIG_BYTES:,})")
         try: text = path.read_text()
         except (OSError, UnicodeDecodeError) as e: raise ValueError(f"config file {path}: cannot be read ({type(e).__name__})") from None
         try:
             if path.suffix in ('.yaml', '.yml'):
-                import yaml; d = yaml.safe_load(text)
+                d = _load_yaml(text)
             else: d = json.loads(text)
         except Exception as e:  # yaml.YAMLError (python tags included) / json.JSONDecodeError
             raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({' '.join(str(e).split())[:120]})") from None
@@ -146,7 +196,7 @@ class ExperimentConfig:
             if old in d and new not in d: d[new] = d.pop(old)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
-        if unknown: raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        if unknown: raise ValueError(f"{path}: unknown config keys {sorted(map(str, unknown))}")
         try: return cls(**d)
         except (TypeError, ValueError) as e: raise ValueError(f"config file {path}: {e}") from None
 

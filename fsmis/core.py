@@ -6,16 +6,17 @@ Docs: https://fsmis.github.io/fsmis/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #0edd1585
 from __future__ import annotations
-import os, glob, random, tempfile, contextlib
+import os, glob, random, tempfile, contextlib, errno, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['Case', 'check_volume', 'set_seed', 'default_device', 'release_memory', 'data_root', 'cache_dir', 'atomic_write',
-           'atomic_path', 'resize_slices', 'quiet_imports', 'LineProgress', 'progress_bar', 'labelled_slices',
-           'support_slice', 'text_blocks', 'print_md']
+__all__ = ['MAX_SIZE', 'MAX_VOXELS', 'MAX_CONFIG_BYTES', 'MAX_STEPS', 'MAX_WHOLE', 'Case', 'check_volume', 'set_seed',
+           'default_device', 'release_memory', 'data_root', 'cache_dir', 'cache_unwritable', 'atomic_write',
+           'atomic_path', 'resize_slices', 'check_size', 'quiet_imports', 'LineProgress', 'progress_bar',
+           'labelled_slices', 'support_slice', 'text_blocks', 'print_md']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -106,10 +107,23 @@ def data_root() -> Path | None:
 # %% ../nbs/00_core.ipynb #1d3cf56a
 def cache_dir(sub: str = '' # optional sub-folder
              ) -> Path:
-    "Cache folder ($FSMIS_CACHE, else ~/.cache/fsmis), created on demand."
+    "Cache folder ($FSMIS_CACHE, else ~/.cache/fsmis), created on demand; one that cannot be created is returned all the same (see `cache_unwritable`)."
     p = Path(os.environ.get('FSMIS_CACHE') or Path.home()/'.cache'/'fsmis')/sub
-    p.mkdir(parents=True, exist_ok=True)
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e: cache_unwritable(p, e)
     return p
+
+_CACHE_WARNED = set()
+
+def cache_unwritable(path, # the cache file or folder that could not be written
+                     err: BaseException, # the error of the write
+                    ):
+    "A cache is a convenience: when it cannot be written (read-only, full, a file in the way) fsmis computes without it and says so once per process."
+    root = Path(os.environ.get('FSMIS_CACHE') or Path.home()/'.cache'/'fsmis')
+    if root in _CACHE_WARNED: return
+    _CACHE_WARNED.add(root)
+    why = getattr(err, 'strerror', None) or type(err).__name__
+    warnings.warn(f"cache {root} cannot be written ({why}): computing without the cache (set FSMIS_CACHE to a writable folder to keep results)", stacklevel=2)
 
 # %% ../nbs/00_core.ipynb #58f8fd2b
 def _default_mode():
@@ -123,14 +137,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True  # someone else's live process
     return True
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}  # a write refused by the disk
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    "The error of a failed write, naming the destination (not its temporary) and the reason, with the errno kept (ENOSPC, EROFS, EACCES, ...)."
+    if isinstance(e, (FileExistsError, NotADirectoryError)) or e.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+        if blocker is not None: return NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {blocker} is a file, not a folder")
+    return type(e)(e.errno, f"cannot write {path}: {e.strerror or type(e).__name__}")
+
 def _temp_for(path: Path, suffix: str):
     "(fd, name) of a new temporary file beside `path`, `.<name>.<pid>.<random><suffix>`; first removes the temporaries of `path` left by killed writers."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f'.{glob.escape(path.name)}.*.*.tmp*'):
-        pid = old.name[len(path.name) + 2:].split('.')[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            with contextlib.suppress(OSError): old.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f'.{glob.escape(path.name)}.*.*.tmp*'):
+            pid = old.name[len(path.name) + 2:].split('.')[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError): old.unlink()
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix=suffix, dir=path.parent)
+    except OSError as e: raise _write_error(path, e) from None
     os.chmod(tmp, _default_mode())
     return fd, tmp
 
@@ -143,8 +168,9 @@ def atomic_write(path, # destination file
     try:
         with os.fdopen(fd, mode) as f: yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS: raise _write_error(path, e) from None  # disk full, read-only: named
         raise
 
 # %% ../nbs/00_core.ipynb #5abe1dfe
@@ -158,8 +184,9 @@ def atomic_path(path # destination file
         try:
             yield Path(tmp)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS: raise _write_error(path, e) from None
             raise
     return _cm()
 
@@ -181,8 +208,26 @@ def resize_slices(x:torch.Tensor, # [N, C, H, W] images or masks
     if mask: return F.interpolate(x.float(), size, mode='nearest-exact')
     return F.interpolate(x.float(), size, mode='bilinear', antialias=True, align_corners=False)
 
+# %% ../nbs/00_core.ipynb #4af249b1
+MAX_SIZE = 2048  # largest slice size (pixels per side) a model, an episode loader or preprocessing may be asked for
+MAX_VOXELS = 2**30  # largest volume (voxels) read from a file
+MAX_CONFIG_BYTES = 2**20  # largest configuration file (bytes) read
+MAX_STEPS = 10**9  # most training steps a configuration may ask for (the papers: 50 000 to 100 100)
+MAX_WHOLE = 2**31 - 1  # largest whole number an option takes (seeds, counts, minimum sizes): what every library below fits in 32 bits
+
+def check_size(size, # a slice size: None, a whole number or an (h, w) pair
+               name: str = 'size', # argument name for the message
+               lo: int = 1, # smallest accepted value
+              ):
+    "`size` unchanged when None or whole numbers in [lo, MAX_SIZE], else a ValueError naming `name` and the bound."
+    if size is None: return None
+    vals = [size] if np.isscalar(size) else list(size)
+    ok = len(vals) in (1, 2) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and lo <= v <= MAX_SIZE for v in vals)
+    if not ok: raise ValueError(f"{name}={size!r}: must be a whole number of pixels from {lo} to {MAX_SIZE} (MAX_SIZE)")
+    return size
+
 # %% ../nbs/00_core.ipynb #ca05e2bc
-import sys, time, warnings
+import sys, time
 
 _KNOWN_WARNINGS = [(FutureWarning, r'`torch\.jit\.script` is deprecated'), (Warning, r".*mode\.chained_assignment")]
 

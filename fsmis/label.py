@@ -81,11 +81,12 @@ class LabelWidget(widgets.VBox):
         self.image = vol
         self._flip_option = flip_ud
         self.flip_ud = display_flip(self.affine, flip_ud)  # display only: mask and coordinates keep the file's rows
-        self.classes = {int(k): str(v) for k, v in (classes or cls or {1: 'class 1'}).items()}
-        if not self.classes or min(self.classes) < 1: raise ValueError(f"classes must map class indices >= 1 to names, got {classes}")
+        cl = classes or cls or {1: 'class 1'}
+        if not isinstance(cl, dict) or not cl or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 1 <= k <= 255 for k in cl):
+            raise ValueError(f"classes must map class indices 1..255 to names, got {classes!r}")
+        self.classes = {int(k): str(v) for k, v in cl.items()}
         z, h, w = vol.shape
-        self.mask = np.zeros(vol.shape, np.int64) if mask is None else np.array(mask, dtype=np.int64)
-        if self.mask.shape != vol.shape: raise ValueError(f"mask shape {self.mask.shape} != image shape {vol.shape}")
+        self.mask = np.zeros(vol.shape, np.int64) if mask is None else self._check_mask(mask, vol.shape)
         if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, np.integer)) or zoom < 1):
             raise ValueError(f"zoom must be a whole number >= 1 (screen pixels per image pixel), got {zoom!r}")
         self.zoom = int(zoom or max(1, 512 // max(h, w)))
@@ -155,6 +156,18 @@ class LabelWidget(widgets.VBox):
         counts = ', '.join(f'{nm}: {int((self.mask[z] == c).sum())} px' for c, nm in self.classes.items())
         self.status.value = f'slice {z}: {counts}'
         self.canvas.draw_idle()
+
+    def _check_mask(self, mask, shape):
+        "An initial mask as int64 class indices, or a ValueError: NaN, fractions, negative labels or labels outside `classes` are refused, never cast."
+        m = np.asarray(mask)
+        if m.shape != shape: raise ValueError(f"mask shape {m.shape} != image shape {shape}")
+        if not (np.issubdtype(m.dtype, np.number) or m.dtype == bool) or np.iscomplexobj(m): raise ValueError(f"mask: expected class indices, got dtype {m.dtype}")
+        if np.issubdtype(m.dtype, np.floating):
+            if not np.isfinite(m).all(): raise ValueError(f"mask: contains {int((~np.isfinite(m)).sum())} NaN or inf values, not class indices")
+            if (m != np.round(m)).any(): raise ValueError("mask: contains fractional values, not class indices")
+        bad = sorted(set(np.unique(m).tolist()) - {0, *self.classes})
+        if bad: raise ValueError(f"mask: labels {[int(b) for b in bad[:5]]} are not 0 or one of the classes {list(self.classes)}")
+        return m.astype(np.int64)
 
     def _set_tool(self, *_):
         t = self.tool.value

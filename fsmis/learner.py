@@ -20,7 +20,7 @@ with quiet_imports():
     from fastai.data.core import DataLoaders
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .core import atomic_write, default_device
+from .core import atomic_write, default_device, MAX_SIZE
 from .models.adnet import ADNet
 from .models.alpnet import ALPNet, PANet
 from .models.ppnet import PPNet
@@ -33,9 +33,9 @@ from .losses import ADNetLoss, ProtoCELoss
 __all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'PRECISIONS', 'LEARNERS', 'step_lr', 'cosine_lr', 'IterTrainer',
            'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'read_checkpoint',
            'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
-           'resolve_resume', 'FewShotLearner', 'build_model', 'load_model', 'cpu_has_bf16', 'resolve_precision',
-           'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner',
-           'ppnet_learner', 'canet_learner', 'senet_learner', 'adnet3d_learner']
+           'resolve_resume', 'checkpoint_interval', 'FewShotLearner', 'build_model', 'check_meta', 'load_model',
+           'cpu_has_bf16', 'resolve_precision', 'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner',
+           'alpnet_learner', 'panet_learner', 'ppnet_learner', 'canet_learner', 'senet_learner', 'adnet3d_learner']
 
 # %% ../nbs/14_learner.ipynb #d0e5c0a1
 DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
@@ -276,7 +276,7 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
                     with_opt: bool = True, # also restore optimizer, iteration and RNG (resume); False: weights only
                    ) -> Learner:
     "Restore a checkpoint; the RNG states are applied just before the next training batch (exact resume)."
-    ck = read_checkpoint(path, weights_only)
+    ck = check_meta(read_checkpoint(path, weights_only), path)
     kind = getattr(learn, 'model_kind', None)
     if kind is not None and ck.get('model_kind') not in (None, kind): raise ValueError(f"checkpoint {path}: a {ck.get('model_kind')} model, not {kind}")
     if 'model' not in ck: raise ValueError(f"checkpoint {path}: no model weights stored")
@@ -286,7 +286,11 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
     if not with_opt: return learn
     learn.model.to(getattr(learn.dls, 'device', None) or 'cpu')
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(ck['opt'])
+    for k in ('opt', 'iteration', 'rng'):
+        if k not in ck: raise ValueError(f"checkpoint {path}: field {k!r} missing: a model file, not a training checkpoint (resume needs one)")
+    try: learn.opt.load_state_dict(ck['opt'])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"checkpoint {path}: field 'opt' does not fit this learner's optimizer ({' '.join(str(e).split())[:120]})") from None
     learn.iteration = int(ck['iteration'])
     if ck.get('schedule'):  # continue with the schedule that was running (lr, decay), not the new learner's defaults
         if getattr(learn, 'fsmis_schedule', None) not in (None, ck['schedule']):
@@ -331,6 +335,12 @@ def resolve_resume(resume, # None, a checkpoint file, or 'last'
     cks = list_checkpoints(ckpt_dir)
     if not cks: raise FileNotFoundError(f"resume='last': no checkpoint in {ckpt_dir}")
     return cks[-1]
+
+# %% ../nbs/14_learner.ipynb #97da268c
+def checkpoint_interval(n_steps: int | None # steps of the run (None: a time budget, length unknown)
+                       ) -> int:
+    "Default steps between checkpoints (`fsmis train` and `fsmis pretrain --checkpoint-every`): a fifth of the run, at least 1, at most 1000; 100 when the length is unknown."
+    return 100 if not n_steps else max(1, min(1000, int(n_steps) // 5))
 
 # %% ../nbs/14_learner.ipynb #1aa3ce0e
 @patch
@@ -393,6 +403,38 @@ def build_model(kind: str, # a registered model kind ('adnet', 'alpnet', 'panet'
 
 
 # %% ../nbs/14_learner.ipynb #d6cd9145
+def _is_int(v, lo=0): return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+
+_META_CHECKS = {  # field: (test, what it must be); None is always accepted (an older file may lack the field)
+    'model_kind': (lambda v: isinstance(v, str), 'a model kind (string)'),
+    'model_config': (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), 'a mapping of constructor argument names'),
+    'size': (lambda v: _is_int(v, 1) and v <= MAX_SIZE, f'a whole number of pixels from 1 to {MAX_SIZE}'),
+    'classes': (lambda v: isinstance(v, dict) and all(_is_int(k, 1) and isinstance(n, str) for k, n in v.items()), 'a mapping {class index >= 1: name}'),
+    'norm': (lambda v: isinstance(v, dict) and (v.get('kind') == 'volume' or (v.get('kind') == 'global' and all(
+        isinstance(v.get(k), (int, float)) and math.isfinite(v[k]) for k in ('mean', 'std')) and v['std'] > 0)),
+        "a normalization ({'kind': 'volume'} or {'kind': 'global', 'mean': finite, 'std': finite > 0})"),
+    'dataset': (lambda v: isinstance(v, str), 'a dataset name or folder (string)'),
+    'fold': (_is_int, 'a fold index >= 0'), 'n_folds': (lambda v: _is_int(v, 2), 'a whole number >= 2'),
+    'fold_variant': (lambda v: v in ('adnet', 'ouyang'), "'adnet' or 'ouyang'"),
+    'precision': (lambda v: v in ('auto', 'fp32', 'bf16', 'fp16'), "'auto', 'fp32', 'bf16' or 'fp16'"),
+    'iteration': (_is_int, 'a whole number of steps >= 0'),
+    'schedule': (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v.values()), 'a mapping of finite numbers'),
+    'opt': (lambda v: isinstance(v, dict) and isinstance(v.get('state', {}), dict), "an optimizer state dict"),
+    'rng': (lambda v: isinstance(v, dict) and {'python', 'torch', 'numpy'} <= set(v), "RNG states ('python', 'torch', 'numpy')"),
+    'data': (lambda v: isinstance(v, dict) and _is_int(v.get('pos')), "a position in the episode stream ('pos' >= 0)"),
+}
+
+def check_meta(ck: dict, # a checkpoint dict (`read_checkpoint`)
+               path, # its file, for the message
+              ) -> dict:
+    "`ck` when its metadata fields have the types and ranges fsmis writes, else a ValueError naming the file and the field (a checkpoint may have been edited)."
+    for k, (ok, what) in _META_CHECKS.items():
+        v = ck.get(k)
+        if v is not None and not ok(v): raise ValueError(f"checkpoint {path}: field {k!r} must be {what}, got {str(v)[:80]!r}")
+    if ck.get('fold') is not None and ck.get('n_folds') is not None and ck['fold'] >= ck['n_folds']:
+        raise ValueError(f"checkpoint {path}: field 'fold' = {ck['fold']} is not a fold of n_folds = {ck['n_folds']}")
+    return ck
+
 def load_model(path, # a model file: `save_model`, `save_checkpoint`, or an old bare state dict (give `kind`)
                device=None, # device for the model (default: best available)
                weights_only: bool = True, # see `read_checkpoint`
@@ -407,7 +449,10 @@ def load_model(path, # a model file: `save_model`, `save_checkpoint`, or an old 
                                           f"give the model kind and encoder (fsmis evaluate/segment: --method and --encoder)")
         ck = {'model': ck.get('model', ck), 'model_kind': kind, 'model_config': {'encoder': encoder or 'small'}}
     if 'model' not in ck: raise ValueError(f"checkpoint {path}: no model weights stored")
-    m = build_model(ck['model_kind'], **dict(ck.get('model_config') or {}))
+    check_meta(ck, path)
+    try: m = build_model(ck['model_kind'], **dict(ck.get('model_config') or {}))
+    except (TypeError, ValueError) as e:  # an unknown kind or constructor argument, a value the model refuses
+        raise ValueError(f"checkpoint {path}: field 'model_kind'/'model_config' ({ck['model_kind']}, {ck.get('model_config')}) does not build a model: {' '.join(str(e).split())[:160]}") from None
     try: m.load_state_dict(ck['model'])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {path}: its weights do not fit a {ck['model_kind']} model with {ck.get('model_config')} "

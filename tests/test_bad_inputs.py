@@ -51,6 +51,9 @@ def files(tmp_path_factory):
     lab, _, _ = read_nifti(d/'data'/'label_2.nii.gz', dtype=None)
     write_nifti(d/'neg.nii.gz', -lab.astype(np.int16), aff)
     write_nifti(d/'small.nii.gz', lab[:3], aff)
+    import gzip, nibabel as nib
+    hdr = nib.Nifti1Header(); hdr.set_data_shape((1000, 1000, 1000)); hdr.set_data_dtype(np.int16)  # claims 2 GB in 1 kB
+    with gzip.open(d/'forged.nii.gz', 'wb') as fh: fh.write(hdr.binaryblock + b'\0' * 1004)
     return d
 
 
@@ -74,10 +77,14 @@ SEGMENT_CASES = {  # name: (arguments after the fixture, text the message must c
     'truncated checkpoint': (lambda f: _seg(f, '--out', f/'o7.nii.gz', ck=f/'truncated.pth'), 'truncated.pth'),
     'tensor checkpoint': (lambda f: _seg(f, '--out', f/'o8.nii.gz', ck=f/'tensor.pth'), 'tensor.pth'),
     'text checkpoint': (lambda f: _seg(f, '--out', f/'o9.nii.gz', ck=f/'notes.txt'), 'notes.txt'),
-    'slice out of range': (lambda f: _seg(f, '--slice', '99', '--out', f/'o10.nii.gz'), '99'),
-    'empty slice': (lambda f: _seg(f, '--slice', '0', '--out', f/'o11.nii.gz'), 'slice 0'),
+    'slice out of range': (lambda f: _seg(f, '--slice', '99', '--out', f/'o10.nii.gz'), '--slice 99'),
+    'empty slice': (lambda f: _seg(f, '--slice', '0', '--out', f/'o11.nii.gz'), '--slice 0'),
     'bad device': (lambda f: _seg(f, '--device', 'bogus', '--out', f/'o12.nii.gz'), '--device'),
     'negative size': (lambda f: _seg(f, '--size', '-4', '--out', f/'o13.nii.gz'), '--size'),
+    'huge size': (lambda f: _seg(f, '--size', '100000', '--out', f/'o14.nii.gz'), '--size'),
+    'out under a file': (lambda f: _seg(f, '--out', f/'notes.txt'/'o15.nii.gz'), 'notes.txt is a file'),
+    'out under /proc': (lambda f: _seg(f, '--out', '/proc/o16.nii.gz'), '/proc/o16.nii.gz'),
+    'forged header': (lambda f: _seg(f, '--out', f/'o17.nii.gz', query=f/'forged.nii.gz'), 'forged.nii.gz'),
 }
 
 
@@ -336,3 +343,318 @@ def test_finite_guard_passes_huge_finite_weights_and_stops_nan_weights():
     g.after_step()  # finite, though its norm is inf in float32
     with torch.no_grad(): m.bias[0] = float('nan')
     with pytest.raises(NonFiniteLoss, match='step 5: the weights became non-finite'): g.after_step()
+
+
+# ---------------------------------------------------------------- faults outside the happy path (issue 31)
+# Outputs that cannot be written: a read-only or full file system (a real tmpfs where this test may mount one, as root;
+# skipped otherwise), and the same errors raised by a patched writer, which runs everywhere.
+import errno, shutil, subprocess, sys
+
+
+def _no_temporaries(*folders):
+    return not [p for d in folders if Path(d).is_dir() for p in Path(d).rglob('.*.tmp*')]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    "mount(name, size, ro=False) -> a fresh tmpfs folder under tmp_path; unmounted at the end. Skips where mounting is not permitted."
+    mounted = []
+    def mount(name, size='256k', ro=False):
+        d = tmp_path/name; d.mkdir()
+        if os.geteuid() != 0 or shutil.which('mount') is None: pytest.skip('mounting a tmpfs needs root and mount(8)')
+        r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(d)], capture_output=True, text=True)
+        if r.returncode: pytest.skip(f'cannot mount a tmpfs here: {r.stderr.strip()}')
+        mounted.append(d)
+        if ro and subprocess.run(['mount', '-o', 'remount,ro', str(d)], capture_output=True).returncode: pytest.skip('cannot remount read-only')
+        return d
+    yield mount
+    for d in reversed(mounted): subprocess.run(['umount', '-l', str(d)], capture_output=True)
+
+
+def _fill(d, leave=0):
+    "Fill the file system of `d` up to `leave` free bytes (a disk that is full, or nearly)."
+    with open(d/'filler', 'wb') as f:
+        try:
+            while True:
+                free = shutil.disk_usage(d).free - leave
+                if free <= 0: break
+                f.write(b'\0' * min(free, 1 << 16)); f.flush()
+        except OSError: pass
+
+
+def test_segment_out_on_a_read_only_file_system(files, capsys, tmpfs):
+    ro = tmpfs('ro', ro=True)
+    code, out, err = run(capsys, *_seg(files, '--out', ro/'p.nii.gz'))
+    assert code == 2 and 'Read-only file system' in one_line(err, ro/'p.nii.gz')
+
+
+def test_segment_out_on_a_full_disk(files, capsys, tmpfs):
+    full = tmpfs('full'); _fill(full)
+    code, out, err = run(capsys, *_seg(files, '--out', full/'p.nii.gz'))
+    assert code == 2 and 'No space left on device' in one_line(err, full/'p.nii.gz')
+    assert not (full/'p.nii.gz').exists() and _no_temporaries(full)
+
+
+def test_preprocess_disk_full_mid_way_then_the_rerun_finishes(files, capsys, tmpfs):
+    full = tmpfs('full', '512k'); _fill(full, leave=90_000)  # room for a case or two, not six
+    args = ['preprocess', files/'data', full/'pp', '--dataset', 'phantom', '--size', 48, '--quiet']
+    code, out, err = run(capsys, *args)
+    assert code == 2 and 'No space left on device' in one_line(err, full/'pp')
+    assert _no_temporaries(full) and not (full/'pp'/'manifest.json').exists()
+    for p in (full/'pp').glob('*.nii.gz'): assert read_nifti(p, dtype=None)[0].shape[1:] == (48, 48)  # what is there is whole
+    (full/'filler').unlink()
+    code, out, err = run(capsys, *args)
+    assert code == 0 and (full/'pp'/'manifest.json').is_file(), err
+
+
+def test_supervoxels_out_and_cache_on_full_and_read_only_disks(files, capsys, tmpfs, monkeypatch, recwarn):
+    full, ro = tmpfs('full'), tmpfs('ro', ro=True); _fill(full)
+    monkeypatch.setenv('FSMIS_CACHE', str(ro/'cache'))  # a read-only cache: computed without it, said once
+    code, out, err = run(capsys, 'supervoxels', files/'data', '--out', files/'sv_ok', '--quiet', '--workers', 1, '--rho', 300)
+    assert code == 0 and len(list((files/'sv_ok').glob('*.nii.gz'))) == 6, err
+    assert [str(w.message) for w in recwarn if 'computing without the cache' in str(w.message)].__len__() == 1
+    code, out, err = run(capsys, 'supervoxels', files/'data', '--out', full/'sv', '--quiet', '--workers', 1, '--rho', 300)
+    assert code == 2 and 'No space left on device' in one_line(err, full/'sv') and _no_temporaries(full)
+
+
+# the same faults without a mount: a writer that fails as a full or read-only disk would
+@pytest.mark.parametrize('err_no, text', [(errno.ENOSPC, 'No space left on device'), (errno.EROFS, 'Read-only file system'),
+                                          (errno.EACCES, 'Permission denied')])
+def test_write_faults_are_one_line_naming_the_output(files, capsys, monkeypatch, err_no, text):
+    import fsmis.data.io as io
+    real = io.nib.save
+    def failing_save(img, path):  # half the file written, then the disk refuses
+        real(img, path); Path(path).write_bytes(Path(path).read_bytes()[:100]); raise OSError(err_no, os.strerror(err_no))
+    monkeypatch.setattr(io.nib, 'save', failing_save)
+    out = files/'fault.nii.gz'
+    code, _, err = run(capsys, *_seg(files, '--out', out))
+    assert code == 2 and text in one_line(err, out) and not out.exists() and _no_temporaries(files)
+
+
+def test_read_only_folder_without_a_mount(files, capsys, monkeypatch):
+    import fsmis.core as core
+    def refuse(*a, **k): raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(core.tempfile, 'mkstemp', refuse)
+    code, _, err = run(capsys, 'evaluate', files/'model.pth', '--dataset', files/'data', '--protocol', 'EP2', '--quiet', '--out', files/'ev')
+    assert code == 2 and 'Read-only file system' in one_line(err, files/'ev')
+
+
+def test_unwritable_cache_computes_without_it_and_says_so_once(files, capsys, tmp_path, monkeypatch, recwarn):
+    blocker = tmp_path/'cache_is_a_file'; blocker.write_text('x')
+    monkeypatch.setenv('FSMIS_CACHE', str(blocker))
+    for k in range(2):
+        code, out, err = run(capsys, 'supervoxels', files/'data', '--out', tmp_path/f'sv{k}', '--quiet', '--workers', 1, '--rho', 300, '--cases', 1, 2)
+        assert code == 0 and len(list((tmp_path/f'sv{k}').glob('*.nii.gz'))) == 2, err
+    assert len([w for w in recwarn if 'computing without the cache' in str(w.message)]) == 1
+
+
+def test_reproduce_out_is_a_file(files, capsys):
+    code, _, err = run(capsys, 'reproduce', 'adnet-phantom-ep2', '--out', files/'notes.txt', '--minutes', '0.01')
+    assert code == 2 and 'notes.txt' in one_line(err)
+    assert (files/'notes.txt').read_text() == 'not a scan'
+
+
+# Bounded inputs: refused up front against the bounds of fsmis.core (MAX_SIZE, MAX_VOXELS, MAX_CONFIG_BYTES), memory
+# cases in a subprocess under an address-space limit, so that a failing test cannot take the machine down.
+@pytest.mark.parametrize('cmd', [['demo'], ['preprocess', 'a', 'b'], ['train'], ['evaluate', 'x.pth'], ['segment', 'a', 'b', 'c'],
+                                 ['pretrain', 'densecl', 'phantom', '--steps', '1'], ['ablate', 'phantom-losses']])
+def test_size_is_bounded_everywhere(cmd, capsys):
+    from fsmis.core import MAX_SIZE
+    code, _, err = run(capsys, *cmd, '--size', MAX_SIZE + 1)
+    assert code == 2 and f'<= {MAX_SIZE}' in one_line(err, '--size')
+    _, out, _ = run(capsys, *cmd[:1], '--help')
+    assert f'at most {MAX_SIZE}' in ' '.join(out.split())  # documented
+
+
+def _limited(args, gb=6, timeout=120):
+    "`fsmis ARGS` in a subprocess under RLIMIT_AS: (exit code, stderr)."
+    code = (f"import resource, sys; lim = {gb} * 2**30; resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
+            f"from fsmis.cli import main; sys.exit(main({[str(a) for a in args]!r}))")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
+    return p.returncode, p.stderr
+
+
+def test_memory_forged_nifti_header_is_refused_before_reading(files):
+    code, err = _limited(['segment', files/'forged.nii.gz', files/'data'/'image_2.nii.gz', files/'data'/'label_2.nii.gz',
+                          '--checkpoint', files/'model.pth', '--device', 'cpu', '--out', files/'forged_out.nii.gz'])
+    assert code == 2 and 'header claims' in one_line(err, 'forged.nii.gz')
+
+
+def test_memory_absurd_spacing_is_refused_by_preprocess(files, tmp_path):
+    img, _, aff = read_nifti(files/'data'/'image_1.nii.gz')
+    (tmp_path/'raw').mkdir(); write_nifti(tmp_path/'raw'/'image_1.nii.gz', img, spacing=(5000., 5000., 5000.))  # 4 km voxels
+    code, err = _limited(['preprocess', tmp_path/'raw', tmp_path/'pp', '--no-labels', '--dataset', 'chaos_t2', '--quiet'])
+    assert code == 2 and 'MAX_VOXELS' in one_line(err, 'image_1.nii.gz')
+
+
+def test_memory_phantom_cases_are_bounded(tmp_path):
+    code, err = _limited(['demo', '--n-cases', 100_000, '--out', tmp_path/'demo', '--quiet'])
+    assert code == 2 and 'MAX_VOXELS' in one_line(err, 'n_cases') and not (tmp_path/'demo').exists()
+    from fsmis.data.datasets import open_dataset
+    with pytest.raises(ValueError, match='MAX_VOXELS'): open_dataset('phantom', n_cases=10, shape=(4000, 4000, 4000))  # refused before any case is made
+
+
+def test_memory_yaml_billion_laughs_is_refused(tmp_path):
+    lol = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lol += [f'{c}: &{c} [{", ".join([f"*{p}"] * 9)}]' for p, c in zip('abcdefgh', 'bcdefghi')]
+    (tmp_path/'laughs.yaml').write_text('\n'.join(lol) + '\nname: *i\n')
+    code, err = _limited(['train', '--config', tmp_path/'laughs.yaml', '--dataset', 'phantom'], timeout=60)
+    assert code == 2 and 'aliases' in one_line(err, 'laughs.yaml')
+    (tmp_path/'big.yaml').write_text('# padding\n' * 200_000)
+    code, err = _limited(['train', '--config', tmp_path/'big.yaml'], timeout=60)
+    assert code == 2 and 'MAX_CONFIG_BYTES' in one_line(err, 'big.yaml')
+
+
+# Configs and checkpoints validated at the boundary
+@pytest.mark.parametrize('text, field', [('classes: liver', 'classes'), ('dataset_kw: [1, 2]', 'dataset_kw'), ('minutes: .inf', 'minutes'),
+                                         ('lr: 1e400', 'lr'), ('size: 100000', 'size'), ('folds: [9]', 'folds'), ('n_steps: 1e30', 'n_steps'),
+                                         ('encoder: [small]', 'encoder'), ('thresholds: [a, b]', 'thresholds'), ('num_threads: -1', 'num_threads'),
+                                         ('learner_kw: 3', 'learner_kw'), ('name: {a: 1}', 'name')])
+def test_config_types_and_ranges(text, field, tmp_path, capsys):
+    from fsmis.config import ExperimentConfig
+    (tmp_path/'c.yaml').write_text(text + '\n')
+    with pytest.raises(ValueError, match=f'c.yaml: {field}'): ExperimentConfig.load(tmp_path/'c.yaml')
+    code, _, err = run(capsys, 'train', '--config', tmp_path/'c.yaml', '--checkpoints', tmp_path/'ck')
+    assert code == 2 and field in one_line(err, 'c.yaml') and not (tmp_path/'ck').exists()
+
+
+@pytest.mark.parametrize('field, value', [('classes', ['liver']), ('classes', {'1': 'liver'}), ('size', 'large'), ('size', 10**7),
+                                          ('norm', {'kind': 'global', 'mean': float('nan'), 'std': 1.}), ('norm', 'zscore'),
+                                          ('model_kind', ['adnet']), ('model_config', {'encoder': 'small', 'wings': 2}),
+                                          ('model_config', ['small']), ('fold', -1), ('n_folds', 'five'), ('precision', 'fp8'),
+                                          ('dataset', 3), ('model_kind', 'unet')])
+def test_edited_checkpoint_metadata(field, value, files, tmp_path, capsys):
+    from fsmis.learner import load_model
+    ck = torch.load(files/'model.pth', weights_only=True); ck[field] = value
+    torch.save(ck, tmp_path/'edited.pth')
+    with pytest.raises(ValueError, match=r"edited\.pth.*" + field): load_model(tmp_path/'edited.pth', 'cpu')
+    code, _, err = run(capsys, *_seg(files, '--out', tmp_path/'o.nii.gz', ck=tmp_path/'edited.pth'))
+    assert code == 2 and field in one_line(err, 'edited.pth') and not (tmp_path/'o.nii.gz').exists()
+
+
+def test_resume_from_edited_checkpoint(files, tmp_path):
+    from fsmis.data.phantom import toy_dls
+    from fsmis.learner import adnet_learner, load_checkpoint
+    ck = torch.load(files/'model.pth', weights_only=True); ck['iteration'] = 'ten'
+    torch.save(ck, tmp_path/'edited.pth')
+    learn = adnet_learner(toy_dls(4, size=32), 'small', path=tmp_path)
+    with pytest.raises(ValueError, match=r"edited\.pth: field 'iteration'"): load_checkpoint(learn, tmp_path/'edited.pth')
+
+
+# Resumes that mean what they say
+def test_pretrain_resume_with_more_steps_continues(files, tmp_path, capsys):
+    from fsmis.pretrain.densecl import read_encoder_meta
+    from fsmis.learner import list_checkpoints
+    base = ['pretrain', 'densecl', files/'data', '--size', 32, '--out', tmp_path/'enc.pth', '--quiet', '--device', 'cpu']
+    code, _, err = run(capsys, *base, '--steps', 3, '--checkpoint-every', 1)
+    assert code == 0, err
+    assert [p.name for p in list_checkpoints(tmp_path/'enc_checkpoints')] == ['iter_0000002.pth', 'iter_0000003.pth']  # every step
+    code, _, err = run(capsys, *base, '--steps', 5, '--resume', 'last')
+    assert code == 0, err
+    assert read_encoder_meta(tmp_path/'enc.pth')['steps'] == 5 and list_checkpoints(tmp_path/'enc_checkpoints')[-1].name == 'iter_0000005.pth'
+
+
+def test_checkpoint_every_is_one_option_for_train_and_pretrain():
+    from fsmis.cli import build_parser
+    p = build_parser()
+    subs = next(a for a in p._actions if a.dest == 'cmd').choices
+    acts = [next(a for a in subs[c]._actions if a.dest == 'checkpoint_every') for c in ('train', 'pretrain')]
+    assert acts[0].default == acts[1].default is None and acts[0].help == acts[1].help
+    def parsed(t, s):
+        try: return t(s)
+        except Exception as e: return type(e).__name__
+    for s in ('1', '250', '0', '-3', '2.5', 'x', str(2**40)): assert parsed(acts[0].type, s) == parsed(acts[1].type, s), s  # one type
+
+
+# Failed commands leave no state that blocks the corrected one
+def test_ablate_bad_folds_leaves_nothing_then_the_right_command_runs(tmp_path, capsys):
+    out = tmp_path/'abl'
+    code, _, err = run(capsys, 'ablate', 'phantom-losses', '--steps', 1, '--size', 32, '--folds', 7, '--out', out, '--quiet')
+    assert code == 2 and 'folds' in one_line(err) and not out.exists()
+
+
+def test_ablation_leftovers_of_a_failed_grid_do_not_block(tmp_path):
+    import json
+    from fsmis.ablate import run_ablation, ablation_cells
+    out = tmp_path/'abl'; out.mkdir()
+    stale = ablation_cells('phantom-losses', folds=[1], over={'n_steps': 1, 'minutes': None, 'size': 32})
+    (out/'ablation.json').write_text(json.dumps(dict(name='phantom-losses', budget='cpu', folds=[1], runs=None, minutes=30., over={},
+                                                     cells=[dict(index=c.index, folder=c.folder) for c in stale])))
+    (out/stale[0].folder).mkdir(); (out/stale[0].folder/'config.yaml').write_text('half a cell')  # a cell that failed
+    run_ablation('phantom-losses', out, folds=[0], cells=[], progress=False)  # the corrected grid is accepted
+    assert json.loads((out/'ablation.json').read_text())['folds'] == [0] and not (out/stale[0].folder).exists()
+    (out/'x_done').mkdir(); (out/'x_done'/'done.json').write_text('{}')  # once a cell has finished, another grid is refused
+    d = json.loads((out/'ablation.json').read_text()); d['cells'].append(dict(index=99, folder='x_done')); (out/'ablation.json').write_text(json.dumps(d))
+    with pytest.raises(ValueError, match='other options'): run_ablation('phantom-losses', out, folds=[1], cells=[], progress=False)
+
+
+# Caches validated against what they claim
+@pytest.mark.parametrize('poison', ['shape', 'negative', 'float', 'key'])
+def test_supervoxel_cache_entry_that_lies_is_recomputed(tmp_path, poison):
+    from fsmis.data.phantom import make_phantom
+    from fsmis.data.supervoxels import cached_supervoxels
+    c = make_phantom(0, (6, 32, 32))
+    a = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
+    (f,) = tmp_path.glob('*.npz')
+    other = make_phantom(1, (6, 32, 32))
+    bad = {'shape': a[:3], 'negative': -a, 'float': a.astype(np.float32) + .5, 'key': None}[poison]
+    if bad is None:  # another volume's entry copied onto this key: right shape, wrong labels
+        b = cached_supervoxels(other.image, other.spacing, rho=100, cache_dir=tmp_path)
+        (g,) = [p for p in tmp_path.glob('*.npz') if p != f]; g.replace(f)
+        assert not np.array_equal(a, b) and a.shape == b.shape
+    else: np.savez_compressed(f, labels=bad, key=np.array(f.stem))
+    b = cached_supervoxels(c.image, c.spacing, rho=100, cache_dir=tmp_path)
+    assert np.array_equal(a, b) and np.array_equal(np.load(f)['labels'], a)
+
+
+def test_supervoxels_cli_with_a_poisoned_cache_writes_the_right_shape(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('FSMIS_CACHE', str(tmp_path/'cache'))
+    args = ['supervoxels', files/'data', '--quiet', '--workers', 1, '--rho', 300, '--cases', 1]
+    assert run(capsys, *args, '--out', tmp_path/'a')[0] == 0
+    for f in (tmp_path/'cache'/'supervoxels').glob('*.npz'): np.savez_compressed(f, labels=np.zeros((2, 3, 4), np.int32))
+    assert run(capsys, *args, '--out', tmp_path/'b')[0] == 0
+    img = read_nifti(files/'data'/'image_1.nii.gz')[0]
+    assert read_nifti(tmp_path/'b'/'superpix-MIDDLE_1.nii.gz', dtype=None)[0].shape == img.shape
+
+
+# The widget's own inputs; models given tasks they cannot take
+@pytest.mark.parametrize('kw, text', [(dict(mask='nan'), 'NaN'), (dict(mask=-1), 'labels [-1]'), (dict(mask=7), 'labels [7]'),
+                                      (dict(mask=0.5), 'fractional'), (dict(classes={0: 'bg'}), '1..255'), (dict(classes={1000: 'x'}), '1..255'),
+                                      (dict(classes={'1': 'liver'}), '1..255')])
+def test_label_widget_refuses_bad_masks_and_classes(kw, text):
+    pytest.importorskip('ipympl')
+    from fsmis.label import LabelWidget
+    img = np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32)
+    if 'mask' in kw: kw['mask'] = np.full(img.shape, np.nan if kw['mask'] == 'nan' else kw['mask'])
+    with pytest.raises(ValueError, match=text.replace('[', r'\[')): LabelWidget(img, **kw)
+
+
+@pytest.mark.parametrize('kind', ['adnet', 'alpnet', 'panet'])
+def test_forward_with_support_and_query_of_different_sizes(kind):
+    from fsmis.learner import build_model
+    model = build_model(kind, encoder='small')
+    s, m, q = _task(size=32)
+    with pytest.raises(ValueError, match='same size'): model(s[None], m[:, 0][None], torch.randn(1, 2, 1, 48, 48))
+    assert model.predict(s, m, torch.randn(2, 1, 48, 48)).shape[-2:] == (48, 48)  # one task: any sizes
+
+
+@pytest.mark.parametrize('text', ['{"name": "phantom-losses", "cells": [', '[1, 2]', '{"cells": 5}', '\xff\xfe'])
+def test_ablate_edited_record_is_named(text, tmp_path, capsys):
+    out = tmp_path/'abl'; out.mkdir(); (out/'ablation.json').write_bytes(text.encode('latin-1'))
+    code, _, err = run(capsys, 'ablate', 'phantom-losses', '--steps', 1, '--size', 32, '--out', out, '--cell', 0, '--quiet')
+    assert code == 2 and 'ablation.json' in one_line(err)
+
+
+def test_config_with_keys_that_are_not_names(tmp_path, capsys):
+    (tmp_path/'k.yaml').write_text('1: 2\nmethd: adnet\n')
+    code, _, err = run(capsys, 'train', '--config', tmp_path/'k.yaml')
+    assert code == 2 and 'unknown config keys' in one_line(err, 'k.yaml')
+
+
+def test_resume_from_a_model_file_is_named(files, capsys, tmp_path):
+    from fsmis.learner import load_model, save_model
+    save_model(load_model(files/'model.pth', 'cpu'), tmp_path/'weights_only.pth')
+    code, _, err = run(capsys, 'train', '--dataset', files/'data', '--iters', 2, '--size', 32, '--rho', 300, '--device', 'cpu', '--quiet',
+                       '--workers', 1, '--checkpoints', tmp_path/'ck', '--resume', tmp_path/'weights_only.pth')
+    assert code == 2 and 'not a training checkpoint' in one_line(err, 'weights_only.pth')

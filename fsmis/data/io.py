@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 from nibabel.filebasedimages import ImageFileError
-from ..core import atomic_path
+from ..core import atomic_path, MAX_VOXELS
 
 # %% auto #0
 __all__ = ['nifti_to_zhw', 'zhw_to_nifti', 'spacing_to_affine', 'read_nifti', 'write_nifti']
@@ -37,6 +37,20 @@ def spacing_to_affine(spacing # (z, h, w) voxel size in mm
 
 # %% ../../nbs/01_data.io.ipynb #5bfa5167
 _READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, IndexError)
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: a .nii.gz of n bytes holds at most ~1032 n bytes
+
+def _claimed_size_error(path, img):
+    "The message (or None) when the header claims more voxels than `MAX_VOXELS`, or more bytes than the file can hold (its size; x 1032 gzipped)."
+    shape = tuple(int(s) for s in img.shape)
+    n, item = int(np.prod(shape, dtype=object)), img.get_data_dtype().itemsize
+    if n > MAX_VOXELS: return (f"{path}: its header claims a volume of shape {shape} ({n:,} voxels), more than fsmis reads (MAX_VOXELS = {MAX_VOXELS:,})")
+    size = path.stat().st_size
+    gz = path.name.endswith('.gz')
+    room = size * _DEFLATE_RATIO + 2**16 if gz else size - int(getattr(img.dataobj, 'offset', 0) or 0)
+    if n * item > room:
+        return (f"{path}: its header claims a volume of shape {shape} ({n * item:,} bytes of {img.get_data_dtype()}), "
+                f"more than the {'compressed ' if gz else ''}file of {size:,} bytes can hold (truncated or a forged header)")
+    return None
 
 def read_nifti(path, # a .nii or .nii.gz file
                dtype=np.float32, # dtype of the returned array; None keeps the stored type (use for labels)
@@ -45,10 +59,12 @@ def read_nifti(path, # a .nii or .nii.gz file
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
+        img = nib.load(str(path))  # the header only
+        claimed = _claimed_size_error(path, img)  # checked before a byte of the volume is allocated
+        if claimed is None: arr = np.asanyarray(img.dataobj)
     except _READ_ERRORS as e:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if claimed is not None: raise ValueError(claimed)
     if arr.ndim == 4 and arr.shape[3] == 1: arr = arr[..., 0]
     if arr.ndim != 3: raise ValueError(f"{path}: expected a 3D volume, got an array of shape {arr.shape}")
     zooms = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])  # shortest float32 repr: 7.7, not 7.6999998

@@ -8,7 +8,7 @@ Docs: https://fsmis.github.io/fsmis/data.phantom.html.md"""
 from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
-from ..core import Case
+from ..core import Case, MAX_VOXELS
 from .io import write_nifti
 from .datasets import Dataset, DatasetSpec, register_dataset, CHAOS_CLASSES, ABDOMEN_GROUPS, ABDOMEN_ORDER
 import torch
@@ -277,6 +277,9 @@ class PhantomDataset(Dataset):
                  **kw, # passed to `make_phantom` (noise, bias)
                 ):
         if int(n_cases) < 1: raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+        if len(shape) != 3 or min(int(s) for s in shape) < 1: raise ValueError(f"shape must be 3 whole numbers (z, h, w) >= 1, got {shape}")
+        if int(n_cases) * int(np.prod(shape, dtype=object)) > MAX_VOXELS:  # the cases are kept in memory
+            raise ValueError(f"n_cases={n_cases} x shape {tuple(shape)}: more than MAX_VOXELS = {MAX_VOXELS:,} voxels held in memory")
         super().__init__(PHANTOM, [str(i) for i in range(1, int(n_cases) + 1)])
         self.seed, self.shape, self.spacing, self.kw = int(seed), tuple(shape), tuple(spacing), kw
         self._cache = {}

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from ..core import progress_bar
-from ..core import atomic_write
+from ..core import atomic_write, check_size, MAX_VOXELS
 from .io import read_nifti, write_nifti
 from .datasets import get_spec, DatasetSpec, FileDataset, check_image
 
@@ -120,7 +120,7 @@ def preprocess_case(image: np.ndarray, # raw (z, h, w) image
                     clip_pct: float = 99.5, # MR clip percentile
                    ) -> tuple:
     "Preprocess one scan; returns (image float32, label or None, spacing, affine), all in (z, h, w)."
-    image = check_image(image, 'image')
+    image = check_image(image, 'image'); check_size(size)
     if label is not None and np.shape(label) != image.shape: raise ValueError(f"label shape {np.shape(label)} != image shape {image.shape}")
     if modality not in ('MR', 'CT'): raise ValueError(f"modality must be 'MR' or 'CT', got {modality!r}")
     if inplane not in ('crop', 'resize'): raise ValueError(f"inplane must be 'crop' or 'resize', got {inplane!r}")
@@ -139,6 +139,8 @@ def preprocess_case(image: np.ndarray, # raw (z, h, w) image
         target = (tz, image.shape[1]*spacing[1]/size, image.shape[2]*spacing[2]/size)
     else: target = target_spacing
     out_shape, tgt, f, off = resample_geometry(image.shape, spacing, target)
+    if int(np.prod(out_shape, dtype=object)) > MAX_VOXELS:  # a header's absurd spacing must not make a volume of tens of GB
+        raise ValueError(f"resampling shape {image.shape} at spacing {spacing} mm to {target} mm gives shape {tuple(out_shape)}, more than MAX_VOXELS = {MAX_VOXELS:,} voxels (check the file's voxel size)")
     image, _ = resample_image(image, spacing, target)
     if label is not None: label, _ = resample_label(label, spacing, target, codes)
     start, scale = start + off*scale, scale*f
@@ -168,7 +170,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
     inplane = inplane or recipe.get('inplane', 'crop')
     border_crop = recipe.get('border_crop', 0) if border_crop is None else int(border_crop)
     target_spacing = spec.target_spacing if target_spacing is None else tuple(target_spacing)
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), Path(dst); check_size(size)
     if src.resolve() == dst.resolve(): raise ValueError(f"dst must differ from src ({src})")
     raw = FileDataset(src, spec, require_labels=require_labels, cache=False)
     dst.mkdir(parents=True, exist_ok=True)
@@ -192,7 +194,8 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
             prev, sp2, _ = read_nifti(oi)
             row.update(shape=prev.shape, spacing=sp2, min=float(prev.min()), max=float(prev.max()), skipped=True)
             rows.append(row); continue
-        pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes)
+        try: pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes)
+        except ValueError as e: raise ValueError(f"{ip}: {e}") from None  # the file that could not be preprocessed
         write_nifti(oi, pi, paff)
         if pl is not None: write_nifti(ol, pl, paff)
         row.update(shape=pi.shape, spacing=psp, min=float(pi.min()), max=float(pi.max()), skipped=False,

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from ..core import Case, cache_dir as _cache_dir, atomic_write, check_volume
+from ..core import Case, cache_dir as _cache_dir, cache_unwritable, atomic_write, check_volume
 from numba import set_num_threads, get_num_threads
 from .sv_kernels import _felzenszwalb_3d, _relabel
 
@@ -206,19 +206,24 @@ def _compute(volume, spacing, mode, rho, kw):
 
 def _cache_file(folder, mode, key): return Path(folder)/f'sv{mode}_{key}.npz'
 
-def _load_cached(path):
-    "Labels of a cache file, or None (and the file removed) when it is truncated or corrupt: it is then recomputed."
+def _load_cached(path, shape):
+    "Labels of a cache file, or None (and the file removed) when it is truncated, corrupt, or not what it claims (its own key, the volume's shape, labels >= 0): it is then recomputed."
     import zipfile
     try:
-        with np.load(path) as f: return f['labels']
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
-        path.unlink(missing_ok=True)
-        return None
+        with np.load(path) as f: sv = f['labels'] if str(f['key']) == path.stem else None  # a file copied or renamed onto another key is not trusted
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile): sv = None
+    if sv is not None and sv.shape == tuple(shape) and np.issubdtype(sv.dtype, np.integer) and (sv.size == 0 or sv.min() >= 0): return sv
+    with contextlib.suppress(OSError): path.unlink(missing_ok=True)
+    return None
 
-def _compute_and_store(volume, spacing, mode, rho, kw, path):
-    sv = _compute(volume, spacing, mode, rho, kw)
-    with atomic_write(path, 'wb') as f: np.savez_compressed(f, labels=sv)
+def _store(path, sv):
+    "Write a cache file; a cache that cannot be written (read-only, full) is skipped with one warning (`cache_unwritable`)."
+    try:
+        with atomic_write(path, 'wb') as f: np.savez_compressed(f, labels=sv, key=np.array(path.stem))
+    except OSError as e: cache_unwritable(path, e)
     return sv
+
+def _compute_and_store(volume, spacing, mode, rho, kw, path): return _store(path, _compute(volume, spacing, mode, rho, kw))
 
 def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see `dataset_supervoxels`)
                        spacing=(1., 1., 1.), # (z, h, w) voxel size in mm (3d mode)
@@ -231,7 +236,7 @@ def cached_supervoxels(volume, # (z, h, w) image (raw intensities preferred: see
     v = check_volume(volume)
     folder = Path(cache_dir) if cache_dir is not None else _cache_dir('supervoxels')
     path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, spacing, kw)))
-    sv = _load_cached(path) if path.is_file() else None
+    sv = _load_cached(path, v.shape) if path.is_file() else None
     return sv if sv is not None else _compute_and_store(v, spacing, mode, rho, kw, path)
 
 # %% ../../nbs/06_data.supervoxels.ipynb #16f9c3ba
@@ -278,7 +283,7 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
         c = ds.load(cid, normalize=False)  # raw intensities: the originals worked on them (ties depend on rounding)
         v = check_volume(c.image, f'case {cid!r} image')
         path = _cache_file(folder, mode, cache_key(v, _params(mode, rho, c.spacing, kw)))
-        sv = _load_cached(path) if path.is_file() else None
+        sv = _load_cached(path, v.shape) if path.is_file() else None
         if sv is not None: out[cid] = sv
         else: todo.append((cid, v, c.spacing, path))
     n_workers = min(len(todo), _free_cores() if n_workers is None else int(n_workers)) if todo else 0
@@ -290,8 +295,8 @@ def dataset_supervoxels(ds, # a `fsmis.data.io.Dataset` (anything with case_ids,
     else:
         threads = max(1, _free_cores() // n_workers)  # the kernels' parallel passes share the cores among workers
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context('spawn'), initializer=_worker_init, initargs=(threads,)) as ex:
-            futs = [ex.submit(_compute_and_store, v, sp, mode, rho, kw, path) for _, v, sp, path in todo]
-            for i in bar: out[todo[i][0]] = futs[i].result()
+            futs = [ex.submit(_compute, v, sp, mode, rho, kw) for _, v, sp, _ in todo]
+            for i in bar: out[todo[i][0]] = _store(todo[i][3], futs[i].result())  # stored here: a cache that cannot be written warns once
     return {cid: out[cid] for cid in ids}
 
 # %% ../../nbs/06_data.supervoxels.ipynb #b3f48102

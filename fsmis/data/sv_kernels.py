@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import numba
 from numba import njit, prange
-from ..core import cache_dir as _cache_dir
+from ..core import cache_dir as _cache_dir, cache_unwritable
 _USER_NUMBA_CACHE = numba.config.CACHE_DIR  # restored after our kernels are defined (the user's own numba settings stay theirs)
 numba.config.CACHE_DIR = str(_cache_dir('numba'))  # compiled kernels go to the user cache, never into the installed package
 
@@ -378,3 +378,14 @@ def _relabel(roots, mask):
     return out
 
 numba.config.CACHE_DIR = _USER_NUMBA_CACHE  # our kernels are defined: back to the user's numba setting
+
+def _guard_cache(kernel):
+    "A compiled kernel whose cache cannot be written (read-only or full disk) still runs: numba's save error becomes one warning."
+    cache = getattr(kernel, '_cache', None); save = getattr(cache, 'save_overload', None)
+    if save is None: return
+    def save_overload(sig, data):
+        try: save(sig, data)
+        except OSError as e: cache_unwritable(getattr(cache, '_cache_path', 'numba cache'), e)
+    cache.save_overload = save_overload
+
+for _k in [v for v in list(globals().values()) if isinstance(v, numba.core.registry.CPUDispatcher)]: _guard_cache(_k)

@@ -75,6 +75,9 @@ def check_shots(sup_imgs, # [B,K,C,H,W] (batched) or [K,C,H,W]
     if sup_masks.shape[:len(lead)] != lead or sup_masks.shape[-2:] != sup_imgs.shape[-2:]:
         raise ValueError(f"sup_masks {tuple(sup_masks.shape)} does not match sup_imgs {tuple(sup_imgs.shape)} (shots and H, W)")
     if batched and qry_imgs.shape[0] != sup_imgs.shape[0]: raise ValueError(f"qry_imgs has {qry_imgs.shape[0]} episodes, sup_imgs {sup_imgs.shape[0]}")
+    if batched and qry_imgs.shape[-2:] != sup_imgs.shape[-2:]:  # one forward pass encodes them together (`predict` takes any sizes)
+        raise ValueError(f"qry_imgs {tuple(qry_imgs.shape)} and sup_imgs {tuple(sup_imgs.shape)}: a training batch needs support and query "
+                         f"slices of the same size (H, W); resize them (fsmis.core.resize_slices) or use predict")
     if values:
         for n, x in (('sup_imgs', sup_imgs), ('qry_imgs', qry_imgs)):
             if not torch.isfinite(x).all(): raise ValueError(f"{n} contains NaN or inf")

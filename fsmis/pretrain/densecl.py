@@ -24,12 +24,12 @@ with quiet_imports():
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
 import fsmis
-from ..core import atomic_write, default_device, set_seed
+from ..core import atomic_write, default_device, set_seed, check_size
 from ..data.datasets import DATASETS, Dataset, open_dataset, check_image, zscore
 from ..data.io import read_nifti
 from ..data.augment import RandomGamma
 from ..models.encoders import ENCODERS, make_encoder
-from ..learner import cosine_lr, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume, NonFiniteLoss, resolve_precision, CPUAutocast
+from ..learner import cosine_lr, load_checkpoint, read_checkpoint, list_checkpoints, resolve_resume, NonFiniteLoss, resolve_precision, CPUAutocast, checkpoint_interval
 
 # %% auto #0
 __all__ = ['DENSEMP_LR', 'WEIGHTS_FORMAT', 'body_fractions', 'SliceSet', 'unlabeled_slices', 'BrightnessContrast',
@@ -596,6 +596,10 @@ def fit_densecl(learn: Learner, # from `densecl_learner`
         if ck.get('model_kind') != 'densecl': raise ValueError(f"resume={str(resume)!r}: not a DenseCL checkpoint (model_kind={ck.get('model_kind')!r})")
         load_checkpoint(learn, resume)
         total_steps = ck['model_config'].get('total_steps') or total_steps
+        if n_steps is not None and total_steps and n_steps > total_steps:  # a finished (or shorter) run asked to go further
+            warnings.warn(f"resume: the checkpoint's cosine schedule ends at step {total_steps}; continuing to step {n_steps} with the "
+                          f"schedule stretched to {n_steps} steps", stacklevel=2)
+            total_steps = n_steps
     total_steps = total_steps or n_steps
     if n_steps is None: n_steps = total_steps if total_steps else 10**12
     if total_steps is None and minutes is None: raise ValueError("fit_densecl: give n_steps, total_steps or minutes")
@@ -675,7 +679,7 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
                      flip: bool = False, # random horizontal flip in the views
                      min_body: float = 0.05, # slice-skipping rule (see `body_fractions`)
                      weights=None, # encoder weights to start from
-                     ckpt_every: int = 500, # checkpoint interval (steps)
+                     ckpt_every: int | None = None, # checkpoint interval in steps (None: `checkpoint_interval(steps)`, as `fsmis train`)
                      ckpt_dir=None, # checkpoint folder (default <out stem>_checkpoints beside out)
                      precision: str | None = None, # 'auto', 'fp32', 'bf16' (CPU), 'fp16' (CUDA); None: fp16 on CUDA, fp32 on the CPU
                      channels_last: bool | None = None, # channels-last memory (None: with bf16 or fp16)
@@ -690,7 +694,9 @@ def pretrain_densecl(data, # dataset name(s), `Dataset`(s), folder(s) or NIfTI f
     if steps is not None: steps = _check_int('steps', steps)
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
         raise ValueError(f"minutes={minutes!r}: must be a number > 0")
+    ckpt_every = checkpoint_interval(steps) if ckpt_every is None else ckpt_every
     size, bs, queue, ckpt_every = _check_int('size', size, 16), _check_int('bs', bs), _check_int('queue', queue), _check_int('ckpt_every', ckpt_every)
+    check_size(size, 'size', 16)
     accum = _check_int('accum', accum)
     if shuffle_bn is not None and bs % _check_int('shuffle_bn', shuffle_bn): raise ValueError(f"shuffle_bn={shuffle_bn}: must divide bs={bs}")
     warmup = _check_int('warmup', warmup, 0)
