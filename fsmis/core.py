@@ -38,7 +38,7 @@ class Case:
         self.spacing = tuple(float(s) for s in self.spacing)
         if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise ValueError(f"Case {self.case_id!r}: spacing must be 3 positive numbers (z, h, w), got {self.spacing}")
-        if self.affine is None: self.affine = np.diag([self.spacing[2], self.spacing[1], self.spacing[0], 1.0])
+        if self.affine is None: self.affine = np.diag([-self.spacing[2], self.spacing[1], self.spacing[0], 1.0])  # the canonical L, A, S frame (`fsmis.data.io`)
 
     @property
     def shape(self): return self.image.shape

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ..core import resize_slices, support_slice
-from ..data.io import read_nifti, write_nifti
+from ..data.io import read_nifti, write_nifti, slice_plane
 from ..data.datasets import check_image, normalize_volume
 
 # %% auto #0
@@ -240,7 +240,10 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     size = meta.get('size') if size is None else size
     norm = meta.get('norm') if norm is None else norm
     paths, out = segment_paths(query, support, support_mask, out)
-    q, _, q_aff = read_nifti(paths['query']); s, _, _ = read_nifti(paths['support'])
+    q, _, q_aff = read_nifti(paths['query']); s, _, s_aff = read_nifti(paths['support'])  # both in the canonical orientation
+    if slice_plane(q_aff) != slice_plane(s_aff):
+        raise ValueError(f"{paths['query']}: {slice_plane(q_aff)} slices, but the support {paths['support']} has {slice_plane(s_aff)} ones: "
+                         "give a support acquired in the query's plane (thick-slice series are not resliced)")
     m = check_support_mask(read_nifti(paths['support mask'], dtype=None)[0], paths['support mask'])
     if m.shape != s.shape: raise ValueError(f"support mask shape {m.shape} (z,h,w) != support image shape {s.shape}")
     z = support_slice(m, z, paths['support mask'])
@@ -249,7 +252,7 @@ def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_m
     si, sm = resize_slices(si, qn.shape[1:])[0, 0].numpy(), resize_slices(sm, qn.shape[1:], mask=True)[0, 0].numpy().astype(np.int64)
     if not sm.any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")
     pred = segment_volume(model, qn, si, sm, size=size)
-    write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
+    write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), like=paths['query'])  # the query's own orientation, grid and header
     return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(sm) if c})
 
 # %% ../../nbs/22_eval.inference.ipynb #1d2165aa
