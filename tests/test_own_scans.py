@@ -123,3 +123,116 @@ def test_shared_data_reads_as_stored(data_root):
         np.testing.assert_array_equal(arr, np.asanyarray(img.dataobj).transpose(2, 1, 0), err_msg=str(f))
         np.testing.assert_allclose(aff, img.affine)
     assert slice_plane(read_nifti(data_root/'chaos_t2'/'image_1.nii.gz')[2]) == 'axial'
+
+
+def _dice(p, l, c): return 2 * ((p == c) & (l == c)).sum() / max((p == c).sum() + (l == c).sum(), 1)
+
+
+@pytest.fixture(scope='module')
+def bundled():
+    from fsmis.eval.inference import bundled_model_path
+    from fsmis.learner import load_model
+    torch.set_num_threads(1)
+    return load_model(bundled_model_path(), 'cpu')
+
+
+@pytest.fixture(scope='module')
+def phantom_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ph')
+    sup, q = make_phantom(1, (16, 128, 128)), make_phantom(2, (16, 128, 128))
+    write_nifti(d/'s.nii.gz', sup.image, sup.affine); write_nifti(d/'m.nii.gz', sup.label, sup.affine)
+    write_nifti(d/'q.nii.gz', q.image, q.affine)
+    return d, q
+
+
+def test_extreme_voxels_segment_as_the_clean_query(tmp_path, bundled, phantom_files):
+    "A handful of voxels at 3e38 (hot pixels, metal): the recipe's clip before the z-score makes them harmless."
+    from fsmis.eval.inference import segment_files, checkpoint_norm
+    d, q = phantom_files
+    spiked = q.image.copy(); spiked.flat[np.random.default_rng(0).choice(spiked.size, 5, replace=False)] = 3e38
+    write_nifti(tmp_path/'spiked.nii.gz', spiked, q.affine)
+    assert checkpoint_norm(bundled.fsmis_meta)['clip'] == {'pct': 99.5}  # the bundled model predates the record: its dataset's recipe
+    segment_files(bundled, d/'q.nii.gz', d/'s.nii.gz', d/'m.nii.gz', tmp_path/'clean.nii.gz')
+    segment_files(bundled, tmp_path/'spiked.nii.gz', d/'s.nii.gz', d/'m.nii.gz', tmp_path/'sp.nii.gz')
+    clean, sp = (read_nifti(tmp_path/f, dtype=None)[0] for f in ('clean.nii.gz', 'sp.nii.gz'))
+    assert clean.any() and (clean == sp).mean() > 0.999
+    # the check can fail: without the clip the z-score is ruined and the map is another one
+    segment_files(bundled, tmp_path/'spiked.nii.gz', d/'s.nii.gz', d/'m.nii.gz', tmp_path/'raw.nii.gz', norm={'kind': 'volume'})
+    assert (read_nifti(tmp_path/'raw.nii.gz', dtype=None)[0] == clean).mean() < 0.99
+
+
+def test_norm_records_the_clip_and_datasets_do_not_reapply_it():
+    from fsmis.data.datasets import open_dataset, normalize_volume, get_spec
+    assert get_spec('chaos_t2').clip == {'pct': 99.5} and get_spec('synapse_ct').clip == {'window': [-125.0, 275.0]}
+    ds = open_dataset('phantom', n_cases=1, shape=(4, 16, 16))
+    assert ds.norm_params() == {'kind': 'volume'}  # phantoms are made in the normalized layout: nothing to clip
+    from fsmis.eval.inference import _normalize_raw
+    x = np.random.default_rng(0).random((4, 16, 16)).astype(np.float32); x[0, 0, 0] = 1e6
+    n = {'kind': 'volume', 'clip': {'pct': 99.5}}
+    np.testing.assert_array_equal(normalize_volume(x, n), normalize_volume(x))  # load time (preprocessed files): the z-score only
+    assert _normalize_raw(x, n, 'x').max() < 3 and normalize_volume(x, n).max() > 30  # a raw scan at inference: clipped first
+    with pytest.raises(ValueError, match='clip'): _normalize_raw(x, {'kind': 'volume', 'clip': {'top': 1}}, 'x')
+
+
+def test_query_at_another_spacing_segments_alike(tmp_path, bundled, phantom_files):
+    "The query resampled to 0.8 mm in-plane and 3 mm slices: Dice within 0.05 of the original grid's, each class."
+    from fsmis.data.preprocess import resample_image, resample_label
+    from fsmis.eval.inference import segment_files, model_spacing
+    d, q = phantom_files
+    assert model_spacing(bundled.fsmis_meta) == (2.5, 2.5)  # CHAOS' 1.25 mm slices of 256 px, seen at 128 px
+    qi, sp = resample_image(q.image, q.spacing, (3., .8, .8)); ql, _ = resample_label(q.label, q.spacing, (3., .8, .8))
+    write_nifti(tmp_path/'fine.nii.gz', qi, q.affine @ np.diag([.8/1.5, .8/1.5, 3/4., 1]))
+    r0 = segment_files(bundled, d/'q.nii.gz', d/'s.nii.gz', d/'m.nii.gz', tmp_path/'a.nii.gz')
+    r1 = segment_files(bundled, tmp_path/'fine.nii.gz', d/'s.nii.gz', d/'m.nii.gz', tmp_path/'b.nii.gz')
+    assert r0['spacing'] == r1['spacing'] == (2.5, 2.5)
+    a, b = read_nifti(tmp_path/'a.nii.gz', dtype=None)[0], read_nifti(tmp_path/'b.nii.gz', dtype=None)[0]
+    assert b.shape == qi.shape == (21, 240, 240)  # written on the query's own grid
+    for c in (1, 2, 3, 4):
+        d0, d1 = _dice(a, q.label, c), _dice(b, ql, c)
+        assert abs(d0 - d1) < 0.05, (c, d0, d1)
+    assert _dice(a, q.label, 1) > 0.3
+
+
+def test_spacing_recorded_by_training(tmp_path):
+    "A training records the pixel size its network saw; inference reads it back."
+    from fsmis.config import ExperimentConfig
+    from fsmis.data.datasets import open_dataset
+    from fsmis.train import train_fold
+    from fsmis.eval.inference import model_spacing
+    ds = open_dataset('phantom', n_cases=2, shape=(8, 48, 48))
+    cfg = ExperimentConfig(method='adnet', dataset='phantom', n_steps=1, size=32, device='cpu', select='final')
+    learn = train_fold(cfg, ds, ['1', '2'], n_workers=1, cache_dir=tmp_path/'cache')
+    assert model_spacing(learn.model.fsmis_meta) == pytest.approx((1.5 * 48 / 32, 1.5 * 48 / 32))
+
+
+def test_cli_many_queries_k_shots_names_and_largest_component(tmp_path, capsys):
+    "`fsmis segment` on several queries: one model load, K shots, the user's class names, optional largest component."
+    from fsmis.cli import main
+    from fsmis.learner import save_model
+    from fsmis.eval.inference import largest_components
+    import scipy.ndimage as ndi
+    m = _tiny_model(spacing=[1.5, 1.5], classes={1: 'liver', 2: 'right kidney', 3: 'left kidney', 4: 'spleen'}, dataset='chaos_t2')
+    save_model(m, tmp_path/'m.pth')
+    for i in (1, 2, 3):
+        c = make_phantom(i, (8, 48, 48)); write_nifti(tmp_path/f'q{i}.nii.gz', c.image, c.affine)
+        if i == 1: write_nifti(tmp_path/'mask.nii.gz', (c.label == 2).astype(np.uint8), c.affine)  # a right-kidney mask saved as class 1
+    (tmp_path/'names.txt').write_text('1 right kidney\n')
+    q = [str(tmp_path/'q2.nii.gz'), str(tmp_path/'q3.nii.gz')]
+    args = ['segment', *q, str(tmp_path/'q1.nii.gz'), str(tmp_path/'mask.nii.gz'), '--checkpoint', str(tmp_path/'m.pth'), '--device', 'cpu']
+    assert main(args + ['--out', str(tmp_path/'out'), '--shots', '2']) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and all('support slices ' in l and 'class 1:' in l and 'liver' not in l for l in out), out
+    assert main(args + ['--out', str(tmp_path/'named'), '--classes', str(tmp_path/'names.txt'), '--slice', '3', '--largest-component']) == 0
+    out = capsys.readouterr().out
+    assert out.count('right kidney:') == 2 and 'liver' not in out and 'support slice 3;' in out
+    for name in ('q2.nii.gz', 'q3.nii.gz'):
+        lab = read_nifti(tmp_path/'named'/name, dtype=None)[0]
+        assert ndi.label(lab == 1, structure=np.ones((3, 3, 3)))[1] <= 1 and (largest_components(lab) == lab).all()
+        assert read_nifti(tmp_path/'out'/name, dtype=None)[0].shape == (8, 48, 48)
+    # one-line errors: a --out file for several queries, an unreadable classes file, too many shots
+    for extra in (['--out', str(tmp_path/'x.nii.gz')], ['--out', str(tmp_path/'o2'), '--classes', str(tmp_path/'q1.nii.gz')],
+                  ['--out', str(tmp_path/'o3'), '--shots', '99']):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('fsmis segment: error:') and '\n' not in err, err
+    assert not (tmp_path/'o2').exists() and not (tmp_path/'o3').exists()

@@ -17,8 +17,8 @@ from .io import read_nifti, write_nifti
 from .datasets import get_spec, DatasetSpec, FileDataset, check_image
 
 # %% auto #0
-__all__ = ['clip_top', 'window_ct', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad', 'preprocess_case',
-           'preprocess_folder']
+__all__ = ['clip_top', 'window_ct', 'clip_intensities', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad',
+           'preprocess_case', 'preprocess_folder']
 
 # %% ../../nbs/04_data.preprocess.ipynb #16346e2a
 def clip_top(image: np.ndarray, # MR volume
@@ -37,6 +37,16 @@ def window_ct(image: np.ndarray, # CT volume in Hounsfield units
     if not hi > lo: raise ValueError(f"window: hi ({hi}) must be greater than lo ({lo})")
     image = np.clip(np.asarray(image, np.float32), lo, hi)
     return ((image - lo) * (255.0 / (hi - lo))).astype(np.float32)
+
+# %% ../../nbs/04_data.preprocess.ipynb #0f165152
+def clip_intensities(image: np.ndarray, # raw volume
+                     clip: dict | None, # {'pct': p} (MR: `clip_top`) or {'window': [lo, hi]} (CT: `window_ct`); None: unchanged
+                    ) -> np.ndarray:
+    "The recipe's intensity step of raw scans as a checkpoint's `norm['clip']` records it."
+    if clip is None: return np.asarray(image, np.float32)
+    if isinstance(clip, dict) and set(clip) == {'pct'}: return clip_top(image, float(clip['pct']))
+    if isinstance(clip, dict) and set(clip) == {'window'}: return window_ct(image, *clip['window'])
+    raise ValueError(f"norm clip={clip!r}: expected {{'pct': p}} or {{'window': [lo, hi]}}")
 
 # %% ../../nbs/04_data.preprocess.ipynb #17494ccb
 def _target(spacing, target_spacing):
