@@ -236,3 +236,105 @@ def test_cli_many_queries_k_shots_names_and_largest_component(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith('fsmis segment: error:') and '\n' not in err, err
     assert not (tmp_path/'o2').exists() and not (tmp_path/'o3').exists()
+
+
+@pytest.fixture(scope='module')
+def kernel_cache(tmp_path_factory): return tmp_path_factory.mktemp('cache')  # supervoxel kernels compiled once for the module
+
+
+def test_training_writes_its_log_and_provenance(tmp_path, monkeypatch, kernel_cache):
+    "`fsmis train` writes <checkpoint>.csv (step, loss terms, T, lr) beside each checkpoint, whole across a resume; provenance in the file."
+    import pandas as pd
+    from fsmis.cli import main
+    from fsmis.learner import read_checkpoint
+    monkeypatch.setenv('FSMIS_CACHE', str(kernel_cache))
+    torch.set_num_threads(1)
+    ck = tmp_path/'ck'
+    base = ['train', '--dataset', 'phantom', '--size', '32', '--rho', '300', '--workers', '1', '--device', 'cpu',
+            '--checkpoints', str(ck), '--checkpoint-every', '2', '--quiet']
+    assert main(base + ['--iters', '4']) == 0
+    log = pd.read_csv(ck/'final.csv')
+    assert list(log['step']) == [1, 2, 3, 4] and {'loss', 'T', 'lr', 'dice'} <= set(log.columns)
+    assert (log['lr'] > 0).all() and log['T'].notna().all()
+    assert sorted(p.name for p in ck.glob('iter_*')) == ['iter_0000002.csv', 'iter_0000002.pth', 'iter_0000004.csv', 'iter_0000004.pth']
+    assert main(base + ['--iters', '6', '--resume', 'last']) == 0  # resumed: the log goes on from step 5
+    log = pd.read_csv(ck/'final.csv')
+    assert list(log['step']) == [1, 2, 3, 4, 5, 6], log
+    assert not (ck/'iter_0000002.csv').exists()  # rotated away with its checkpoint
+    prov = read_checkpoint(ck/'final.pth')['provenance']
+    assert prov['device'] == 'cpu' and prov['numpy'] == np.__version__ and prov['torch'] == torch.__version__
+    assert 'train' in prov['command'] or prov['command']  # the command line of the process
+    assert set(prov) >= {'fsmis', 'git_commit', 'numba', 'precision'}
+
+
+def test_results_folder_records_provenance(tmp_path, monkeypatch, kernel_cache):
+    import json
+    from fsmis.config import ExperimentConfig
+    from fsmis.experiments import run_experiment
+    monkeypatch.setenv('FSMIS_CACHE', str(kernel_cache))
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig(name='x', dataset='phantom', dataset_kw=dict(n_cases=6, shape=(8, 48, 48)), folds=[0], runs=1, n_steps=1,
+                           size=32, rho=300, device='cpu', protocols=['EP2'], baselines=[], classes=['liver'])
+    run_experiment(cfg, tmp_path/'exp', progress=False)
+    prov = json.loads((tmp_path/'exp'/'provenance.json').read_text())
+    assert prov['device'] == 'cpu' and prov['numpy'] == np.__version__
+    assert (tmp_path/'exp'/'model_fold0_run0.csv').is_file()  # the run's training log beside its model file
+
+
+def _vol(path, arr, affine=np.diag([0.8, 0.8, 3., 1.])):
+    path.parent.mkdir(parents=True, exist_ok=True); nib.save(nib.Nifti1Image(arr, affine), str(path))
+
+
+def _download(root, layout):
+    "A tiny synthetic download in `layout`: two cases, 2 classes (codes 1, 2)."
+    import json
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        img = (rng.random((80, 80, 6)) * 100).astype(np.float32); lab = np.zeros((80, 80, 6), np.uint8)  # Synapse's recipe crops 32 px borders
+        lab[34:44, 34:44, 1:5] = 1; lab[45:50, 38:46, 2:4] = 2
+        if layout == 'msd':
+            _vol(root/'imagesTr'/f'case_{i:03d}.nii.gz', img); _vol(root/'labelsTr'/f'case_{i:03d}.nii.gz', lab)
+        elif layout == 'nnunet':
+            for ch in (0, 1): _vol(root/'imagesTr'/f'case_{i:03d}_{ch:04d}.nii.gz', img + 1000 * ch)
+            _vol(root/'labelsTr'/f'case_{i:03d}.nii.gz', lab)
+        else:
+            _vol(root/'Training'/'img'/f'img{i:04d}.nii.gz', img); _vol(root/'Training'/'label'/f'label{i:04d}.nii.gz', lab)
+    if layout == 'msd': (root/'dataset.json').write_text(json.dumps({'name': 'Kidney', 'modality': {'0': 'MRI'}, 'labels': {'0': 'background', '1': 'right kidney', '2': 'left kidney'}}))
+    if layout == 'nnunet': (root/'dataset.json').write_text(json.dumps({'channel_names': {'0': 'CT', '1': 'PET'}, 'labels': {'background': 0, 'kidney': 1, 'tumour': 2}, 'file_ending': '.nii.gz'}))
+    return root
+
+
+@pytest.mark.parametrize('layout, classes, modality, ids', [
+    ('msd', {1: 'right kidney', 2: 'left kidney'}, 'MR', ['case_001', 'case_002']),
+    ('nnunet', {1: 'kidney', 2: 'tumour'}, 'CT', ['case_001', 'case_002']),
+    ('synapse', None, 'CT', ['1', '2'])])
+def test_import_layouts_then_preprocess(tmp_path, layout, classes, modality, ids):
+    "Each public layout imports into image/label pairs whose manifest names the classes; `fsmis preprocess` reads the result."
+    from fsmis.cli import main
+    from fsmis.data.datasets import open_dataset, SYNAPSE_CLASSES
+    src = _download(tmp_path/'download', layout)
+    assert main(['import', layout, str(src), str(tmp_path/'imp'), '--quiet']) == 0
+    ds = open_dataset(tmp_path/'imp')
+    assert ds.case_ids == ids and ds.spec.modality == modality and ds.classes == (classes or SYNAPSE_CLASSES)
+    c = ds.load(ids[0], normalize=False)
+    assert c.image.shape == (6, 80, 80) and set(np.unique(c.label)) == {0, 1, 2}
+    if layout == 'nnunet': assert c.image.max() < 1000  # channel 0, not the PET channel
+    assert main(['preprocess', str(tmp_path/'imp'), str(tmp_path/'pre'), '--size', '32', '--quiet']) == 0
+    pre = open_dataset(tmp_path/'pre')
+    assert pre.case_ids == ids and pre.classes == ds.classes and pre.load(ids[0]).image.shape[1:] == (32, 32)
+
+
+def test_import_wrong_folder_is_one_line(tmp_path, capsys):
+    from fsmis.cli import main
+    _download(tmp_path/'syn', 'synapse'); _download(tmp_path/'msd', 'msd')
+    (tmp_path/'msd'/'labelsTr'/'case_002.nii.gz').unlink()
+    for args, culprit in [(['msd', str(tmp_path/'syn')], 'not an MSD / nnU-Net folder'), (['synapse', str(tmp_path/'msd')], 'not a Synapse / BTCV folder'),
+                          (['msd', str(tmp_path/'msd')], 'no label for case'), (['nnunet', str(tmp_path/'nope')], 'not found'),
+                          (['dicom', str(tmp_path/'syn')], 'invalid choice')]:
+        assert main(['import', *args, str(tmp_path/'out'), '--quiet']) == 2 if args[0] != 'dicom' else True
+        if args[0] == 'dicom':
+            with pytest.raises(SystemExit) as e: main(['import', *args, str(tmp_path/'out')])
+            assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert culprit in err and '\n' not in err, err
+    assert not list((tmp_path/'out').glob('*.nii.gz')) if (tmp_path/'out').exists() else True
