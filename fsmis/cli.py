@@ -178,10 +178,33 @@ def _args_preprocess(p):
     and a manifest (fsmis.data.preprocess.preprocess_folder)."""
     p.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
     p.add_argument('dst', help='output folder')
-    p.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
+    p.add_argument('--dataset', default=None, help='registered dataset (label map, modality, recipe; default: the SRC manifest written by fsmis import, else chaos_t2)')
     p.add_argument('--size', type=positive_int, default=256, help='in-plane output size')
     p.add_argument('--no-labels', action='store_true', help='images only (label files are not required)')
     p.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist')
+
+# %% ../nbs/51_cli.ipynb #a0547bf7
+def _cmd_import(a):
+    from fsmis.data.importers import import_dataset
+    src = _existing(a.src, 'source folder')
+    if not src.is_dir(): raise UserError(f"source {src}: not a folder")
+    _writable_dir(a.dst, 'DST')
+    df = import_dataset(a.layout, src, a.dst, name=a.name, channel=a.channel, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"{len(df)} cases written to {a.dst} (image_<id>/label_<id>.nii.gz, manifest.json); next: fsmis preprocess {a.dst} OUT")
+
+# %% ../nbs/51_cli.ipynb #f1d6ce9c
+@subcommand('import', _cmd_import, help='a public download (MSD, nnU-Net, Synapse/BTCV) to the layout preprocess reads', device=False)
+def _args_import(p):
+    """Copy a downloaded dataset in the Medical Segmentation Decathlon / nnU-Net layout (imagesTr/, labelsTr/,
+    dataset.json) or the Synapse/BTCV layout (img/, label/) into image_<id>/label_<id> NIfTI pairs with a manifest
+    carrying its class names (fsmis.data.importers.import_dataset)."""
+    from fsmis.data.importers import LAYOUTS
+    p.add_argument('layout', choices=LAYOUTS, help='layout of SRC')
+    p.add_argument('src', help='the downloaded folder')
+    p.add_argument('dst', help='output folder')
+    p.add_argument('--name', default=None, help="dataset name in the manifest (default: dataset.json's name, else the folder's)")
+    p.add_argument('--channel', type=nonneg_int, default=0, help='image channel of multi-channel nnU-Net cases (<case>_0000)')
+    p.add_argument('--overwrite', action='store_true', help='replace files already in DST')
 
 # %% ../nbs/51_cli.ipynb #5744f14f
 def _open_folder(folder, dataset=None, require_labels=True):
@@ -333,6 +356,7 @@ def _cmd_evaluate(a):
     for p, t in tables.items(): print(f"{a.protocol} ({p}):\n{t}")
     if a.out:
         out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        from fsmis.core import write_provenance; write_provenance(out, device=next(model.parameters()).device, precision=ck.get('precision'))
         with atomic_write(out/'results.csv', 'w') as fh: res.to_csv(fh, index=False)
         with atomic_write(out/'tables.md', 'w') as fh: fh.write('\n\n'.join(f"## {a.protocol}\n\n{t}" for t in tables.values()) + '\n')
         print(f"tables written to {out}/tables.md and {out}/results.csv")

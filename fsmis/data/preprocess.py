@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from ..core import progress_bar
 from ..core import atomic_write
 from .io import read_nifti, write_nifti
-from .datasets import get_spec, DatasetSpec, FileDataset, check_image
+from .datasets import get_spec, DatasetSpec, FileDataset, check_image, open_dataset
 
 # %% auto #0
 __all__ = ['clip_top', 'window_ct', 'clip_intensities', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad',
@@ -163,7 +163,7 @@ def preprocess_case(image: np.ndarray, # raw (z, h, w) image
 # %% ../../nbs/04_data.preprocess.ipynb #9a64c9fe
 def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files
                       dst, # output folder (created)
-                      dataset: str | DatasetSpec = 'chaos_t2', # registry name or spec: modality, label map, default spacing
+                      dataset: str | DatasetSpec | None = None, # registry name or spec: modality, label map, default spacing (None: `src`'s manifest, as `fsmis import` writes it, else 'chaos_t2')
                       target_spacing=None, # (z, h, w) mm, None entries keep an axis; default: the dataset's
                       size: int = 256, # in-plane output size
                       inplane: str | None = None, # 'crop' or 'resize' (default: the dataset's recipe, else 'crop')
@@ -173,6 +173,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
                       progress: bool = True, # show a fastprogress bar
                      ) -> pd.DataFrame:
     "Preprocess every case of a folder into the normalized layout with a manifest; returns the manifest table."
+    if dataset is None: dataset = open_dataset(src, require_labels=require_labels).spec if (Path(src)/'manifest.json').is_file() else 'chaos_t2'
     spec = get_spec(dataset) if not isinstance(dataset, DatasetSpec) else dataset
     recipe = spec.recipe  # the dataset's departures from the default recipe (`DatasetSpec.recipe`)
     inplane = inplane or recipe.get('inplane', 'crop')
