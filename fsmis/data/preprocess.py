@@ -184,6 +184,8 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
     raw = FileDataset(src, spec, require_labels=require_labels, cache=False)
     dst.mkdir(parents=True, exist_ok=True)
     codes = sorted(c for c in spec.codes if c != 0)
+    clip = spec.clip or {}  # the recipe's intensity step, as checkpoints record it for inference (`DatasetSpec.clip`)
+    clip_kw = {**({'clip_pct': clip['pct']} if 'pct' in clip else {}), **({'ct_window': tuple(clip['window'])} if 'window' in clip else {})}
     rows = []
     for cid in progress_bar(raw.case_ids, display=progress, desc='preprocess'):
         ip, lp = raw.image_path(cid), raw.label_path(cid)
@@ -203,7 +205,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
             prev, sp2, _ = read_nifti(oi)
             row.update(shape=prev.shape, spacing=sp2, min=float(prev.min()), max=float(prev.max()), skipped=True)
             rows.append(row); continue
-        pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes)
+        pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes, **clip_kw)
         write_nifti(oi, pi, paff)
         if pl is not None: write_nifti(ol, pl, paff)
         row.update(shape=pi.shape, spacing=psp, min=float(pi.min()), max=float(pi.max()), skipped=False,
