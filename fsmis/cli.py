@@ -1,4 +1,4 @@
-"""`fsmis demo | preprocess | supervoxels | train | evaluate | segment | pretrain | reproduce | ablate`: the pipeline from a shell.
+"""`fsmis demo | preprocess | import | supervoxels | train | evaluate | segment | pretrain | reproduce | ablate`: the pipeline from a shell.
 
 Docs: https://fsmis.github.io/fsmis/cli.html.md"""
 
