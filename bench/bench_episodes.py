@@ -26,7 +26,7 @@ def load(n_cases=4):
         ds = open_dataset('chaos_t2', root=root)
         ids = ds.case_ids[:n_cases]
         cases = [ds.load(c) for c in ids]
-        sv = {c: read_nifti(root / 'chaos_t2' / 'reference_supervoxels' / f'superpix-MIDDLE_{c}.nii.gz')[0].astype(np.int32) for c in ids}
+        sv = {c: read_nifti(root / 'chaos_t2' / 'reference_supervoxels' / f'superpix-MIDDLE_{c}.nii.gz', reorient=False)[0].astype(np.int32) for c in ids}
         sp = dataset_supervoxels(ds, mode='2d', case_ids=ids, progress=False)
         return 'CHAOS T2 (reference supervoxels)', cases, sv, sp
     from fsmis.data.datasets import open_dataset

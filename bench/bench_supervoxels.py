@@ -100,7 +100,7 @@ def worker(args):
     if args.worker == 'fsmis':
         from fsmis.data.io import read_nifti
         from fsmis.data.supervoxels import adjusted_rand_index
-        ref, _, _ = read_nifti(ds.image_path(args.case).parent/'reference_supervoxels'/f'superpix-MIDDLE_{args.case}.nii.gz', dtype=None)
+        ref, _, _ = read_nifti(ds.image_path(args.case).parent/'reference_supervoxels'/f'superpix-MIDDLE_{args.case}.nii.gz', dtype=None, reorient=False)
         out.update(n=int(sv.max()), n_ref=int(len(np.unique(ref)) - 1), ari=adjusted_rand_index(sv, ref))
         if args.skimage:
             t = time.perf_counter(); skimage_slices(img); out['sk'] = time.perf_counter() - t

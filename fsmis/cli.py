@@ -1,4 +1,4 @@
-"""`fsmis demo | preprocess | supervoxels | train | evaluate | segment | pretrain | reproduce | ablate`: the pipeline from a shell.
+"""`fsmis demo | preprocess | import | supervoxels | train | evaluate | segment | pretrain | reproduce | ablate`: the pipeline from a shell.
 
 Docs: https://fsmis.github.io/fsmis/cli.html.md"""
 
@@ -194,10 +194,33 @@ def _args_preprocess(p):
     and a manifest (fsmis.data.preprocess.preprocess_folder)."""
     p.add_argument('src', help='folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files')
     p.add_argument('dst', help='output folder')
-    p.add_argument('--dataset', default='chaos_t2', help='registered dataset (label map, modality, recipe)')
+    p.add_argument('--dataset', default=None, help='registered dataset (label map, modality, recipe; default: the SRC manifest written by fsmis import, else chaos_t2)')
     p.add_argument('--size', type=positive_int, default=256, help='in-plane output size')
     p.add_argument('--no-labels', action='store_true', help='images only (label files are not required)')
     p.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist')
+
+# %% ../nbs/51_cli.ipynb #a0547bf7
+def _cmd_import(a):
+    from fsmis.data.importers import import_dataset
+    src = _existing(a.src, 'source folder')
+    if not src.is_dir(): raise UserError(f"source {src}: not a folder")
+    _writable_dir(a.dst, 'DST')
+    df = import_dataset(a.layout, src, a.dst, name=a.name, channel=a.channel, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"{len(df)} cases written to {a.dst} (image_<id>/label_<id>.nii.gz, manifest.json); next: fsmis preprocess {a.dst} OUT")
+
+# %% ../nbs/51_cli.ipynb #f1d6ce9c
+@subcommand('import', _cmd_import, help='a public download (MSD, nnU-Net, Synapse/BTCV) to the layout preprocess reads', device=False)
+def _args_import(p):
+    """Copy a downloaded dataset in the Medical Segmentation Decathlon / nnU-Net layout (imagesTr/, labelsTr/,
+    dataset.json) or the Synapse/BTCV layout (img/, label/) into image_<id>/label_<id> NIfTI pairs with a manifest
+    carrying its class names (fsmis.data.importers.import_dataset)."""
+    from fsmis.data.importers import LAYOUTS
+    p.add_argument('layout', choices=LAYOUTS, help='layout of SRC')
+    p.add_argument('src', help='the downloaded folder')
+    p.add_argument('dst', help='output folder')
+    p.add_argument('--name', default=None, help="dataset name in the manifest (default: dataset.json's name, else the folder's)")
+    p.add_argument('--channel', type=nonneg_int, default=0, help='image channel of multi-channel nnU-Net cases (<case>_0000)')
+    p.add_argument('--overwrite', action='store_true', help='replace files already in DST')
 
 # %% ../nbs/51_cli.ipynb #5744f14f
 def _open_folder(folder, dataset=None, require_labels=True):
@@ -354,6 +377,7 @@ def _cmd_evaluate(a):
     for p, t in tables.items(): print(f"{a.protocol} ({p}):\n{t}")
     if a.out:
         out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        from fsmis.core import write_provenance; write_provenance(out, device=next(model.parameters()).device, precision=ck.get('precision'))
         with atomic_write(out/'results.csv', 'w') as fh: res.to_csv(fh, index=False)
         with atomic_write(out/'tables.md', 'w') as fh: fh.write('\n\n'.join(f"## {a.protocol}\n\n{t}" for t in tables.values()) + '\n')
         print(f"tables written to {out}/tables.md and {out}/results.csv")
@@ -375,32 +399,40 @@ def _args_evaluate(p):
 
 # %% ../nbs/51_cli.ipynb #46e04d37
 def _cmd_segment(a):
-    from fsmis.eval.inference import segment_files, segment_paths, bundled_model_path
-    segment_paths(a.query, a.support, a.support_mask, a.out)  # the cheap checks before the checkpoint is read
+    from fsmis.eval.inference import segment_files, segment_paths, bundled_model_path, read_class_names
+    query = a.query if len(a.query) > 1 else a.query[0]  # several queries: the model is loaded and the support encoded once
+    out = a.out or ('predictions' if len(a.query) > 1 else 'prediction.nii.gz')
+    segment_paths(query, a.support, a.support_mask, out)  # the cheap checks before the checkpoint is read
+    names = read_class_names(a.classes) if a.classes else {}  # the user's names; never the model's training classes
     ckpt = a.checkpoint if a.checkpoint is not None else bundled_model_path()  # no --checkpoint: the model shipped with fsmis
     model, ck = _load_model(ckpt, a.device, a.method, a.encoder)  # the checkpoint is read once
-    try: r = segment_files(model, a.query, a.support, a.support_mask, a.out, z=a.slice, size=a.size,  # size, normalization: the checkpoint's
-                           support_slices=a.support_slices)
+    try: rs = segment_files(model, query, a.support, a.support_mask, out, z=a.slice, size=a.size, shots=a.shots,  # size, normalization, spacing: the checkpoint's
+                            largest_component=a.largest_component, support_slices=a.support_slices)
     except ValueError as e:  # the slice rule names `slice z`; the user typed --slice
-        if a.slice is not None and f"slice {a.slice}" in str(e): raise UserError(f"--slice {a.slice}: {e}") from None
+        if a.slice is not None and any(f"slice {s}" in str(e) for s in a.slice): raise UserError(f"--slice {' '.join(map(str, a.slice))}: {e}") from None
         raise
-    names = ck.get('classes') or {}
-    counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
-    print(f"support slice {r['slice']}; wrote {a.out} ({r['shape'][0]} slices; {counts})")
+    for r in (rs if isinstance(rs, list) else [rs]):
+        counts = ', '.join(f"{names.get(c, f'class {c}')}: {n} voxels" for c, n in r['voxels'].items())
+        sl = ' '.join(map(str, r['slices']))
+        print(f"support slice{'s' if len(r['slices']) > 1 else ''} {sl}; wrote {r['out']} ({r['shape'][0]} slices; {counts})")
 
 # %% ../nbs/51_cli.ipynb #4aebcc2b
-@subcommand('segment', _cmd_segment, help='segment a query scan from a labelled support slice', quiet=False)
+@subcommand('segment', _cmd_segment, help='segment query scans from labelled support slices', quiet=False)
 def _args_segment(p):
-    """Segment QUERY (NIfTI) from one labelled slice of SUPPORT (NIfTI + mask NIfTI of class indices); writes the
-    predicted class-index volume as NIfTI with the query's geometry."""
-    p.add_argument('query', help='query image (.nii/.nii.gz)')
+    """Segment each QUERY (NIfTI) from labelled slices of SUPPORT (NIfTI + mask NIfTI of class indices); writes each
+    predicted class-index volume as NIfTI in its query's own orientation and grid. Scans are reoriented, clipped,
+    normalized and resampled to the model's pixel size as in training; the model is loaded and the support encoded once."""
+    p.add_argument('query', nargs='+', help='query image(s) (.nii/.nii.gz)')
     p.add_argument('support', help='support image (.nii/.nii.gz)')
-    p.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; only one slice is used')
+    p.add_argument('support_mask', help='support label/mask (.nii/.nii.gz), class indices; its labelled slice(s) are the shots')
     p.add_argument('--checkpoint', default=None, help='trained model (e.g. fsmis-demo/model.pth; default: the bundled ADNet, self-supervised on CHAOS T2 scans)')
-    p.add_argument('--slice', type=nonneg_int, default=None, help='support slice index (default: the middle labelled slice, as in EP2)')
-    p.add_argument('--out', default='prediction.nii.gz', help='output NIfTI')
+    p.add_argument('--slice', type=nonneg_int, nargs='+', default=None, help='support slice index(es) (default: --shots slices spread over the labelled range; 1: the middle one, as in EP2)')
+    p.add_argument('--shots', type=positive_int, default=1, help='K labelled support slices (K-shot) when --slice is not given')
+    p.add_argument('--classes', default=None, help='class names of the mask: JSON {"1": "right kidney"} or lines "1 right kidney" (default: class N)')
+    p.add_argument('--largest-component', action='store_true', help="keep only each class's largest 3D connected component")
+    p.add_argument('--out', default=None, help='output NIfTI (default prediction.nii.gz); with several queries a folder (default predictions/), each output named as its query')
     p.add_argument('--support-slices', choices=['one', 'all'], default='one', help="a 3D (adnet3d) checkpoint: 'one' labelled slice (--slice) or 'all' labelled slices, one prototype (ADNet Table 8, k)")
-    p.add_argument('--size', type=positive_int, default=None, help='slice size the model sees (default: stored in the checkpoint)')
+    p.add_argument('--size', type=positive_int, default=None, help="slice size the model sees when the checkpoint records no pixel size (default: stored in the checkpoint)")
     p.add_argument('--method', choices=METHODS, default=None, help='model kind, only for model files of fsmis < 0.3 (bare state dicts)')
     p.add_argument('--encoder', default=None, help='encoder, only for model files of fsmis < 0.3 (bare state dicts; default small)')
 

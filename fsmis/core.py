@@ -16,7 +16,7 @@ import torch
 __all__ = ['MAX_SIZE', 'MAX_VOXELS', 'MAX_CONFIG_BYTES', 'MAX_STEPS', 'MAX_WHOLE', 'Case', 'check_volume', 'set_seed',
            'default_device', 'release_memory', 'data_root', 'cache_dir', 'cache_unwritable', 'atomic_write',
            'atomic_path', 'resize_slices', 'check_size', 'quiet_imports', 'LineProgress', 'progress_bar',
-           'labelled_slices', 'support_slice', 'text_blocks', 'print_md']
+           'labelled_slices', 'support_slice', 'text_blocks', 'print_md', 'provenance', 'write_provenance']
 
 # %% ../nbs/00_core.ipynb #bea8ab89
 @dataclass
@@ -39,7 +39,7 @@ class Case:
         self.spacing = tuple(float(s) for s in self.spacing)
         if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise ValueError(f"Case {self.case_id!r}: spacing must be 3 positive numbers (z, h, w), got {self.spacing}")
-        if self.affine is None: self.affine = np.diag([self.spacing[2], self.spacing[1], self.spacing[0], 1.0])
+        if self.affine is None: self.affine = np.diag([-self.spacing[2], self.spacing[1], self.spacing[0], 1.0])  # the canonical L, A, S frame (`fsmis.data.io`)
 
     @property
     def shape(self): return self.image.shape
@@ -323,3 +323,45 @@ def print_md(*args, sep=' ') -> None:
     for t, b in text_blocks(sep.join(str(a) for a in args) + '\n'):
         if t: display(Markdown(b))
         else: print(b, end='')
+
+# %% ../nbs/00_core.ipynb #33e038ba
+import functools, shlex, subprocess
+from importlib.metadata import version as _pkg_version, PackageNotFoundError
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> tuple:
+    "(commit, dirty) of the git checkout fsmis runs from, or (None, None) when it is an installed copy."
+    import fsmis
+    src = Path(fsmis.__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(['git', *a], cwd=src, capture_output=True, text=True, timeout=10)
+        head = run('rev-parse', 'HEAD')
+        if head.returncode != 0: return None, None
+        return head.stdout.strip(), bool(run('status', '--porcelain', '--untracked-files=no').stdout.strip())
+    except (OSError, subprocess.SubprocessError): return None, None
+
+def _version(pkg):
+    try: return _pkg_version(pkg)
+    except PackageNotFoundError: return None
+
+def provenance(device=None, # the device the work ran on ('cpu', 'cuda:0', a torch.device); None: not recorded
+               precision: str | None = None, # 'fp32', 'bf16', 'fp16', ...
+              ) -> dict:
+    "Where a result comes from: versions (fsmis, torch, numpy, numba), git commit, device (with its name), precision, command line."
+    import fsmis
+    commit, dirty = _git_commit()
+    dev = None if device is None else str(device)
+    if dev is not None and dev.startswith('cuda') and torch.cuda.is_available():
+        dev += f" ({torch.cuda.get_device_name(torch.device(dev))})"
+    return {'fsmis': str(fsmis.__version__),  # plain str everywhere: torch's version is a str subclass that `weights_only` loading refuses
+            'git_commit': commit, 'git_dirty': dirty, 'torch': str(torch.__version__), 'numpy': str(np.__version__),
+            'numba': _version('numba'), 'device': dev, 'precision': precision, 'command': shlex.join(sys.argv)}
+
+def write_provenance(folder, # a results folder
+                     **kw, # `provenance`'s device, precision
+                    ) -> Path:
+    "Write `provenance.json` into a results folder (atomically); returns its path."
+    import json
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder/'provenance.json', 'w') as f: json.dump(provenance(**kw), f, indent=1)
+    return folder/'provenance.json'

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import progress_bar
-from .core import default_device, atomic_write
+from .core import default_device, atomic_write, write_provenance
 from .data.datasets import open_dataset, sort_ids
 from .data.folds import FoldSplit
 from .eval.metrics import df_markdown
@@ -156,6 +156,7 @@ def _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, r
     from fsmis.eval.protocols import evaluate
     from fsmis.learner import save_checkpoint
     say(f"[1/5] cases: {'built-in phantoms' if data is None else data}")
+    write_provenance(out, device=dev)  # versions, commit, device, command line of this results folder
     ds = demo_dataset(data, n_cases, seed)
     split = demo_split(ds.case_ids, n_queries)
     cases = {c: ds.load(c) for c in progress_bar(ds.case_ids, display=progress, desc='cases')}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
 import torch
-from .core import atomic_write
+from .core import atomic_write, write_provenance, default_device
 from .learner import save_model
 from .data.datasets import CaseStore, get_spec, open_dataset
 from .data.folds import fold_split
@@ -69,7 +69,7 @@ def run_experiment(cfg:ExperimentConfig, # the experiment
     groups = label_group_classes(cfg, ds)
     classes = {k: v for g in groups.values() for k, v in g.items()}
     out_dir = None if out_dir is None else Path(out_dir)
-    if out_dir is not None: cfg.save(out_dir/'config.yaml')
+    if out_dir is not None: cfg.save(out_dir/'config.yaml'); write_provenance(out_dir, device=default_device(cfg.device), precision=cfg.precision)  # versions, commit, device, command
     rows, runs = [], []
     stage1 = bool(cfg.pretrain_steps or cfg.pretrain_minutes) and not cfg.encoder_weights and cfg.method != 'intensity'
     staged = cfg.method != 'intensity' and bool(cfg.finetune_steps or cfg.label_groups)  # stages cached per fold, run (and group)

@@ -20,7 +20,7 @@ with quiet_imports():
     from fastai.data.core import DataLoaders
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .core import atomic_write, default_device, MAX_SIZE
+from .core import atomic_write, default_device, MAX_SIZE, provenance
 from .models.adnet import ADNet
 from .models.alpnet import ALPNet, PANet
 from .models.ppnet import PPNet
@@ -31,11 +31,12 @@ from .losses import ADNetLoss, ProtoCELoss
 
 # %% auto #0
 __all__ = ['DECAY', 'DECAY_EVERY', 'fit_iters', 'MODELS', 'PRECISIONS', 'LEARNERS', 'step_lr', 'cosine_lr', 'IterTrainer',
-           'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'read_checkpoint',
-           'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint', 'Checkpointer', 'list_checkpoints',
-           'resolve_resume', 'checkpoint_interval', 'FewShotLearner', 'build_model', 'check_meta', 'load_model',
-           'cpu_has_bf16', 'resolve_precision', 'CPUAutocast', 'register_learner', 'fewshot_learner', 'adnet_learner',
-           'alpnet_learner', 'panet_learner', 'ppnet_learner', 'canet_learner', 'senet_learner', 'adnet3d_learner']
+           'StopAfter', 'NonFiniteLoss', 'FiniteGuard', 'episode_dice', 'EpisodeLog', 'log_csv_path', 'write_log_csv',
+           'read_log_csv', 'read_checkpoint', 'model_checkpoint', 'save_model', 'save_checkpoint', 'load_checkpoint',
+           'Checkpointer', 'list_checkpoints', 'resolve_resume', 'checkpoint_interval', 'FewShotLearner', 'build_model',
+           'check_meta', 'load_model', 'cpu_has_bf16', 'resolve_precision', 'CPUAutocast', 'register_learner',
+           'fewshot_learner', 'adnet_learner', 'alpnet_learner', 'panet_learner', 'ppnet_learner', 'canet_learner',
+           'senet_learner', 'adnet3d_learner']
 
 # %% ../nbs/14_learner.ipynb #d0e5c0a1
 DECAY, DECAY_EVERY = 0.98, 1000  # the papers' step decay: lr x 0.98 every 1000 iterations (the released ADNet code: 0.95)
@@ -176,13 +177,14 @@ def episode_dice(pred, # query prediction [B,Q,C,H,W] (probabilities or logits)
 # %% ../nbs/14_learner.ipynb #e27ed232
 class EpisodeLog(Callback):
     "Per-iteration log (loss, terms, T, Dice) in `learn.iter_log` and a progress bar up to `n_steps`."
-    order = 90
+    order = 70  # before `Checkpointer` (80): a checkpoint's log includes its own step
     def __init__(self, n_steps: int, # target iteration (for the bar)
                  progress: bool = True, # show the progress bar
                  avg: int = 20, # running-mean window of the bar comment
                 ): self.n_steps, self.progress, self.avg, self.pb = n_steps, progress, avg, None
     def before_fit(self):
         if not hasattr(self.learn, 'iter_log'): self.learn.iter_log = []
+        self.learn.model.fsmis_log = (getattr(self.learn, 'log_history', []), self.learn.iter_log)  # (before a resume, this process): written beside every model file
         start = getattr(self.learn, 'iteration', 0)
         if self.progress and self.n_steps > start:
             self.start = start; self.pb = progress_bar(range(start, self.n_steps), leave=True, desc='training steps'); self.pb.update(0)
@@ -191,6 +193,7 @@ class EpisodeLog(Callback):
         m = self.model
         rec = {'iter': self.learn.iteration, 'loss': float(self.loss.detach()), **getattr(self.loss_func, 'last', {})}
         if hasattr(m, 'threshold'): rec['T'] = m.threshold
+        if self.opt is not None: rec['lr'] = float(self.opt.hypers[-1]['lr'])
         with torch.no_grad(): rec['dice'] = episode_dice(self.pred['qry'], self.yb[0])
         self.learn.iter_log.append(rec)
         if self.pb is not None:
@@ -200,6 +203,32 @@ class EpisodeLog(Callback):
             self.pb.update(self.learn.iteration - self.start)
     def after_fit(self):
         if self.pb is not None: self.pb.on_iter_end()
+
+# %% ../nbs/14_learner.ipynb #90f252ee
+def log_csv_path(path) -> Path: return Path(path).with_suffix('.csv')
+
+def write_log_csv(log, # per-step records (`learn.iter_log`), or (history read at a resume, records since) as `EpisodeLog` keeps them
+                  path, # the checkpoint file the log belongs to: written as `path` with suffix .csv
+                 ) -> Path | None:
+    "Write a training log as CSV beside its checkpoint (atomically), one row per step; None when the log is empty."
+    import pandas as pd
+    if isinstance(log, tuple): log = list({r['iter']: r for part in log for r in part}.values())  # a step logged twice: the newer record
+    if not log: return None
+    f = lambda v: float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else v
+    df = pd.DataFrame([{k: f(v) for k, v in r.items()} for r in log]).rename(columns={'iter': 'step'})
+    with atomic_write(log_csv_path(path), 'w') as fh: df.to_csv(fh, index=False)
+    return log_csv_path(path)
+
+def read_log_csv(path, # a checkpoint file (its log is `path` with suffix .csv)
+                 upto: int | None = None, # keep the steps <= this (a resumed run drops what came after its checkpoint)
+                ) -> list:
+    "The training log written beside a checkpoint, as records (empty when there is none)."
+    import pandas as pd
+    p = log_csv_path(path)
+    if not p.is_file(): return []
+    df = pd.read_csv(p).rename(columns={'step': 'iter'})
+    if upto is not None: df = df[df['iter'] <= upto]
+    return [{k: v for k, v in r.items() if v == v} for r in df.to_dict('records')]
 
 # %% ../nbs/14_learner.ipynb #f387a4e6
 def read_checkpoint(path, # checkpoint file
@@ -237,8 +266,9 @@ def model_checkpoint(model: nn.Module, # a model from `build_model` / `load_mode
     if kind is None: raise ValueError(f"{type(model).__name__}: not built by `build_model` (no model kind): cannot write a loadable model file")
     meta = getattr(model, 'fsmis_meta', {}) if meta is None else meta
     config = getattr(model, 'model_config', {}) if config is None else config
+    dev = next((t.device for t in (*model.parameters(), *model.buffers())), 'cpu')
     return {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}, 'model_kind': kind, 'model_config': dict(config),
-            **{k: v for k, v in meta.items() if k not in _NOT_META}}
+            **{k: v for k, v in meta.items() if k not in _NOT_META}, 'provenance': provenance(dev, meta.get('precision'))}
 
 def save_model(model: nn.Module, # a model from `build_model` / `load_model`
                path, # destination file (written atomically)
@@ -247,6 +277,7 @@ def save_model(model: nn.Module, # a model from `build_model` / `load_model`
     "Write a trained model (no optimiser state) in the checkpoint format: `load_model`, `fsmis segment` and `fsmis evaluate` read it."
     ck = model_checkpoint(model); ck.update(meta)
     with atomic_write(path) as f: torch.save(ck, f)
+    write_log_csv(getattr(model, 'fsmis_log', None), path)  # its training log beside it
     return Path(path)
 
 # %% ../nbs/14_learner.ipynb #9f822fd7
@@ -267,6 +298,7 @@ def save_checkpoint(learn: Learner, # learner to save
     if sc is not None: ck['scaler'] = sc.state_dict()
     if data is not None: ck['data'] = data
     with atomic_write(path) as f: torch.save(ck, f)
+    write_log_csv((getattr(learn, 'log_history', []), getattr(learn, 'iter_log', [])), path)  # the training log beside the checkpoint
     return Path(path)
 
 # %% ../nbs/14_learner.ipynb #e3b704e8
@@ -292,6 +324,7 @@ def load_checkpoint(learn: Learner, # learner built like the one that saved the 
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ValueError(f"checkpoint {path}: field 'opt' does not fit this learner's optimizer ({' '.join(str(e).split())[:120]})") from None
     learn.iteration = int(ck['iteration'])
+    learn.log_history = read_log_csv(path, learn.iteration)  # the log up to the checkpoint: the next checkpoints' logs cover the whole run
     if ck.get('schedule'):  # continue with the schedule that was running (lr, decay), not the new learner's defaults
         if getattr(learn, 'fsmis_schedule', None) not in (None, ck['schedule']):
             warnings.warn(f"{path}: resuming with the checkpoint's schedule {ck['schedule']}, not {learn.fsmis_schedule}")
@@ -314,7 +347,7 @@ class Checkpointer(Callback):
         save_checkpoint(self.learn, self.folder/f"iter_{self.learn.iteration:07d}.pth", scaler=self.scaler)
         self.saved = self.learn.iteration
         if self.keep:
-            for p in list_checkpoints(self.folder)[:-self.keep]: p.unlink()
+            for p in list_checkpoints(self.folder)[:-self.keep]: p.unlink(); log_csv_path(p).unlink(missing_ok=True)
     def after_batch(self):
         if self.training and self.learn.iteration % self.every == 0: self._save()
     def after_fit(self):  # the final state too, so the end of every run can be resumed or evaluated

@@ -198,8 +198,10 @@ def train_fold(cfg: ExperimentConfig, # the experiment (method, encoder, steps /
     set_seed(seed)  # the model starts from the weights of `initial_model(cfg, seed)`
     learn = L.LEARNERS[cfg.method](dls, encoder=cfg.encoder, lr=cfg.lr, path=ckpt_dir or '.', precision=cfg.precision, **enc_kw, **cfg.learner_kw)
     if init is not None: learn.model.load_state_dict(init)
+    from fsmis.eval.inference import seen_spacing
+    c0 = ds.load(fit_ids[0], normalize=False)  # the pixel size the network sees: what inference resamples user scans to
     learn.model.fsmis_meta.update(size=cfg.size, classes={int(k): v for k, v in ds.classes.items()}, dataset=_dataset_ref(cfg, ds),
-                                  norm=ds.norm_params(), **(meta or {}))
+                                  norm=ds.norm_params(), spacing=list(seen_spacing(c0.spacing, c0.image.shape, cfg.size or None)), **(meta or {}))
     t1 = time.perf_counter()
     L.fit_iters(learn, cfg.n_steps, minutes=cfg.minutes, ckpt_every=ckpt_every if ckpt_dir else None, ckpt_dir=ckpt_dir,
                 resume=resume, progress=progress, cbs=cbs)

@@ -244,7 +244,7 @@ def test_two_processes_gloo(tmp_path):
     # queue columns are the gathered keys in rank order: the newest 8 differ (two ranks' keys)
     assert torch.linalg.matrix_rank(s['queue_g'][:, 0:8]) > 1
     files = sorted(str(p.relative_to(tmp_path/'run')) for p in (tmp_path/'run').rglob('*'))
-    assert files == ['enc.pth', 'enc_checkpoints', 'enc_checkpoints/iter_0000002.pth', 'enc_checkpoints/iter_0000003.pth']
+    assert files == ['enc.pth', 'enc_checkpoints', 'enc_checkpoints/iter_0000002.csv', 'enc_checkpoints/iter_0000002.pth', 'enc_checkpoints/iter_0000003.csv', 'enc_checkpoints/iter_0000003.pth']  # each checkpoint with its log
     ck = read_checkpoint(tmp_path/'run'/'enc_checkpoints'/'iter_0000003.pth')
     assert all(torch.equal(ck['model'][k], s[k]) for k in s)
     assert read_encoder_meta(tmp_path/'run'/'enc.pth')['settings']['world'] == 2

@@ -199,7 +199,7 @@ def test_vssl_on_chaos_reference_supervoxels(data_root):
     ds = open_dataset('chaos_t2', root=data_root)
     ids = ds.case_ids[:4]
     cases = [ds.load(c) for c in ids]
-    sv = {c: read_nifti(data_root / 'chaos_t2' / 'reference_supervoxels' / f'superpix-MIDDLE_{c}.nii.gz')[0].astype(np.int32) for c in ids}
+    sv = {c: read_nifti(data_root / 'chaos_t2' / 'reference_supervoxels' / f'superpix-MIDDLE_{c}.nii.gz', reorient=False)[0].astype(np.int32) for c in ids}
     for c in cases: assert sv[c.case_id].shape == c.shape
     smp = VSSLSampler(cases, sv, augment=False)
     assert smp.n_candidates > 1000

@@ -39,14 +39,15 @@ def test_option_overrides_and_bad_input():
 
 
 def test_rule_on_a_file_round_trip(tmp_path):
-    "What read_nifti returns (rows = the file's second voxel axis) with its affine: the posterior band ends at the bottom."
+    "What read_nifti returns (the canonical L, A, S frame: rows posterior -> anterior) with its affine: anterior shown up."
     v = marked_volume()
-    for aff, band_on_top in [(LAS, False), (LPS, True)]:
+    for aff, band_on_top, stored_rows in [(LAS, False, slice(None)), (LPS, True, slice(None, None, -1))]:
         p = write_nifti(tmp_path/'x.nii.gz', v, aff)
         img, _, a = read_nifti(p)
         shown = VolumeViewer(img, affine=a, zoom=1).rgb(1)[:, :, 0]
         assert bool(shown[0].mean() > shown[-1].mean()) == band_on_top
-        np.testing.assert_array_equal(img, v)  # reading and viewing leave the data as stored
+        np.testing.assert_array_equal(img, v[:, stored_rows])  # an LPS file is read in the canonical row order; viewing leaves the data as read
+        assert display_flip(a) is True
 
 
 def test_viewer_flips_display_only():

@@ -62,6 +62,12 @@ class DatasetSpec:
         return 'global' if self.modality == 'CT' else 'volume'
 
     @property
+    def clip(self) -> dict | None:
+        "The recipe's intensity clip of raw scans (`fsmis.data.preprocess`): MR {'pct': 99.5} (top 0.5 %), CT {'window': [-125, 275]} HU; `recipe['clip']` overrides (None: none)."
+        if 'clip' in self.recipe: return self.recipe['clip']
+        return {'pct': 99.5} if self.modality == 'MR' else {'window': [-125.0, 275.0]}
+
+    @property
     def codes(self) -> dict:
         "Raw code -> class index, including background 0 -> 0."
         m = dict(self.label_codes) if self.label_codes is not None else {int(k): int(k) for k in self.classes}
@@ -220,10 +226,11 @@ class Dataset:
 
     def norm_params(self) -> dict:
         "This dataset's normalization as data (`normalize_volume`'s `norm`): what a checkpoint records and inference applies."
+        clip = {} if self.spec.clip is None else {'clip': self.spec.clip}  # the raw scans' recipe step (`fsmis.data.preprocess.clip_intensities`), replayed at inference
         if self.spec.norm == 'global':
             if self._norm_stats is None: self.fit_norm()
-            return {'kind': 'global', 'mean': self._norm_stats[0], 'std': self._norm_stats[1]}
-        return {'kind': 'volume'}
+            return {'kind': 'global', 'mean': self._norm_stats[0], 'std': self._norm_stats[1], **clip}
+        return {'kind': 'volume', **clip}
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         "Load-time normalization of the spec: per-volume z-score (MR) or global z-score (CT, `fit_norm`)."

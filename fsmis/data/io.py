@@ -14,7 +14,8 @@ from nibabel.filebasedimages import ImageFileError
 from ..core import atomic_path, MAX_VOXELS
 
 # %% auto #0
-__all__ = ['nifti_to_zhw', 'zhw_to_nifti', 'spacing_to_affine', 'read_nifti', 'write_nifti']
+__all__ = ['CANONICAL', 'nifti_to_zhw', 'zhw_to_nifti', 'spacing_to_affine', 'canonical_transform', 'slice_plane', 'read_nifti',
+           'write_nifti']
 
 # %% ../../nbs/01_data.io.ipynb #fd96fe28
 def nifti_to_zhw(arr: np.ndarray # array in NIfTI (x, y, z) index order
@@ -29,11 +30,13 @@ def zhw_to_nifti(arr: np.ndarray # array in memory (z, h, w) order
     return np.asarray(arr).transpose(2, 1, 0)
 
 # %% ../../nbs/01_data.io.ipynb #60d1e23d
+CANONICAL = ('L', 'A', 'S')  # axis codes of the canonical NIfTI frame: (x, y, z) = (w, h, z) point left, anterior, superior
+
 def spacing_to_affine(spacing # (z, h, w) voxel size in mm
                      ) -> np.ndarray:
-    "A plain diagonal NIfTI affine (x, y, z order) for a (z, h, w) spacing."
+    "A diagonal NIfTI affine (x, y, z order) in the canonical `L, A, S` frame for a (z, h, w) spacing."
     sz, sh, sw = (float(s) for s in spacing)
-    return np.diag([sw, sh, sz, 1.0])
+    return np.diag([-sw, sh, sz, 1.0])
 
 # %% ../../nbs/01_data.io.ipynb #5bfa5167
 _READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, IndexError)
@@ -51,11 +54,39 @@ def _claimed_size_error(path, img):
         return (f"{path}: its header claims a volume of shape {shape} ({n * item:,} bytes of {img.get_data_dtype()}), "
                 f"more than the {'compressed ' if gz else ''}file of {size:,} bytes can hold (truncated or a forged header)")
     return None
+_PLANES = {0: 'sagittal', 1: 'coronal', 2: 'axial'}  # world axis (RAS+) closest to the slice normal -> plane
+
+def _zooms(img) -> tuple:
+    "Voxel sizes (x, y, z) of a NIfTI image as their shortest float32 repr (7.7, not 7.6999998); 1 mm where invalid."
+    zooms = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])
+    return zooms if all(np.isfinite(z) and z > 0 for z in zooms) else (1.0, 1.0, 1.0)
+
+def canonical_transform(affine, # 4x4 affine of the stored (x, y, z) array
+                        zooms, # its voxel sizes (x, y, z)
+                       ) -> np.ndarray:
+    "nibabel orientation transform (3x2) from the stored axes to fsmis' canonical ones (see the rule above)."
+    keep = np.array([[0, 1], [1, 1], [2, 1]], float)
+    ornt = nib.io_orientation(np.asarray(affine, np.float64))
+    if np.isnan(ornt).any(): return keep  # a degenerate affine says nothing about orientation: as stored
+    z = np.asarray(zooms, float)
+    thick = int(np.argmax(z)) if z.max() > 1.5 * z.min() else int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    if ornt[thick, 0] == 2: return nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(CANONICAL))
+    rest = [i for i in range(3) if i != thick]  # another plane: the slicing axis last, nothing flipped
+    return np.array([[2 if i == thick else rest.index(i), 1] for i in range(3)], float)
+
+def slice_plane(affine # 4x4 affine of a volume as `read_nifti` returns it
+               ) -> str:
+    "'axial', 'coronal' or 'sagittal': the plane of the (z, h, w) volume's slices (closest world axis to their normal)."
+    a = np.asarray(affine, np.float64)
+    if a.shape != (4, 4): raise ValueError(f"affine must be 4x4, got shape {a.shape}")
+    n = np.cross(a[:3, 0], a[:3, 1])  # slice normal: in-plane axes' cross product (the z column may be sheared)
+    return _PLANES[int(np.argmax(np.abs(n)))] if np.abs(n).max() > 0 else 'axial'
 
 def read_nifti(path, # a .nii or .nii.gz file
                dtype=np.float32, # dtype of the returned array; None keeps the stored type (use for labels)
+               reorient: bool = True, # bring the array to the canonical orientation; False: as stored (files without real geometry)
               ) -> tuple:
-    "Read a 3D NIfTI file as `(array (z, h, w), spacing (z, h, w) mm, affine 4x4)`."
+    "Read a 3D NIfTI file as `(array (z, h, w), spacing (z, h, w) mm, affine 4x4)`, in the canonical orientation."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -67,11 +98,15 @@ def read_nifti(path, # a .nii or .nii.gz file
     if claimed is not None: raise ValueError(claimed)
     if arr.ndim == 4 and arr.shape[3] == 1: arr = arr[..., 0]
     if arr.ndim != 3: raise ValueError(f"{path}: expected a 3D volume, got an array of shape {arr.shape}")
-    zooms = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])  # shortest float32 repr: 7.7, not 7.6999998
-    if not all(np.isfinite(z) and z > 0 for z in zooms): zooms = (1.0, 1.0, 1.0)
+    zooms, affine = _zooms(img), np.asarray(img.affine, dtype=np.float64)
+    if reorient:
+        t = canonical_transform(affine, zooms)
+        affine = affine @ nib.orientations.inv_ornt_aff(t, arr.shape)
+        arr = nib.orientations.apply_orientation(arr, t)
+        zooms = tuple(zooms[i] for i in np.argsort(t[:, 0]))
     arr = nifti_to_zhw(arr)
     arr = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype, copy=False))
-    return arr, (zooms[2], zooms[1], zooms[0]), np.asarray(img.affine, dtype=np.float64)
+    return arr, (zooms[2], zooms[1], zooms[0]), affine
 
 # %% ../../nbs/01_data.io.ipynb #43610b1c
 def _nifti_dtype(arr):
@@ -83,24 +118,44 @@ def _nifti_dtype(arr):
         if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max: return t
     raise ValueError(f"integer values {lo}..{hi} do not fit in int32")
 
+def _like_image(path, data, like):
+    "`data` (canonical x, y, z) back in the orientation, grid and header of the NIfTI file `like`."
+    like = Path(like)
+    try: ref = nib.load(str(like))
+    except _READ_ERRORS as e: raise ValueError(f"{like}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    t = canonical_transform(ref.affine, _zooms(ref))
+    back = np.zeros_like(t); back[t[:, 0].astype(int)] = np.c_[np.arange(3), t[:, 1]]  # the inverse axis swaps and flips
+    data = nib.orientations.apply_orientation(data, back)
+    if data.shape != tuple(ref.shape[:3]): raise ValueError(f"{path}: array of shape {data.shape} (x, y, z) does not fit the grid {ref.shape[:3]} of {like}")
+    cls = type(ref) if isinstance(ref, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
+    img = cls(np.ascontiguousarray(data), ref.affine, ref.header.copy() if cls is type(ref) else None)
+    img.header.set_data_dtype(data.dtype); img.header.set_slope_inter(1, 0)
+    if ref.header.get('dim', [0])[0] == 4: img.header.set_data_shape(data.shape)
+    if cls is type(ref):  # the query's own qform and sform, codes included
+        img.set_qform(*ref.get_qform(coded=True)); img.set_sform(*ref.get_sform(coded=True))
+    return img
+
 def write_nifti(path, # destination .nii or .nii.gz
                 array, # volume in (z, h, w) order
                 affine=None, # 4x4 NIfTI affine (x, y, z order); None builds a diagonal one from `spacing`
                 spacing=None, # (z, h, w) mm, used only when `affine` is None (default 1 mm)
+                like=None, # a NIfTI file whose canonical grid `array` is on: written in that file's own orientation, grid and header
                ) -> Path:
-    "Write a (z, h, w) volume to NIfTI atomically (temporary file, then rename), inverting `read_nifti`'s transpose."
+    "Write a (z, h, w) volume to NIfTI atomically (temporary file, then rename), inverting `read_nifti`'s transpose (and, with `like`, its reorientation)."
     path = Path(path); array = np.asarray(array)
     if not (path.name.endswith('.nii') or path.name.endswith('.nii.gz')):
         raise ValueError(f"{path}: file name must end with .nii or .nii.gz")
     if array.ndim != 3: raise ValueError(f"{path}: array must be 3D (z, h, w), got shape {array.shape}")
     if np.iscomplexobj(array) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{path}: dtype {array.dtype} cannot be written as NIfTI here (real numbers or bool only)")
-    if affine is None: affine = spacing_to_affine(spacing if spacing is not None else (1., 1., 1.))
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4): raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
     data = zhw_to_nifti(array).astype(_nifti_dtype(array), copy=False)
-    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.header.set_data_dtype(data.dtype)
-    img.set_qform(affine, code=1); img.set_sform(affine, code=1)
+    if like is not None: img = _like_image(path, data, like)
+    else:
+        if affine is None: affine = spacing_to_affine(spacing if spacing is not None else (1., 1., 1.))
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4): raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
+        img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+        img.header.set_data_dtype(data.dtype)
+        img.set_qform(affine, code=1); img.set_sform(affine, code=1)
     with atomic_path(path) as tmp: nib.save(img, str(tmp))
     return path

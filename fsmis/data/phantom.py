@@ -302,7 +302,8 @@ class PhantomDataset(Dataset):
 
 PHANTOM = register_dataset(DatasetSpec('phantom', 'MR', CHAOS_CLASSES, rho=1000, target_spacing=(None, None, None),
                                        description='built-in synthetic abdominal MR-like phantom (fsmis.data.phantom)',
-                                       label_groups=ABDOMEN_GROUPS, paper_order=ABDOMEN_ORDER, opener=PhantomDataset), replace=True)
+                                       label_groups=ABDOMEN_GROUPS, paper_order=ABDOMEN_ORDER, opener=PhantomDataset,
+                                       recipe={'clip': None}), replace=True)  # made in the normalized layout: no raw intensity clip
 
 # %% ../../nbs/05_data.phantom.ipynb #33d0b999
 class ToyEpisodes(torch.utils.data.Dataset):

@@ -14,11 +14,11 @@ from scipy import ndimage as ndi
 from ..core import progress_bar
 from ..core import atomic_write, check_size, MAX_VOXELS
 from .io import read_nifti, write_nifti
-from .datasets import get_spec, DatasetSpec, FileDataset, check_image
+from .datasets import get_spec, DatasetSpec, FileDataset, check_image, open_dataset
 
 # %% auto #0
-__all__ = ['clip_top', 'window_ct', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad', 'preprocess_case',
-           'preprocess_folder']
+__all__ = ['clip_top', 'window_ct', 'clip_intensities', 'resample_geometry', 'resample_image', 'resample_label', 'crop_or_pad',
+           'preprocess_case', 'preprocess_folder']
 
 # %% ../../nbs/04_data.preprocess.ipynb #16346e2a
 def clip_top(image: np.ndarray, # MR volume
@@ -37,6 +37,16 @@ def window_ct(image: np.ndarray, # CT volume in Hounsfield units
     if not hi > lo: raise ValueError(f"window: hi ({hi}) must be greater than lo ({lo})")
     image = np.clip(np.asarray(image, np.float32), lo, hi)
     return ((image - lo) * (255.0 / (hi - lo))).astype(np.float32)
+
+# %% ../../nbs/04_data.preprocess.ipynb #0f165152
+def clip_intensities(image: np.ndarray, # raw volume
+                     clip: dict | None, # {'pct': p} (MR: `clip_top`) or {'window': [lo, hi]} (CT: `window_ct`); None: unchanged
+                    ) -> np.ndarray:
+    "The recipe's intensity step of raw scans as a checkpoint's `norm['clip']` records it."
+    if clip is None: return np.asarray(image, np.float32)
+    if isinstance(clip, dict) and set(clip) == {'pct'}: return clip_top(image, float(clip['pct']))
+    if isinstance(clip, dict) and set(clip) == {'window'}: return window_ct(image, *clip['window'])
+    raise ValueError(f"norm clip={clip!r}: expected {{'pct': p}} or {{'window': [lo, hi]}}")
 
 # %% ../../nbs/04_data.preprocess.ipynb #17494ccb
 def _target(spacing, target_spacing):
@@ -155,7 +165,7 @@ def preprocess_case(image: np.ndarray, # raw (z, h, w) image
 # %% ../../nbs/04_data.preprocess.ipynb #9a64c9fe
 def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[.gz] files
                       dst, # output folder (created)
-                      dataset: str | DatasetSpec = 'chaos_t2', # registry name or spec: modality, label map, default spacing
+                      dataset: str | DatasetSpec | None = None, # registry name or spec: modality, label map, default spacing (None: `src`'s manifest, as `fsmis import` writes it, else 'chaos_t2')
                       target_spacing=None, # (z, h, w) mm, None entries keep an axis; default: the dataset's
                       size: int = 256, # in-plane output size
                       inplane: str | None = None, # 'crop' or 'resize' (default: the dataset's recipe, else 'crop')
@@ -165,6 +175,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
                       progress: bool = True, # show a fastprogress bar
                      ) -> pd.DataFrame:
     "Preprocess every case of a folder into the normalized layout with a manifest; returns the manifest table."
+    if dataset is None: dataset = open_dataset(src, require_labels=require_labels).spec if (Path(src)/'manifest.json').is_file() else 'chaos_t2'
     spec = get_spec(dataset) if not isinstance(dataset, DatasetSpec) else dataset
     recipe = spec.recipe  # the dataset's departures from the default recipe (`DatasetSpec.recipe`)
     inplane = inplane or recipe.get('inplane', 'crop')
@@ -175,6 +186,8 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
     raw = FileDataset(src, spec, require_labels=require_labels, cache=False)
     dst.mkdir(parents=True, exist_ok=True)
     codes = sorted(c for c in spec.codes if c != 0)
+    clip = spec.clip or {}  # the recipe's intensity step, as checkpoints record it for inference (`DatasetSpec.clip`)
+    clip_kw = {**({'clip_pct': clip['pct']} if 'pct' in clip else {}), **({'ct_window': tuple(clip['window'])} if 'window' in clip else {})}
     rows = []
     for cid in progress_bar(raw.case_ids, display=progress, desc='preprocess'):
         ip, lp = raw.image_path(cid), raw.label_path(cid)
@@ -194,7 +207,7 @@ def preprocess_folder(src, # folder of raw image_<id>.nii[.gz] / label_<id>.nii[
             prev, sp2, _ = read_nifti(oi)
             row.update(shape=prev.shape, spacing=sp2, min=float(prev.min()), max=float(prev.max()), skipped=True)
             rows.append(row); continue
-        try: pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes)
+        try: pi, pl, psp, paff = preprocess_case(img, lab, spacing, affine, spec.modality, target_spacing, size, inplane, border_crop, codes, **clip_kw)
         except ValueError as e: raise ValueError(f"{ip}: {e}") from None  # the file that could not be preprocessed
         write_nifti(oi, pi, paff)
         if pl is not None: write_nifti(ol, pl, paff)

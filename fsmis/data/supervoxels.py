@@ -343,7 +343,7 @@ def reference_agreement(ds, # a file dataset whose folder has reference_supervox
     rows = []
     for cid, sv in svs.items():
         p = Path(ds.image_path(cid)).parent/'reference_supervoxels'/f'superpix-MIDDLE_{cid}.nii.gz'
-        ref, _, _ = read_nifti(p, dtype=None)
+        ref, _, _ = read_nifti(p, dtype=None, reorient=False)  # placeholder geometry (no spacing): the image's voxel grid as stored
         rows.append({'case': cid, 'n_ours': int(len(np.unique(sv)) - 1), 'n_ref': int(len(np.unique(ref)) - (ref == 0).any()),
                      'ari': adjusted_rand_index(sv, ref), 'slices': sv.shape[0]})
     return pd.DataFrame(rows)

@@ -13,14 +13,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ..core import resize_slices, support_slice, labelled_slices
-from ..data.io import read_nifti, write_nifti
-from ..data.datasets import check_image, normalize_volume
+from ..data.io import read_nifti, write_nifti, slice_plane
+from ..data.datasets import check_image, normalize_volume, DATASETS
+from ..data.preprocess import resample_image, resample_label, clip_intensities
 
 # %% auto #0
 __all__ = ['MAX_CLASSES', 'BUNDLED_MODEL', 'model_device', 'encode_volume', 'eval_mode', 'threshold_override', 'segment_with',
-           'learned_threshold', 'Task', 'predict_tasks', 'fg_margin', 'fg_of', 'labels_from_margins', 'segment_volume',
-           'is_volumetric', 'require_dims', 'window_starts', 'encode_volume3d', 'predict_tasks3d', 'segment_volume3d',
-           'check_support_mask', 'segment_paths', 'segment_files', 'bundled_model_path']
+           'learned_threshold', 'Task', 'predict_tasks', 'fg_margin', 'fg_of', 'largest_components',
+           'labels_from_margins', 'segment_volume', 'is_volumetric', 'require_dims', 'window_starts', 'encode_volume3d',
+           'predict_tasks3d', 'segment_volume3d', 'check_support_mask', 'read_class_names', 'segment_paths',
+           'pick_support_slices', 'checkpoint_norm', 'seen_spacing', 'model_spacing', 'segment_files',
+           'bundled_model_path']
 
 # %% ../../nbs/22_eval.inference.ipynb #5cb6fc79
 def model_device(model:nn.Module) -> torch.device:
@@ -155,6 +158,18 @@ def fg_of(probs:torch.Tensor, # [N, 2, H, W] (or [N, 1+n, H, W]) probabilities, 
     return (fg_margin(probs) > 0).to(torch.uint8)
 
 
+# %% ../../nbs/22_eval.inference.ipynb #a098b315
+def largest_components(labels: np.ndarray, # label volume (z, h, w) of class indices
+                      ) -> np.ndarray:
+    "The label volume with every class reduced to its largest 3D connected component (26-connected, `scipy.ndimage.label`)."
+    from scipy import ndimage as ndi
+    labels = np.asarray(labels); out = np.zeros_like(labels)
+    for c in np.unique(labels):
+        if c == 0: continue
+        cc, n = ndi.label(labels == c, structure=np.ones((3, 3, 3), bool))
+        out[cc == (np.bincount(cc.ravel())[1:].argmax() + 1)] = c
+    return out
+
 # %% ../../nbs/22_eval.inference.ipynb #d2cfe7c9
 def labels_from_margins(margins: dict, # {class index: float (Z, H, W) foreground margin} from `predict_tasks(scores=True)`
                        ) -> np.ndarray:
@@ -171,6 +186,9 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
                    classes=None, # class indices to segment (default: all non-zero in `sup_labels`)
                    batch_size:int=16, # slices per forward pass
                    size=None, # slice size the model expects (e.g. its training size); output stays in the query's size
+                   out_size=None, # (H, W) of the returned label slices (default: the query's); predictions are upsampled by the model's `segment`
+                   largest_component: bool = False, # keep only each class's largest 3D connected component (`largest_components`)
+                   sup_cache: dict | None = None, # {support slice index: features}, filled and reused across queries (same support, same `size`)
                   ) -> np.ndarray:
     "Label volume (z, h, w) of the query, segmented slice by slice from labelled support slice(s): `predict_tasks` + `labels_from_margins`."
     image = check_image(image, 'query image', allow_constant=True)
@@ -189,8 +207,9 @@ def segment_volume(model:nn.Module, # few-shot model with the inference API
         tasks.append(Task(c, shots, np.arange(len(image))))
     with eval_mode(model):
         qf = encode_volume(model, image, batch_size=batch_size, size=size)
-        margins = predict_tasks(model, qf, image.shape[1:], si, sl, tasks, batch_size, size=size, scores=True)
-    return labels_from_margins(margins)
+        margins = predict_tasks(model, qf, tuple(out_size or image.shape[1:]), si, sl, tasks, batch_size, sup_cache, size=size, scores=True)
+    lab = labels_from_margins(margins)
+    return largest_components(lab) if largest_component else lab
 
 
 # %% ../../nbs/22_eval.inference.ipynb #91cec164
@@ -327,61 +346,192 @@ def check_support_mask(mask, # support mask volume as read
     if n > MAX_CLASSES or m.max() > 10_000: raise ValueError(f"{source}: {n} classes up to {m.max()}: is it an image rather than a label map?")
     return m
 
+# %% ../../nbs/22_eval.inference.ipynb #92626432
+def read_class_names(path, # a JSON object {"1": "right kidney", ...} or a text file of lines `1 right kidney` (also `1: ...`, `1,...`, `1=...`; # comments)
+                    ) -> dict:
+    "{class index: name} from a `--classes` file: the names of the user's mask classes (never the model's training classes)."
+    import json, re
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"classes file not found: {path}")
+    text = path.read_text(errors='replace')
+    try: raw = json.loads(text) if text.lstrip().startswith('{') else None
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if raw is None:
+        raw = {}
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith('#'): continue
+            m = re.fullmatch(r'\s*(\d+)\s*[:,=\s]\s*(.*?)\s*', line)
+            if not m or not m.group(2): raise ValueError(f"{path}, line {i}: expected `INDEX NAME`, got {line.strip()!r}")
+            raw[m.group(1)] = m.group(2)
+    out = {}
+    for k, v in raw.items():
+        if not re.fullmatch(r'\d+', str(k).strip()) or int(k) == 0: raise ValueError(f"{path}: class index {k!r} is not a whole number >= 1")
+        out[int(k)] = str(v)
+    if not out: raise ValueError(f"{path}: no class names in it")
+    return out
+
 # %% ../../nbs/22_eval.inference.ipynb #5ffb8399
 def _same_file(a, b) -> bool:
     a, b = Path(a), Path(b)
     try: return a.exists() and b.exists() and a.samefile(b)
     except OSError: return False
 
-def segment_paths(query, support, support_mask, out) -> tuple:
-    "({'query': .., 'support': .., 'support mask': ..}, out) as Paths, checked before any work: inputs exist, `out` is a new NIfTI path."
-    paths = {'query': Path(query), 'support': Path(support), 'support mask': Path(support_mask)}
-    for what, p in paths.items():
+def _nifti_name(p: Path) -> bool: return p.name.endswith('.nii') or p.name.endswith('.nii.gz')
+
+def segment_paths(query, # one query file, or a list of them
+                  support, support_mask, # the support scan and its mask
+                  out, # output file for one query; for a list: a folder (each output named as its query) or a list of files
+                 ) -> tuple:
+    "({'query': .., 'support': .., 'support mask': ..}, out) as Paths (lists for many queries), checked before any work."
+    many = not isinstance(query, (str, Path))
+    queries = [Path(q) for q in (query if many else [query])]
+    if not queries: raise ValueError("no query file given")
+    inputs = [('query', q) for q in queries] + [('support', Path(support)), ('support mask', Path(support_mask))]
+    for what, p in inputs:
         if not p.is_file(): raise FileNotFoundError(f"{what} not found: {p}")
-    out = Path(out)
-    if not (out.name.endswith('.nii') or out.name.endswith('.nii.gz')): raise ValueError(f"--out must end with .nii or .nii.gz, got {out}")
-    for what, p in paths.items():
-        if _same_file(out, p): raise ValueError(f"--out {out} is the {what} file: refusing to overwrite an input")
-    if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder, not a file")
-    return paths, out
+    if many and isinstance(out, (str, Path)):
+        folder = Path(out)
+        if _nifti_name(folder): raise ValueError(f"--out {folder}: with several queries, --out is a folder (each output named as its query)")
+        if folder.exists() and not folder.is_dir(): raise NotADirectoryError(f"--out {folder}: exists and is not a folder")
+        outs = [folder/q.name for q in queries]
+    else: outs = [Path(o) for o in (out if many else [out])]
+    if len(outs) != len(queries): raise ValueError(f"{len(queries)} queries but {len(outs)} output paths")
+    if len({str(o) for o in outs}) != len(outs): raise ValueError(f"two queries would be written to the same file: give them distinct names ({[q.name for q in queries]})")
+    for o in outs:
+        if not _nifti_name(o): raise ValueError(f"--out must end with .nii or .nii.gz, got {o}")
+        for what, p in inputs:
+            if _same_file(o, p): raise ValueError(f"--out {o} is the {what} file: refusing to overwrite an input")
+        if o.is_dir(): raise IsADirectoryError(f"--out {o} is a folder, not a file")
+    paths = {'query': queries if many else queries[0], 'support': Path(support), 'support mask': Path(support_mask)}
+    return paths, outs if many else outs[0]
 
 # %% ../../nbs/22_eval.inference.ipynb #32729bb4
-def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_model(checkpoint)`)
-                  query, # query scan (.nii/.nii.gz)
-                  support, # support scan (.nii/.nii.gz)
-                  support_mask, # support mask of class indices (.nii/.nii.gz); one slice is used
-                  out, # output label volume (.nii/.nii.gz), written atomically with the query's geometry
-                  z: int | None = None, # support slice (None: `support_slice`'s rule)
-                  size: int | None = None, # slice size the model sees (None: the model's training size, from its checkpoint)
-                  norm: dict | None = None, # intensity normalization (`normalize_volume`; None: the one its checkpoint records)
-                  support_slices: str = 'one', # a 3D model: 'one' (slice z, k = one) or 'all' (every labelled slice, k = all); a 2D model: 'one' only
-                 ) -> dict:
-    "`fsmis segment`: check the files, normalize as in training, bring the support slice to the query's size, segment, write."
-    meta = getattr(model, 'fsmis_meta', None) or {}  # what `fsmis.learner.load_model` read from the checkpoint
-    size = meta.get('size') if size is None else size
-    norm = meta.get('norm') if norm is None else norm
-    paths, out = segment_paths(query, support, support_mask, out)
-    q, _, q_aff = read_nifti(paths['query']); s, _, _ = read_nifti(paths['support'])
+def pick_support_slices(mask, # support mask volume (z, h, w) of class indices
+                   z=None, # chosen slice(s): an int or a list (each must be labelled); None: the rule
+                   shots: int = 1, # K: labelled slices spread evenly over the labelled range (1: the middle one, `support_slice`)
+                   source='support mask', # name for error messages
+                  ) -> list:
+    "The support slices (K-shot): the chosen ones, checked, else `shots` labelled slices spread evenly (K = 1: `support_slice`'s rule)."
+    if z is not None: return sorted({support_slice(mask, int(v), source) for v in np.atleast_1d(z)})
+    if int(shots) < 1: raise ValueError(f"shots must be >= 1, got {shots}")
+    if shots == 1: return [support_slice(mask, None, source)]
+    lab = labelled_slices(np.asarray(mask))
+    if shots > len(lab): raise ValueError(f"{source}: {shots} shots asked, but only {len(lab)} slices are labelled")
+    return [int(lab[int((i + 0.5) * len(lab) / shots)]) for i in range(int(shots))]
+
+def checkpoint_norm(meta: dict # a checkpoint's metadata (`model.fsmis_meta`)
+                   ) -> dict:
+    "The normalization a model was trained with, the recipe's raw-scan clip included; a checkpoint that predates the record gets its registered dataset's clip (else none)."
+    norm = dict(meta.get('norm') or {'kind': 'volume'})
+    if 'clip' not in norm:
+        spec = DATASETS.get(str(meta.get('dataset')))
+        norm['clip'] = None if spec is None else spec.clip
+    return norm
+
+def _normalize_raw(image, norm, source):
+    "A user's raw scan normalized as the training data was: the recipe's clip (`clip_intensities`), then the z-score."
+    return normalize_volume(clip_intensities(check_image(image, source), norm.get('clip')), norm)
+
+def seen_spacing(spacing, # (.., h, w) spacing of the stored slices, mm
+                 shape, # (.., H, W) their shape
+                 size=None, # the size they are resized to for the network (`resize_slices`); None: as stored
+                ) -> tuple:
+    "In-plane pixel size (h, w) mm of the slices as the network sees them: the stored spacing, scaled by the resize to `size`."
+    (sh, sw), (H, W) = [float(s) for s in spacing[-2:]], shape[-2:]
+    if size is None: return (sh, sw)
+    th, tw = (size, size) if np.isscalar(size) else size
+    return (sh * H / th, sw * W / tw)
+
+def model_spacing(meta: dict # a checkpoint's metadata (`model.fsmis_meta`)
+                 ) -> tuple | None:
+    "In-plane pixel size (h, w) mm the model was trained at: recorded (`spacing`), else its registered dataset's target x 256 / `size` (the default crop); None: unknown."
+    if meta.get('spacing') is not None: return tuple(float(s) for s in meta['spacing'])
+    spec = DATASETS.get(str(meta.get('dataset')))
+    if spec is None or spec.target_spacing is None or None in tuple(spec.target_spacing)[1:]: return None
+    return seen_spacing(spec.target_spacing, (256, 256), meta.get('size'))
+
+def _fit(img, lab, shape):
+    "Support slices (K, H, W) centre-cropped or padded to `shape` (h, w), the crop window centred on the labels."
+    for ax, n in ((1, shape[0]), (2, shape[1])):
+        N = img.shape[ax]
+        if N > n:
+            on = np.flatnonzero(lab.any(axis=tuple(a for a in (0, 1, 2) if a != ax)))
+            c = (on[0] + on[-1]) // 2 if len(on) else N // 2
+            s = int(np.clip(c - n // 2, 0, N - n))
+            img, lab = img.take(range(s, s + n), ax), lab.take(range(s, s + n), ax)
+        elif N < n:
+            pad = [(0, 0)] * 3; pad[ax] = ((n - N) // 2, n - N - (n - N) // 2)
+            img, lab = np.pad(img, pad, constant_values=float(img.min())), np.pad(lab, pad)
+    return img, lab
+
+# %% ../../nbs/22_eval.inference.ipynb #44beebb0
+def _read_support(paths, z, shots, norm, spacing):
+    "The support as the model sees it: (slices (K, h, w) normalized and at `spacing`, their labels, slice indices, plane)."
+    s, s_sp, s_aff = read_nifti(paths['support'])
     m = check_support_mask(read_nifti(paths['support mask'], dtype=None)[0], paths['support mask'])
     if m.shape != s.shape: raise ValueError(f"support mask shape {m.shape} (z,h,w) != support image shape {s.shape}")
-    z = support_slice(m, z, paths['support mask'])
-    qn, sn = normalize_volume(check_image(q, paths['query']), norm), normalize_volume(check_image(s, paths['support']), norm)
+    zs = pick_support_slices(m, z, shots, paths['support mask'])
+    si, sl = _normalize_raw(s, norm, paths['support'])[zs], m[zs]
+    if spacing is not None: si, sl = resample_image(si, s_sp, (None, *spacing))[0], resample_label(sl, s_sp, (None, *spacing))[0]
+    if not sl.any(): raise ValueError(f"{paths['support mask']}: slice(s) {zs} hold no label left after resampling to {spacing} mm")
+    return si, sl.astype(np.int64), zs, slice_plane(s_aff)
+
+def segment_files(model: nn.Module, # few-shot model (e.g. `fsmis.learner.load_model(checkpoint)`)
+                  query, # query scan (.nii/.nii.gz), or a list of them (the support is encoded once)
+                  support, # support scan (.nii/.nii.gz)
+                  support_mask, # support mask of class indices (.nii/.nii.gz), on the support's grid
+                  out, # output label volume (.nii/.nii.gz) in the query's own layout; many queries: a folder or a list
+                  z=None, # support slice(s): an int or a list (None: `shots` slices by `pick_support_slices`' rule)
+                  size: int | None = None, # slice size the model sees when its spacing is unknown (None: the checkpoint's)
+                  norm: dict | None = None, # intensity normalization (`normalize_volume`; None: `checkpoint_norm`)
+                  shots: int = 1, # K labelled support slices when `z` is None
+                  spacing=None, # in-plane (h, w) mm to segment at (None: `model_spacing`, the model's training pixel size)
+                  largest_component: bool = False, # keep each class's largest connected component
+                  support_slices: str = 'one', # a 3D model: 'one' (the support slice, k = one) or 'all' (every labelled slice, k = all); a 2D model: 'one' only
+                 ) -> dict | list:
+    "`fsmis segment`: check the files, bring the scans to the model's orientation, intensities and spacing, segment, write; a dict per query."
+    meta = getattr(model, 'fsmis_meta', None) or {}  # what `fsmis.learner.load_model` read from the checkpoint
+    norm = checkpoint_norm(meta) if norm is None else norm
+    spacing = model_spacing(meta) if spacing is None else tuple(float(s) for s in spacing)
+    size = None if spacing is not None else meta.get('size') if size is None else size  # at the model's spacing the slices are not resized
+    paths, outs = segment_paths(query, support, support_mask, out)
+    many = isinstance(outs, list)
     if support_slices not in ('one', 'all'): raise ValueError(f"support_slices must be 'one' or 'all', got {support_slices!r}")
     if support_slices == 'all': require_dims(model, True, "support_slices='all' (k = all: every labelled support slice, one prototype)")
-    if is_volumetric(model):  # the support volume at the query's in-plane size, segmented in one step (ADNet Section 5.4)
-        sv = resize_slices(torch.as_tensor(sn)[:, None], qn.shape[1:])[:, 0].numpy()
-        mv = resize_slices(torch.as_tensor(m, dtype=torch.float32)[:, None], qn.shape[1:], mask=True)[:, 0].numpy().astype(np.int64)
-        if not mv[z].any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")
-        pred = segment_volume3d(model, qn, sv, mv, classes=[int(c) for c in np.unique(mv[z]) if c], support_slices=support_slices,
-                                z=z if support_slices == 'one' else None, size=size)
-        write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
-        return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(mv[z]) if c})
-    si = torch.as_tensor(sn[z])[None, None]; sm = torch.as_tensor(m[z], dtype=torch.float32)[None, None]
-    si, sm = resize_slices(si, qn.shape[1:])[0, 0].numpy(), resize_slices(sm, qn.shape[1:], mask=True)[0, 0].numpy().astype(np.int64)
-    if not sm.any(): raise ValueError(f"{paths['support mask']}: slice {z} holds no label left after resizing it to the query's {qn.shape[1:]}")
-    pred = segment_volume(model, qn, si, sm, size=size)
-    write_nifti(out, pred.astype(np.int16 if pred.max() > 255 else np.uint8), q_aff)
-    return dict(slice=z, out=out, shape=pred.shape, voxels={int(c): int((pred == c).sum()) for c in np.unique(sm) if c})
+    vol = is_volumetric(model)  # a 3D model segments the query in one step, at the query's grid (ADNet Section 5.4)
+    si, sl, zs, plane = _read_support(paths, z, shots, norm, None if vol else spacing)
+    if vol: sv, mv = _normalize_raw(read_nifti(paths['support'])[0], norm, paths['support']), read_nifti(paths['support mask'], dtype=None)[0]
+    cache, res = {}, []
+    for qp, op in zip(*((paths['query'], outs) if many else ([paths['query']], [outs]))):
+        q, q_sp, q_aff = read_nifti(qp)  # the canonical orientation
+        if slice_plane(q_aff) != plane:
+            raise ValueError(f"{qp}: {slice_plane(q_aff)} slices, but the support {paths['support']} has {plane} ones: "
+                             "give a support acquired in the query's plane (thick-slice series are not resliced)")
+        qn = _normalize_raw(q, norm, qp)
+        if vol:
+            s3 = resize_slices(torch.as_tensor(sv)[:, None], qn.shape[1:])[:, 0].numpy()
+            m3 = resize_slices(torch.as_tensor(mv, dtype=torch.float32)[:, None], qn.shape[1:], mask=True)[:, 0].numpy().astype(np.int64)
+            z0 = zs[len(zs) // 2]
+            if not m3[z0].any(): raise ValueError(f"{paths['support mask']}: slice {z0} holds no label left after resizing it to the query's {qn.shape[1:]}")
+            pred = segment_volume3d(model, qn, s3, m3, classes=[int(c) for c in np.unique(m3[z0]) if c], support_slices=support_slices,
+                                    z=z0 if support_slices == 'one' else None, size=meta.get('size'))
+            write_nifti(op, pred.astype(np.int16 if pred.max() > 255 else np.uint8), like=qp)
+            res.append(dict(slice=z0, slices=[z0] if support_slices == 'one' else [int(s) for s in labelled_slices(m3)], out=op, shape=pred.shape,
+                            spacing=None, voxels={int(c): int((pred == c).sum()) for c in np.unique(m3[z0]) if c}))
+            continue
+        if spacing is not None: qs, (ss, ls) = resample_image(qn, q_sp, (None, *spacing))[0], (si, sl)
+        else:  # the model's spacing is unknown: the support slices resized to the query's slice size
+            qs, key = qn, qn.shape[1:]
+            ss = resize_slices(torch.as_tensor(si)[:, None], key)[:, 0].numpy()
+            ls = resize_slices(torch.as_tensor(sl, dtype=torch.float32)[:, None], key, mask=True)[:, 0].numpy().astype(np.int64)
+        if ss.shape[1:] != qs.shape[1:]: ss, ls = _fit(ss, ls, qs.shape[1:])
+        if not ls.any(): raise ValueError(f"{paths['support mask']}: slice(s) {zs} hold no label left on the query's {qs.shape[1:]} grid")
+        pred = segment_volume(model, qs, ss, ls, size=size, out_size=q.shape[1:], largest_component=largest_component,
+                              sup_cache=cache.setdefault((ss.shape, ls.tobytes().__hash__()), {}))
+        write_nifti(op, pred.astype(np.int16 if pred.max() > 255 else np.uint8), like=qp)  # the query's own orientation, grid and header
+        res.append(dict(slice=zs[0], slices=zs, out=op, shape=pred.shape, spacing=spacing,
+                        voxels={int(c): int((pred == c).sum()) for c in np.unique(sl) if c}))
+    return res if many else res[0]
 
 # %% ../../nbs/22_eval.inference.ipynb #1d2165aa
 BUNDLED_MODEL = 'adnet_chaos_t2_small.pth'  # file name of the shipped model in fsmis/weights/
