@@ -156,8 +156,7 @@ def _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, r
     from fsmis.eval.protocols import evaluate
     from fsmis.learner import save_checkpoint
     say(f"[1/5] cases: {'built-in phantoms' if data is None else data}")
-    write_provenance(out, device=dev)  # versions, commit, device, command line of this results folder
-    ds = demo_dataset(data, n_cases, seed)
+    ds = demo_dataset(data, n_cases, seed)  # bad options fail here, before the results folder exists
     split = demo_split(ds.case_ids, n_queries)
     cases = {c: ds.load(c) for c in progress_bar(ds.case_ids, display=progress, desc='cases')}
     classes = dict(ds.classes)
@@ -176,6 +175,7 @@ def _run(out, data, n_steps, dev, seed, n_cases, n_queries, size, lr, encoder, r
     table = dice_table(rows, list(classes.values()))
     say("[5/5] writing results to " + str(out))
     out.mkdir(parents=True, exist_ok=True)
+    write_provenance(out, device=dev)  # versions, commit, device, command line of this results folder
     files = _files(out)
     with atomic_write(files['table_csv'], 'w') as f: table.round(2).to_csv(f, index_label='model')
     md = table_markdown(table)
