@@ -306,15 +306,21 @@ def support_slice(mask, # support mask volume (z, h, w) of class indices
     return z
 
 # %% ../nbs/00_core.ipynb #pm000002
-import sys
+import re, sys
+_re_delim = re.compile(r'^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$')  # a table's |---|:---:| line
+
 def text_blocks(text: str) -> list:
-    "[(is_table, block)]: `text` cut into runs of Markdown pipe-table lines and the plain text between them."
-    out = []
-    for line in text.splitlines(keepends=True):
-        t = line.lstrip().startswith('|')
-        if out and out[-1][0] == t: out[-1][1] += line
-        else: out.append([t, line])
-    return [(t, b) for t, b in out]
+    "[(is_table, block)]: `text` cut into Markdown pipe tables (a `| header |` line, a `|---|` line, the `|` lines after) and the text between them."
+    lines, res, buf, i = text.splitlines(keepends=True), [], [], 0
+    while i < len(lines):
+        if i + 1 < len(lines) and lines[i].lstrip().startswith('|') and _re_delim.match(lines[i + 1].rstrip('\n')):
+            j = i + 2
+            while j < len(lines) and lines[j].lstrip().startswith('|'): j += 1
+            if buf: res.append((False, ''.join(buf))); buf = []
+            res.append((True, ''.join(lines[i:j]))); i = j
+        else: buf.append(lines[i]); i += 1
+    if buf: res.append((False, ''.join(buf)))
+    return res
 
 def print_md(*args, sep=' ') -> None:
     "`print`, except that in a notebook the Markdown tables of the text are displayed as Markdown (tables, not raw pipes, in the docs)."

@@ -312,22 +312,7 @@ class Stager:
             res.append('```{toctree}\n' + opts + '\n' + '\n'.join(names) + '\n```')
         return '\n\n'.join(res)
 
-_re_delim = re.compile(r'^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$')
-
-def table_blocks(text: str) -> list[tuple[bool, str]]:
-    "`text` split into (is a pipe table, part): a table is a `| header |` line, a `|---|` line and the `|` lines after."
-    lines, res, buf, i = text.splitlines(keepends=True), [], [], 0
-    while i < len(lines):
-        if (i + 1 < len(lines) and lines[i].lstrip().startswith('|') and '|' in lines[i + 1]
-                and _re_delim.match(lines[i + 1].rstrip('\n'))):
-            j = i + 2
-            while j < len(lines) and lines[j].lstrip().startswith('|'): j += 1
-            if buf: res.append((False, ''.join(buf))); buf = []
-            res.append((True, ''.join(lines[i:j])))
-            i = j
-        else: buf.append(lines[i]); i += 1
-    if buf: res.append((False, ''.join(buf)))
-    return res
+from fsmis.core import text_blocks as table_blocks  # one rule for what a printed table is: `print_md` and the builder agree
 
 def tables_to_markdown(outputs: list) -> list:
     """Printed pipe tables (fsmis prints its results as markdown tables) become markdown outputs, so the page shows
