@@ -38,9 +38,8 @@ def main():
             print(f"{name:8s} resident {before:5.2f} -> {rss_gb():5.2f} GB, peak so far {peak[0]:5.2f} GB", flush=True)
             return r
         return g
-    for mod in (T, E):  # wherever the experiment looks the stages up
-        if hasattr(mod, 'train_stage'): mod.train_stage = watch('stage', T.train_stage) if mod is T else T.train_stage
-        if hasattr(mod, 'stage1_weights'): mod.stage1_weights = watch('stage 1', T.stage1_weights) if mod is T else T.stage1_weights
+    T.train_stage = watch('stage', T.train_stage)  # `train_stages` calls it from fsmis.train
+    E.stage1_weights = watch('stage 1', E.stage1_weights)  # `run_experiment` imported this one by name
     size = a.cases * a.slices * 256 * 256 * 4 / 1e9
     cfg = dataclasses.replace(reproduce_config('densemp-chaos-setting2'), dataset='phantom',
                               dataset_kw={'n_cases': a.cases, 'shape': (a.slices, 256, 256)}, folds=[0], n_steps=4, minutes=None,
@@ -48,8 +47,7 @@ def main():
     start = rss_gb()
     print(f"torch {torch.__version__}; phantom {a.cases} x {a.slices} x 256 x 256 = {size:.2f} GB as float32; resident at start {start:.2f} GB")
     t0 = time.time()
-    run_experiment = E.run_experiment
-    run_experiment(cfg, out_dir=a.out or tempfile.mkdtemp(), progress=False)
+    E.run_experiment(cfg, out_dir=a.out or tempfile.mkdtemp(), progress=False)
     print(f"{time.time() - t0:.0f} s; peak {peak[0]:.2f} GB = start + {(peak[0] - start) / size:.1f} x the dataset; "
           f"at the end start + {(rss_gb() - start) / size:.1f} x")
 

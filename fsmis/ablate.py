@@ -91,12 +91,11 @@ _DENSEMP_ROWS = {'SSL-ALPNet': {**_NO_STAGE1, 'finetune_steps': 0},  # stage 2 a
 _ADNET_MAIN_ROWS = {'ADNet': {},  # vSSL-ADNet, the paper's model (first: the folders of finished cells keep their numbers)
                     'pSSL-PANet': {'method': 'panet', 'pseudo_labels': 'superpixels'}, 'pSSL-ALPNet': {'method': 'alpnet', 'pseudo_labels': 'superpixels'},
                     'vSSL-PPNet': {'method': 'ppnet'}, 'vSSL-CANet': {'method': 'canet'}}
-_ADNET_ROW = {'pSSL-PANet': 'pSSL-PANet', 'pSSL-ALPNet': 'pSSL-ALPNet', 'vSSL-PPNet': 'vSSL-PPNet', 'vSSL-CANet': 'vSSL-CANet', 'vSSL-ADNet': 'ADNet'}
-def _rows(text):  # ADNet Tables 1-2 as printed: method, then 'mean ± std' per column
+def _rows(text):  # ADNet Tables 1-2 as printed: method, then 'mean ± std' per column; the paper's vSSL-ADNet is our row 'ADNet'
     out = {}
     for line in text.strip().splitlines():
-        name, *nums = line.split(); vals = [f'{nums[i]} ± {nums[i + 2]}' for i in range(0, len(nums), 3)]
-        out[_ADNET_ROW[name]] = vals
+        name, *nums = line.split()
+        out[{'vSSL-ADNet': 'ADNet'}.get(name, name)] = [f'{nums[i]} ± {nums[i + 2]}' for i in range(0, len(nums), 3)]
     return out
 _ADNET_T1_CMR = _rows('''pSSL-PANet 80.20 ± 4.39 45.67 ± 2.58 66.95 ± 4.65 64.27 ± 14.23
 pSSL-ALPNet 87.54 ± 1.63 60.19 ± 4.55 76.08 ± 4.72 74.60 ± 11.21

@@ -12,19 +12,7 @@ from fsmis.learner import read_checkpoint, load_model, save_model, build_model
 PATCH = [6, 40, 40]
 
 
-def run_main(capsys, *args):
-    "main(args) in-process -> (exit code, stdout, stderr)."
-    try: code = main([str(a) for a in args])
-    except SystemExit as x: code = x.code
-    o = capsys.readouterr()
-    return code, o.out, o.err
-
-
-def one_line_error(err, cmd):
-    lines = [l for l in err.strip().splitlines() if l.strip() and 'Warning' not in l and 'warnings.warn' not in l]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f'fsmis {cmd}: error:'), err
-    return lines[0]
+from test_cli import run_main, one_line_error  # the command-line helpers of the CLI tests (tests/ is on the path)
 
 
 @pytest.fixture(scope='module')

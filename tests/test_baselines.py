@@ -213,24 +213,34 @@ def test_senet_conditioner_decides():
     assert not torch.allclose(a, b)
 
 
+def _phantom_with_groups():
+    "Five phantom cases whose organs form Ouyang's two label groups: liver + spleen (1, 4) and the kidneys (2, 3)."
+    from fsmis.data.datasets import open_dataset
+    ds = open_dataset('phantom', n_cases=5, shape=(32, 48, 48))
+    ds.spec.label_groups = {'upper': [ds.classes[1], ds.classes[4]], 'lower': [ds.classes[2], ds.classes[3]]}
+    return ds
+
+
+def _spy_supervised(monkeypatch):
+    "A list that records, for every SupervisedSampler built, its cases, training classes, test classes and setting."
+    from fsmis.data import episodes as E
+    calls, real = [], E.SupervisedSampler.__init__
+    def spy(self, cases, classes, test_classes=(), setting=1, **kw):
+        calls.append(dict(cases=sorted(c.case_id for c in cases), classes=sorted(classes), test=sorted(test_classes), setting=setting))
+        return real(self, cases, classes, test_classes, setting, **kw)
+    monkeypatch.setattr(E.SupervisedSampler, '__init__', spy)
+    return calls
+
+
 def test_supervised_training_sees_only_the_training_label_group(tmp_path, monkeypatch):
     "pseudo_labels='labels' (vanilla PANet, SE-Net): episodes of the other label group's classes, training cases only, Setting 2 slices excluded."
     from fsmis.config import ExperimentConfig
-    from fsmis.data.datasets import open_dataset
-    from fsmis.data import episodes as E
     from fsmis import train as T
-    seen = {}
-    real = E.SupervisedSampler.__init__
-    def spy(self, cases, classes, test_classes=(), setting=1, **kw):
-        seen.update(cases=sorted(c.case_id for c in cases), classes=sorted(classes), test=sorted(test_classes), setting=setting)
-        return real(self, cases, classes, test_classes, setting, **kw)
-    monkeypatch.setattr(E.SupervisedSampler, '__init__', spy)
-    ds = open_dataset('phantom', n_cases=5, shape=(32, 48, 48))
-    groups = {'upper': [ds.classes[1], ds.classes[4]], 'lower': [ds.classes[2], ds.classes[3]]}  # Ouyang's groups: liver + spleen, kidneys
-    ds.spec.label_groups = groups
+    calls, ds = _spy_supervised(monkeypatch), _phantom_with_groups()
     for setting in (1, 2):
         cfg = ExperimentConfig(name='t', dataset='phantom', method='senet', pseudo_labels='labels', n_steps=2, size=48, setting=setting)
         learn = T.train_fold(cfg, ds, ['1', '2', '3', '4'], seed=0, test_classes=[1, 4])
+        seen = calls[-1]
         assert seen['cases'] == ['1', '2', '3', '4'] and seen['test'] == [1, 4] and seen['setting'] == setting
         assert seen['classes'] == [2, 3], seen  # the other group only, never a tested class
         assert learn.train_info['steps'] == 2 and type(learn.model).__name__ == 'SENet'
@@ -252,17 +262,11 @@ def test_autocast_reaches_a_learned_decoder_not_a_prototype_head():
 def test_supervised_stage_is_not_shared_between_label_groups(tmp_path, monkeypatch):
     "Setting 1 shares a self-supervised stage 2 between label groups; a supervised one trains per group on the other group's labels (a shared one saw every label)."
     from fsmis.config import ExperimentConfig
-    from fsmis.data.datasets import open_dataset
-    from fsmis.data import episodes as E
     from fsmis import train as T
-    seen, real = [], E.SupervisedSampler.__init__
-    def spy(self, cases, classes, test_classes=(), setting=1, **kw):
-        seen.append(sorted(classes)); return real(self, cases, classes, test_classes, setting, **kw)
-    monkeypatch.setattr(E.SupervisedSampler, '__init__', spy)
-    ds = open_dataset('phantom', n_cases=5, shape=(32, 48, 48))
-    ds.spec.label_groups = {'upper': [ds.classes[1], ds.classes[4]], 'lower': [ds.classes[2], ds.classes[3]]}
+    calls, ds = _spy_supervised(monkeypatch), _phantom_with_groups()
     cfg = ExperimentConfig(name='t', dataset='phantom', method='panet', pseudo_labels='labels', n_steps=2, size=48, setting=1)
     for test in ([1, 4], [2, 3]): T.train_stages(cfg, ds, ['1', '2', '3', '4'], tmp_path, 'fold0_run0', seed=0, test_classes=test)
+    seen = [c['classes'] for c in calls]
     assert seen == [[2, 3], [1, 4]], seen
     assert sorted(p.name for p in tmp_path.glob('stage2_*.pth')) == ['stage2_fold0_run0_test1-4.pth', 'stage2_fold0_run0_test2-3.pth']
     with pytest.raises(ValueError, match='no evaluated class'): T.train_classes(ds, [])

@@ -29,6 +29,7 @@ def one_line_error(err, cmd):
     assert len(lines) == 1, err
     assert lines[0].startswith(f'fsmis {cmd}: error:'), err
     assert 'Traceback' not in err
+    return lines[0]
 
 
 @pytest.fixture(scope='module')

@@ -162,10 +162,6 @@ def _avg_shots(p, masks):
 
 class ADNet(FewShotModel):
     "ADNet: one foreground prototype per class, anomaly score -alpha*cos, learned threshold T."
-    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
-        "ADNet Table 3's columns: one foreground prototype per class, none for the background (the support arguments are not needed)."
-        return dict(fg=1, bg=0)
-
     def __init__(self, encoder='small', # encoder name or module
                  alpha: float = 20., # scale of the cosine (anomaly score in [-alpha, alpha])
                  kappa: float = 0.5, # steepness of the shifted sigmoid
@@ -180,6 +176,10 @@ class ADNet(FewShotModel):
     def threshold(self) -> float:
         "The learned anomaly threshold T as a float (evaluation may override it via `segment(..., T=...)`)."
         return float(self.T.detach())
+
+    def prototype_count(self, sup_feats=None, sup_masks=None) -> dict:
+        "ADNet Table 3's columns: one foreground prototype per class, none for the background (the support arguments are not needed)."
+        return dict(fg=1, bg=0)
 
     def prototypes(self, sup_feats, # [K,C,h,w]
                    sup_masks, # [K,n_cls,H,W] float 0/1

@@ -7,7 +7,7 @@ Docs: https://fsmis.github.io/fsmis/models.senet.html.md"""
 # %% ../../nbs/19_models.senet.ipynb #7c63c30a
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
-from .adnet import FewShotModel
+from .adnet import FewShotModel, check_shots
 
 # %% auto #0
 __all__ = ['SEArm', 'SENet']
@@ -120,7 +120,6 @@ class SENet(FewShotModel):
                 qry_imgs, # [B,Q,1,H,W]
                ) -> dict:
         "Training prediction: logits [B,Q,2,H,W] of every query under its episode's (shot-averaged) excitation maps."
-        from fsmis.models.adnet import check_shots
         check_shots(sup_imgs, sup_masks, qry_imgs, batched=True)
         B, K = sup_imgs.shape[:2]; Q = qry_imgs.shape[1]
         g = self.gates(sup_imgs.flatten(0, 1), sup_masks.flatten(0, 1).float())
